@@ -1,0 +1,334 @@
+"""Procedural "sunset" scenes with a known causal structure, and a pixel analyser that checks it.
+
+The sun's hue (the label) causes the rest of the scene: the sky is tinted by it, and the clouds take
+a tint that is a many-to-one function of it (`expected_tint`). The sun determines the clouds, but the
+clouds do not determine the sun. A raster-order model meets the clouds (top rows) before or beside
+the sun and must guess, while an order-aware model can draw the sun first and read the tint off it.
+`analyse_sunset` measures from pixels alone whether generated images keep that rule.
+
+Colours: the sun is a saturated, full-brightness hue from a palette of `num_hues` evenly spaced hues;
+the sky is the same hue at lower brightness; clouds are pastel (low saturation) tints whose hues sit
+between the palette hues; the ground is near black. Those choices make the parts separable by
+brightness and saturation, which is what the analyser relies on.
+
+Geometry is stored in fractions of the image side, so one `SunsetParams` renders at any size.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+# Bump whenever rendering or sampling changes, so cached tokens made from old images are refused.
+RENDER_VERSION = 1
+
+_SUN_SATURATION = 0.85
+_SKY_SATURATION = 0.8
+_SKY_MAX_VALUE = 0.62  # well below the sun's 1.0, so the sun is the only bright saturated region
+_CLOUD_SATURATION = 0.35
+_CLOUD_EDGE = 0.3  # soft edge width, as a fraction of the cloud's radius
+_GROUND_RGB = np.array([0.05, 0.04, 0.07])
+
+# Analyser thresholds (on HSV value / saturation in [0, 1]), set between the levels above.
+_SUN_MIN_VALUE, _SUN_MIN_SAT = 0.85, 0.6
+_CLOUD_MIN_VALUE, _CLOUD_MAX_SAT = 0.4, 0.5
+
+
+def num_cloud_tints(num_hues: int) -> int:
+    """Number of cloud tints; fewer than hues, so a tint does not identify the sun."""
+    return max(2, num_hues // 2)
+
+
+def expected_tint(hue: int, num_hues: int = 8) -> int:
+    """The cloud tint that a sun of palette index `hue` causes (many-to-one)."""
+    return hue % num_cloud_tints(num_hues)
+
+
+def sun_palette(num_hues: int) -> np.ndarray:
+    """Sun colours, float RGB in [0, 1] of shape (num_hues, 3)."""
+    return np.array([colorsys.hsv_to_rgb(k / num_hues, _SUN_SATURATION, 1.0) for k in range(num_hues)])
+
+
+def cloud_palette(num_hues: int) -> np.ndarray:
+    """Cloud tints, float RGB of shape (num_cloud_tints, 3): pastel, hues midway between sun hues."""
+    t_count = num_cloud_tints(num_hues)
+    hues = [(t / t_count + 0.5 / num_hues) % 1.0 for t in range(t_count)]
+    return np.array([colorsys.hsv_to_rgb(h, _CLOUD_SATURATION, 1.0) for h in hues])
+
+
+@dataclass(frozen=True)
+class Cloud:
+    """One cloud: an ellipse (centre and radii, fractions of the image side) with puffs on top."""
+
+    cx: float
+    cy: float
+    rx: float
+    ry: float
+
+
+@dataclass(frozen=True)
+class SunsetParams:
+    """Everything that decides one scene; `render_sunset` is a pure function of it.
+
+    Attributes:
+        sun_x: Sun centre, fraction of the width.
+        sun_y: Sun centre, fraction of the height (0 = top).
+        sun_radius: Fraction of the image side.
+        hue: Sun palette index, also the label.
+        clouds: The clouds, drawn in front of the sky and the sun.
+        cloud_tint: Cloud tint index; `expected_tint(hue)` for a consistent scene.
+        ground_height: Mean height of the ground band, fraction of the height.
+        ground_phase: Phase of the gentle hills on the ground's top edge, in [0, 1).
+    """
+
+    sun_x: float
+    sun_y: float
+    sun_radius: float
+    hue: int
+    clouds: tuple[Cloud, ...]
+    cloud_tint: int
+    ground_height: float
+    ground_phase: float
+
+
+def sample_params(index: int, seed: int = 0, num_hues: int = 8) -> SunsetParams:
+    """Draw the scene for item `index`; depends only on (seed, index), not on other items."""
+    rng = np.random.default_rng([seed, index])
+    hue = int(rng.integers(num_hues))
+    radius = rng.uniform(0.08, 0.14)
+    ground_height = rng.uniform(0.15, 0.28)
+    horizon = 1.0 - ground_height - 0.03  # the hills reach up to 0.02 above the mean height
+    sun_x, sun_y = rng.uniform(0.15, 0.85), rng.uniform(0.15, 0.45)
+    # Points no cloud may cover: the sun's centre, a ring at half its radius, a ring just past its rim.
+    angles = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+    rings = np.array([0.0, 0.5 * radius, radius + 0.03])[:, None]
+    probe_x, probe_y = (sun_x + rings * np.cos(angles)).ravel(), (sun_y + rings * np.sin(angles)).ravel()
+    clouds: list[Cloud] = []
+    for _ in range(int(rng.integers(1, 4))):
+        # Rejection sampling keeps the sun visible: a cloud may not touch the disc or its rim.
+        for _attempt in range(50):
+            rx, ry = float(rng.uniform(0.12, 0.22)), float(rng.uniform(0.06, 0.09))
+            cloud = Cloud(float(rng.uniform(0.1, 0.9)), float(rng.uniform(0.08, horizon - ry)), rx, ry)
+            if not _cloud_alpha(cloud, probe_x, probe_y).any():
+                clouds.append(cloud)
+                break
+    return SunsetParams(
+        sun_x=float(sun_x),
+        sun_y=float(sun_y),
+        sun_radius=float(radius),
+        hue=hue,
+        clouds=tuple(clouds),
+        cloud_tint=expected_tint(hue, num_hues),
+        ground_height=float(ground_height),
+        ground_phase=float(rng.uniform()),
+    )
+
+
+def _cloud_alpha(cloud: Cloud, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Soft coverage of a cloud: a flat ellipse plus two round puffs on its upper edge."""
+    parts = [
+        (cloud.cx, cloud.cy, cloud.rx, cloud.ry),
+        (cloud.cx - 0.35 * cloud.rx, cloud.cy - 0.5 * cloud.ry, 0.5 * cloud.rx, 1.1 * cloud.ry),
+        (cloud.cx + 0.25 * cloud.rx, cloud.cy - 0.6 * cloud.ry, 0.4 * cloud.rx, 0.9 * cloud.ry),
+    ]
+    alpha = np.zeros(np.broadcast(x, y).shape)
+    for cx, cy, rx, ry in parts:
+        dist = np.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2)
+        alpha = np.maximum(alpha, np.clip((1.0 - dist) / _CLOUD_EDGE, 0.0, 1.0))
+    return alpha
+
+
+def render_sunset(params: SunsetParams, image_size: int = 32, num_hues: int = 8) -> torch.Tensor:
+    """Render a scene.
+
+    Args:
+        params: The scene; its `cloud_tint` is used as given, so a wrong tint can be rendered.
+        image_size: Side of the square image in pixels.
+        num_hues: Size of the sun palette (sets the colours of both palettes).
+
+    Returns:
+        uint8 image of shape (3, H, W).
+    """
+    coords = (np.arange(image_size) + 0.5) / image_size  # pixel centres
+    y, x = coords[:, None], coords[None, :]
+    sun_rgb = sun_palette(num_hues)[params.hue]
+    sky_rgb = np.array(colorsys.hsv_to_rgb(params.hue / num_hues, _SKY_SATURATION, 1.0))
+
+    # Sky: the sun's hue, brightest in the rows around the sun plus a faint halo.
+    sun_dist = np.sqrt((x - params.sun_x) ** 2 + (y - params.sun_y) ** 2)
+    light = 0.15 + 0.35 * np.exp(-(((y - params.sun_y) / 0.3) ** 2)) + 0.12 * np.exp(-((sun_dist / 0.2) ** 2))
+    img = np.minimum(light, _SKY_MAX_VALUE)[..., None] * sky_rgb  # (H, W, 3)
+
+    # Sun: a disc with a one-pixel anti-aliased rim.
+    sun_alpha = np.clip((params.sun_radius - sun_dist) * image_size + 0.5, 0.0, 1.0)[..., None]
+    img = img * (1 - sun_alpha) + sun_alpha * sun_rgb
+
+    # Clouds: the tint scaled by a shade that is brighter on the side facing the sun.
+    tint = cloud_palette(num_hues)[params.cloud_tint]
+    for cloud in params.clouds:
+        toward = np.array([params.sun_x - cloud.cx, params.sun_y - cloud.cy])
+        toward /= max(float(np.linalg.norm(toward)), 1e-6)
+        lit = ((x - cloud.cx) * toward[0] + (y - cloud.cy) * toward[1]) / max(cloud.rx, cloud.ry)
+        shade = 0.72 + 0.25 * np.clip(lit, -1.0, 1.0)
+        alpha = _cloud_alpha(cloud, x, y)[..., None]
+        img = img * (1 - alpha) + alpha * shade[..., None] * tint
+
+    # Ground: a dark band whose top edge rolls gently.
+    top = 1.0 - params.ground_height + 0.02 * np.sin(2 * np.pi * (1.3 * x + params.ground_phase))
+    ground_alpha = np.clip((y - top) * image_size + 0.5, 0.0, 1.0)[..., None]
+    img = img * (1 - ground_alpha) + ground_alpha * _GROUND_RGB
+
+    img = np.round(np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+
+class SunsetSource(Dataset):
+    """Synthetic sunsets, rendered lazily and deterministically from (seed, index).
+
+    Args:
+        num_images: Dataset length.
+        image_size: Side of the square images in pixels.
+        num_hues: Number of sun hues, which are also the classes.
+        seed: Base seed; item i is drawn from a generator seeded with (seed, i).
+    """
+
+    def __init__(self, num_images: int = 10000, image_size: int = 32, num_hues: int = 8, seed: int = 0):
+        if num_hues < 2:
+            raise ValueError(f"num_hues must be at least 2, got {num_hues}")
+        self.num_images = num_images
+        self.image_size = image_size
+        self.num_hues = num_hues
+        self.num_classes = num_hues
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def sample_params(self, index: int) -> SunsetParams:
+        """The scene parameters of item `index`."""
+        return sample_params(index, self.seed, self.num_hues)
+
+    def render(self, params: SunsetParams) -> torch.Tensor:
+        """Render `params` at this source's size and palette; uint8 (3, H, W)."""
+        return render_sunset(params, self.image_size, self.num_hues)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not -self.num_images <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} images")
+        params = self.sample_params(index % self.num_images)
+        return self.render(params), params.hue
+
+    def fingerprint(self) -> str:
+        """Hash of the parameters, the renderer version and the first image's bytes.
+
+        The image bytes catch renderer edits made without bumping `RENDER_VERSION`.
+        """
+        key = f"sunset|v{RENDER_VERSION}|{self.num_images}|{self.image_size}|{self.num_hues}|{self.seed}"
+        digest = hashlib.sha256(key.encode())
+        if self.num_images:
+            digest.update(self[0][0].numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Analyser: reads pixels only, so it can judge generated images.
+
+
+@dataclass(frozen=True)
+class SunsetAnalysis:
+    """What the analyser read from one image.
+
+    Attributes:
+        sun_hue: Nearest sun palette index, or None when no sun was found.
+        cloud_tint: Nearest cloud tint index, or None when no cloud was found.
+        consistent: Both were found and the tint is the one the sun causes.
+    """
+
+    sun_hue: int | None
+    cloud_tint: int | None
+    consistent: bool
+
+
+def _opponent(rgb: torch.Tensor) -> torch.Tensor:
+    """Brightness-free 2-D chroma of RGB in [0, 1] along dim -3: (..., 2, H, W).
+
+    The red-vs-rest and green-vs-blue axes divided by HSV value; its angle tracks hue and its length
+    tracks saturation, so averaging it over pixels is a well-behaved mean colour.
+    """
+    r, g, b = rgb.unbind(-3)
+    value = rgb.amax(-3).clamp_min(1e-3)
+    return torch.stack([(r - (g + b) / 2) / value, (g - b) * (3**0.5 / 2) / value], dim=-3)
+
+
+def _nearest(chroma: torch.Tensor, palette: np.ndarray) -> int:
+    """Index of the palette colour whose chroma is closest to `chroma` (2,)."""
+    refs = _opponent(torch.as_tensor(palette, dtype=torch.float32)[:, :, None, None])[:, :, 0, 0]
+    return int((refs - chroma).norm(dim=1).argmin())
+
+
+def analyse_sunset(images: torch.Tensor, num_hues: int = 8) -> list[SunsetAnalysis]:
+    """Read the sun hue and cloud tint of each image and check the causal rule.
+
+    Sun: the bright, saturated pixels (the sky shares the sun's hue but is darker; clouds are
+    pastel), averaged in chroma and matched to the nearest palette hue. Clouds: the bright,
+    low-saturation pixels; their median chroma is matched to the nearest cloud tint. The median keeps
+    the soft cloud rims, which lean towards the sky colour, from pulling the estimate.
+
+    Args:
+        images: uint8 images, (b, 3, H, W) or (3, H, W).
+        num_hues: Size of the sun palette the images were made with.
+
+    Returns:
+        One `SunsetAnalysis` per image.
+    """
+    if images.dim() == 3:
+        images = images[None]
+    rgb = images.float() / 255.0
+    value = rgb.amax(1)
+    saturation = (value - rgb.amin(1)) / value.clamp_min(1e-3)
+    chroma = _opponent(rgb)  # (b, 2, H, W)
+    min_pixels = max(3, round(0.005 * value[0].numel()))
+    sun_mask = (value > _SUN_MIN_VALUE) & (saturation > _SUN_MIN_SAT)
+    cloud_mask = (value > _CLOUD_MIN_VALUE) & (saturation < _CLOUD_MAX_SAT)
+    suns, clouds = sun_palette(num_hues), cloud_palette(num_hues)
+
+    results = []
+    for i in range(rgb.shape[0]):
+        sun_hue = cloud_tint = None
+        if int(sun_mask[i].sum()) >= min_pixels:
+            sun_hue = _nearest(chroma[i][:, sun_mask[i]].mean(1), suns)
+        if int(cloud_mask[i].sum()) >= min_pixels:
+            cloud_tint = _nearest(chroma[i][:, cloud_mask[i]].median(1).values, clouds)
+        consistent = (
+            sun_hue is not None and cloud_tint is not None and cloud_tint == expected_tint(sun_hue, num_hues)
+        )
+        results.append(SunsetAnalysis(sun_hue, cloud_tint, consistent))
+    return results
+
+
+def consistency_rate(images: torch.Tensor, num_hues: int = 8) -> float:
+    """Fraction of images whose clouds have the tint their sun causes (missing parts count as not)."""
+    results = analyse_sunset(images, num_hues)
+    return sum(r.consistent for r in results) / max(len(results), 1)
+
+
+__all__ = [
+    "Cloud",
+    "RENDER_VERSION",
+    "SunsetAnalysis",
+    "SunsetParams",
+    "SunsetSource",
+    "analyse_sunset",
+    "cloud_palette",
+    "consistency_rate",
+    "expected_tint",
+    "num_cloud_tints",
+    "render_sunset",
+    "sample_params",
+    "sun_palette",
+]
