@@ -1,0 +1,216 @@
+"""The one DataModule of every stage: images (tokenizer), token grids (AR stages), orders (distillation).
+
+Image mode (no `tokenizer_ckpt`) yields `{"image", "label", "index"}`; token mode yields
+`{"tokens", "label", "index", "flip"}` read from a token cache made once from the tokenizer checkpoint,
+plus `"order"` when an orders file is given. Vocabulary size, token grid and number of classes are
+exposed as attributes so the CLI links them into the networks (they are never typed twice).
+"""
+
+import logging
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.token_cache import ensure_token_cache, load_token_cache, cache_path, manifest_for, tokenizer_facts
+
+log = logging.getLogger("oar.data")
+
+TOKENIZER_HINT = "make it with `python run.py fit --config configs/tokenizer.yaml`"
+
+
+class ImageSplit(Dataset):
+    """Images of one split scaled to [-1, 1], optionally mirrored at random (training only)."""
+
+    def __init__(self, source: Dataset, indices: torch.Tensor, flip: bool):
+        self.source, self.indices, self.flip = source, indices, flip
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        index = int(self.indices[i])
+        image, label = self.source[index]
+        x = image.float().div(127.5).sub(1.0)
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return {"image": x, "label": int(label), "index": index}
+
+
+class TokenSplit(Dataset):
+    """Token grids of one split; with flips, a random one of the two cached views (training only)."""
+
+    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, flip: bool,
+                 orders: torch.Tensor | None = None):
+        self.tokens, self.labels, self.indices, self.flip, self.orders = tokens, labels, indices, flip, orders
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        index = int(self.indices[i])
+        f = int(torch.randint(self.tokens.shape[1], ())) if self.flip else 0
+        item = {"tokens": self.tokens[index, f].long(), "label": int(self.labels[index]), "index": index,
+                "flip": f}
+        if self.orders is not None:
+            item["order"] = self.orders[index, f].long()
+        return item
+
+
+class TokenViews(Dataset):
+    """Every (image, view) pair of a split in a fixed order: what order extraction runs over."""
+
+    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor):
+        self.tokens, self.labels = tokens, labels
+        views = torch.arange(tokens.shape[1])
+        self.pairs = torch.cartesian_prod(indices, views)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        index, f = (int(v) for v in self.pairs[i])
+        return {"tokens": self.tokens[index, f].long(), "label": int(self.labels[index]), "index": index, "flip": f}
+
+
+class SampleRequests(Dataset):
+    """Labels (cycling over the classes) and seeds of the images `predict` samples."""
+
+    def __init__(self, num: int, num_classes: int, seed: int):
+        self.num, self.num_classes, self.seed = num, max(1, num_classes), seed
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, i: int) -> dict:
+        return {"label": i % self.num_classes, "seed": self.seed + i}
+
+
+class OARDataModule(LightningDataModule):
+    """Shared data for the tokenizer, any-order AR and distillation stages.
+
+    Args:
+        source: a dataset of `(uint8 image (3,H,W), label)` with `num_classes`, `image_size` and
+            `fingerprint()`; the synthetic sunsets by default.
+        batch_size: per-process batch size.
+        val_fraction: share of images held out for validation (deterministic by `split_seed`).
+        split_seed: seed of the train/val split.
+        num_workers: DataLoader workers for image mode (token mode reads from memory).
+        flip: random horizontal flips in training; in token mode both views are cached.
+        tokenizer_ckpt: tokenizer checkpoint; switches to token mode and names the token cache.
+        cache_dir: where token caches live.
+        tokenize_batch_size: batch size used to build the token cache.
+        max_val_images: cap on validation images (keeps validation cheap on large sets).
+        predict_split: what `predict` runs over: samples (sample images) | train | val (every image
+            and cached view of the split, for order extraction).
+        num_samples: number of images `predict` samples (labels cycle over the classes).
+        sample_seed: seed of the first sampled image (image i uses sample_seed + i's batch).
+    """
+
+    def __init__(self, source: Dataset | None = None, batch_size: int = 64, val_fraction: float = 0.1,
+                 split_seed: int = 0, num_workers: int = 0, flip: bool = False,
+                 tokenizer_ckpt: str | None = None, cache_dir: str = "cache",
+                 tokenize_batch_size: int = 256, max_val_images: int | None = None,
+                 predict_split: str = "samples", num_samples: int = 64, sample_seed: int = 0):
+        super().__init__()
+        if source is None:
+            from datamodules.sources import SunsetSource
+
+            source = SunsetSource()
+        self.source = source
+        self.batch_size, self.num_workers, self.flip = batch_size, num_workers, flip
+        self.val_fraction, self.split_seed, self.max_val_images = val_fraction, split_seed, max_val_images
+        self.tokenizer_ckpt, self.cache_dir, self.tokenize_batch_size = tokenizer_ckpt, cache_dir, tokenize_batch_size
+        self.num_classes: int = source.num_classes
+        self.image_size: int = source.image_size
+        self.vocab_size: int | None = None
+        self.grid_size: tuple[int, int] | None = None
+        if tokenizer_ckpt is not None:
+            if not Path(tokenizer_ckpt).is_file():
+                raise FileNotFoundError(
+                    f"tokenizer checkpoint {tokenizer_ckpt!r} (data.init_args.tokenizer_ckpt) not found: {TOKENIZER_HINT}")
+            self.vocab_size, self.grid_size = tokenizer_facts(tokenizer_ckpt, self.image_size)
+        if predict_split not in ("samples", "train", "val"):
+            raise ValueError(f"data.init_args.predict_split must be samples, train or val, got {predict_split!r}")
+        self.predict_split, self.num_samples, self.sample_seed = predict_split, num_samples, sample_seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    @property
+    def token_mode(self) -> bool:
+        return self.tokenizer_ckpt is not None
+
+    def split_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Deterministic (train, val) dataset indices."""
+        n = len(self.source)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
+        n_val = max(1, int(round(n * self.val_fraction))) if self.val_fraction > 0 else 0
+        val = perm[:n_val].sort().values
+        if self.max_val_images is not None:
+            val = val[: self.max_val_images]
+        return perm[n_val:].sort().values, val
+
+    def prepare_data(self) -> None:
+        if self.token_mode:  # Lightning runs this on one process per node: the cache is built once
+            ensure_token_cache(self.source, self.tokenizer_ckpt, self._manifest(), self.cache_dir,
+                               self.tokenize_batch_size)
+
+    def _manifest(self) -> dict:
+        if not hasattr(self, "_manifest_cache"):
+            self._manifest_cache = manifest_for(self.source, self.tokenizer_ckpt, self.flip)
+        return self._manifest_cache
+
+    def token_cache(self) -> dict:
+        """The token cache (tokens (N,F,h,w), labels, manifest); built first if missing."""
+        path = cache_path(self.cache_dir, self._manifest())
+        if not path.exists():
+            ensure_token_cache(self.source, self.tokenizer_ckpt, self._manifest(), self.cache_dir,
+                               self.tokenize_batch_size)
+        return load_token_cache(path, self._manifest())
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train_idx, val_idx = self.split_indices()
+        if self.token_mode:
+            cache = self.token_cache()
+            self.train_set = TokenSplit(cache["tokens"], cache["labels"], train_idx, self.flip, self._orders())
+            self.val_set = TokenSplit(cache["tokens"], cache["labels"], val_idx, False)
+        else:
+            self.train_set = ImageSplit(self.source, train_idx, self.flip)
+            self.val_set = ImageSplit(self.source, val_idx, False)
+
+    def _orders(self) -> torch.Tensor | None:
+        """Per-image training orders (N, F, n); None outside the distillation stage."""
+        return None
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        workers = 0 if self.token_mode else self.num_workers
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
+                          num_workers=workers, persistent_workers=workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_split == "samples":
+            dataset = SampleRequests(self.num_samples, self.num_classes, self.sample_seed)
+        else:
+            if not self.token_mode:
+                raise ValueError("predict over a split needs data.init_args.tokenizer_ckpt (token mode)")
+            cache = self.token_cache()
+            dataset = TokenViews(cache["tokens"], cache["labels"], self.split_indices()[self.predict_split == "val"])
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
+
+    def real_images(self, num: int, split: str = "val") -> torch.Tensor:
+        """The first `num` images of a split as uint8 (num, 3, H, W), for FID and sample grids."""
+        train_idx, val_idx = self.split_indices()
+        indices = (val_idx if split == "val" else train_idx)[:num]
+        return torch.stack([self.source[int(i)][0] for i in indices])

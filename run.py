@@ -1,0 +1,41 @@
+"""The command line of every stage: `python run.py {fit,validate,test,predict} --config configs/<stage>.yaml`.
+
+Vocabulary size, token grid and number of classes are read by the DataModule (from the tokenizer
+checkpoint and the data source) and linked into the network, so no config repeats them.
+"""
+
+import logging
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+
+# Model arguments that describe a run, not the network: a config's values win over the checkpoint's.
+RUN_SETTINGS = ("sampler", "extraction")
+
+
+class OARCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # A link whose target the chosen network lacks (the tokenizer has no vocab_size) is skipped.
+        for fact in ("vocab_size", "grid_size", "num_classes"):
+            parser.link_arguments(f"data.{fact}", f"model.init_args.net.init_args.{fact}", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        """Rebuild the model from the checkpoint's config, but keep this run's sampling/extraction settings."""
+        sub = self.config.get("subcommand")
+        init_args = self.config[sub].get("model", {}).get("init_args", {}) if sub else {}
+        kept = {k: init_args.get(k) for k in RUN_SETTINGS if init_args.get(k) is not None}
+        super()._parse_ckpt_path()
+        for key, value in kept.items():
+            self.config[sub].model.init_args[key] = value
+
+
+def main(args: list[str] | None = None) -> OARCLI:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return OARCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                  parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True},
+                  args=args)
+
+
+if __name__ == "__main__":
+    main()
