@@ -1,0 +1,195 @@
+"""FID (and optionally KID) of generated samples against real validation images, during training.
+
+The metric and its feature network live in the callback, never in the LightningModule, so Inception's
+~95 MB of weights stay out of every checkpoint (a callback's `state_dict()` is empty by default). They
+are built lazily, on the module's device, at first use.
+
+Inception weights, in order of preference:
+1. `weights_path:` a local copy of torch-fidelity's pt_inception weights file (`INCEPTION_FILE`),
+   handed to torchmetrics as `feature_extractor_weights_path`;
+2. the torch hub cache (`<torch hub dir>/checkpoints/INCEPTION_FILE`), where torch-fidelity
+   downloads it from `INCEPTION_URL` when online (a download with a bounded socket timeout).
+When neither works (offline, no file) the callback warns once, skips the metric and training goes on.
+
+Distributed runs: only global rank 0 samples and computes (simple and correct; the other ranks wait
+at the next collective). The metrics are built with `sync_on_compute=False`, because a syncing
+`compute()` on one rank would wait forever for the others, and the values are logged with
+`pl_module.log(..., rank_zero_only=True)`. They reach the loggers and, on one device, the progress
+bar and `trainer.callback_metrics`; under DDP they cannot be a `ModelCheckpoint`/`EarlyStopping`
+monitor (the other ranks never see them).
+"""
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torchmetrics import Metric
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from callbacks.order_dump import cycle_labels, eval_mode, generate_batches, is_due
+
+INCEPTION_URL = URL_INCEPTION_V3
+INCEPTION_FILE = os.path.basename(URL_INCEPTION_V3)
+# torch.hub downloads without a timeout; on a network that drops packets instead of refusing, a
+# blocked socket read would hang training. Bounds each socket operation, not the whole download.
+DOWNLOAD_TIMEOUT_S = 30.0
+
+
+@contextmanager
+def download_timeout(seconds: float = DOWNLOAD_TIMEOUT_S) -> Iterator[None]:
+    """Bound every socket operation opened inside (torch.hub offers no timeout of its own)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def hub_checkpoint_dir() -> Path:
+    """Where torch.hub (hence torch-fidelity and torchvision) caches downloaded weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+class FIDCallback(pl.Callback):
+    """Log "val/fid" (and "val/kid") every few epochs and "test/fid" (and "test/kid") after testing.
+
+    Generates `num_samples` images (labels cycling over the classes, a fixed seed, so epochs differ
+    only by training) and compares them with the first `num_samples` validation images from
+    `trainer.datamodule.real_images(num, split="val")`. Real features are computed once per run.
+    With a few hundred samples FID is biased upwards (its covariances need >= feature_dim samples to be
+    full rank): read it as a trend within a run; the paper's numbers use 50k samples.
+
+    Args:
+        every_n_epochs: evaluate at the end of every this many validation epochs.
+        num_samples: generated and real images compared.
+        batch_size: generation and feature-extraction batch size.
+        weights_path: local torch-fidelity Inception file (`INCEPTION_FILE`, from `INCEPTION_URL`).
+        feature_extractor: replaces Inception (e.g. `class_path:` in YAML). It receives uint8 images
+            (b,3,H,W) in [0,255] at the data resolution and must return float features (b,d); give it a
+            `num_features` attribute or it is probed once with a dummy image. `weights_path` and
+            `feature_dim` are then unused.
+        feature_dim: Inception feature layer: 64, 192, 768 or 2048 (the standard FID).
+        kid: also log KID (mean over subsets), sharing the same feature network.
+        seed: seed of the sampling generator.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 5,
+        num_samples: int = 256,
+        batch_size: int = 64,
+        weights_path: str | None = None,
+        feature_extractor: torch.nn.Module | None = None,
+        feature_dim: int = 2048,
+        kid: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.every_n_epochs = every_n_epochs
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.weights_path = weights_path
+        self.feature_extractor = feature_extractor
+        self.feature_dim = feature_dim
+        self.kid = kid
+        self.seed = seed
+        self._metrics: dict[str, Metric] | None = None
+        self._disabled = False
+        self._real_done = False
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and is_due(trainer.current_epoch, self.every_n_epochs):
+            self._evaluate_and_log(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._evaluate_and_log(trainer, pl_module, "test")
+
+    def _evaluate_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        for name, value in self.evaluate(pl_module, trainer.datamodule).items():
+            pl_module.log(f"{stage}/{name}", value, rank_zero_only=True)
+
+    @torch.inference_mode()  # as in Lightning's eval loops: the metric states are made and updated in it
+    def evaluate(self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule) -> dict[str, float]:
+        """Compute the scores now: {"fid": ..., "kid": ...}; {} when the metric is unavailable."""
+        if self._disabled:
+            return {}
+        if not hasattr(pl_module, "generate") or not hasattr(datamodule, "real_images"):
+            self._disable("FIDCallback: needs `pl_module.generate` and `datamodule.real_images`; skipped.")
+            return {}
+        real = datamodule.real_images(self.num_samples, split="val")
+        metrics = self._get_metrics(pl_module.device, tuple(real.shape[1:]), len(real))
+        if metrics is None:
+            return {}
+        device = pl_module.device
+        if not self._real_done:  # the metrics keep real features across reset()
+            for batch in real.split(self.batch_size):
+                for metric in metrics.values():
+                    metric.update(batch.to(device), real=True)
+            self._real_done = True
+        labels = cycle_labels(len(real), pl_module.num_classes)
+        with eval_mode(pl_module):
+            for out in generate_batches(pl_module, labels, self.batch_size, self.seed):
+                for metric in metrics.values():
+                    metric.update(out["images"].to(device), real=False)
+        scores = {"fid": float(metrics["fid"].compute())}
+        if "kid" in metrics:
+            scores["kid"] = float(metrics["kid"].compute()[0])  # (mean, std) over subsets
+        for metric in metrics.values():
+            metric.reset()
+        return scores
+
+    def _get_metrics(self, device: torch.device, image_shape: tuple, n: int) -> dict[str, Metric] | None:
+        if self._metrics is None and not self._disabled:
+            try:
+                with download_timeout():
+                    self._metrics = self._build_metrics(image_shape, n)
+            except Exception as err:  # any failure: a missing metric must never stop training
+                self._disable(self._failure_message(err))
+                return None
+        if self._metrics is not None:
+            self._metrics = {k: m.to(device) for k, m in self._metrics.items()}
+        return self._metrics
+
+    def _build_metrics(self, image_shape: tuple, n: int) -> dict[str, Metric]:
+        common = {"reset_real_features": False, "sync_on_compute": False}
+        if self.feature_extractor is not None:
+            fid = FrechetInceptionDistance(
+                feature=self.feature_extractor, input_img_size=image_shape, **common
+            )
+        else:
+            if self.weights_path is not None and not Path(self.weights_path).is_file():
+                raise FileNotFoundError(f"weights_path {self.weights_path!r} does not exist")
+            fid = FrechetInceptionDistance(
+                feature=self.feature_dim, feature_extractor_weights_path=self.weights_path, **common
+            )
+        metrics: dict[str, Metric] = {"fid": fid}
+        if self.kid:
+            # Handing KID the FID's network shares the weights (KID itself cannot take a weights path).
+            kid = KernelInceptionDistance(feature=fid.inception, subset_size=min(1000, n), **common)
+            metrics["kid"] = kid
+        return metrics
+
+    def _failure_message(self, err: Exception) -> str:
+        if self.feature_extractor is not None:
+            return f"FIDCallback: the feature_extractor failed ({err!r}); FID is skipped, training goes on."
+        return (
+            f"FIDCallback: could not load the Inception weights ({err!r}); FID is skipped for this run, "
+            f"training goes on. FID needs torch-fidelity's pt_inception weights file {INCEPTION_FILE} "
+            f"(from {INCEPTION_URL}). Offline, copy it into the torch hub cache ({hub_checkpoint_dir()}) "
+            f"or set `weights_path: /path/to/{INCEPTION_FILE}` in the FIDCallback's init_args "
+            "(trainer.callbacks in the config)."
+        )
+
+    def _disable(self, message: str) -> None:
+        self._disabled = True
+        rank_zero_warn(message)
