@@ -1,0 +1,208 @@
+"""Order extraction's writer: one shard per batch and process, then `orders.pt` and order statistics.
+
+Runs under `python run.py predict --config configs/extract_orders.yaml --ckpt_path <stage-1 checkpoint>`.
+`predict_step` returns `{"order": (b,n), "index": (b,), "flip": (b,)}`; each batch becomes a shard of
+the orders folder at once (nothing is kept in memory), so an interrupted run resumes: the DataModule
+leaves out the (index, flip) keys already written (`datamodules.orders_file.finished_keys`).
+
+What it needs from `trainer.datamodule`: `orders_path` (the folder), `token_manifest() -> dict` (the
+token cache's manifest), `predict_split`, `source` (its length is N), `num_classes`,
+`extraction_keys() -> list[(index, flip)]` (every key of the split, finished or not) and
+`labels_of(indices (k,)) -> long (k,)`.
+
+Lightning's predict sampler asserts that every process gets at least one item, so when fewer keys
+remain than processes the DataModule pads the list with repeats flagged `"pad": 1` in the batch
+(`"pad": 0` elsewhere); this writer drops flagged rows, so no key is written twice.
+"""
+
+import logging
+import os
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from datamodules.orders_file import (
+    EXTRACT_CMD,
+    consolidate,
+    open_for_writing,
+    orders_manifest,
+    write_shard,
+    write_statistics,
+)
+from datamodules.token_cache import file_sha256
+from models.order_stats import mean_step_map, order_statistics, per_class_mean_maps
+
+log = logging.getLogger("oar.extract")
+
+
+def _settings(pl_module: LightningModule) -> dict:
+    settings = getattr(pl_module, "extraction", None)
+    if settings is None:
+        return {}
+    return asdict(settings) if is_dataclass(settings) else dict(settings)
+
+
+class OrderWriter(BasePredictionWriter):
+    """Writes extracted orders to the DataModule's `orders_path` (see `datamodules/orders_file.py`).
+
+    Consolidation happens in `teardown`, not `on_predict_end`: when every key was done before (a
+    rerun after a crash between the last shard and `orders.pt`), the DataModule yields nothing and
+    Lightning skips the predict loop with its start and end hooks, but every process reaches
+    `teardown` (after a successful run only; an exception leaves the shards for the next run).
+
+    Args:
+        stats_max_orders: statistics use a seeded random subset of at most this many orders.
+        neighbourhood: 8 or 4, the neighbourhood of the adjacency share.
+        cmap: colormap of the TensorBoard heatmaps.
+        seed: seed of the subset, the compared pairs and the random reference orders.
+    """
+
+    def __init__(
+        self, stats_max_orders: int = 10000, neighbourhood: int = 8, cmap: str = "viridis", seed: int = 0
+    ):
+        super().__init__(write_interval="batch")
+        self.stats_max_orders, self.neighbourhood = stats_max_orders, neighbourhood
+        self.cmap, self.seed = cmap, seed
+        self._path: Path | None = None
+        self._count, self._start, self._run = 0, time.perf_counter(), ""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "predict":
+            # A fresh name per process and run keeps shards of resumed runs and other ranks apart.
+            self._path, self._count, self._run = None, 0, os.urandom(4).hex()
+
+    def _open(self, trainer: Trainer, pl_module: LightningModule) -> Path:
+        """Create or check the orders folder (once per run and process).
+
+        Not in `setup`: Lightning 2.6 sets `trainer.ckpt_path` only when it restores the checkpoint,
+        after the setup hooks, and the manifest records the checkpoint's hash.
+        """
+        if self._path is None:
+            if not trainer.ckpt_path:
+                raise ValueError(f"order extraction needs the stage-1 model: run `{EXTRACT_CMD}`")
+            dm = trainer.datamodule
+            manifest = orders_manifest(
+                dm.token_manifest(),
+                file_sha256(trainer.ckpt_path),
+                _settings(pl_module),
+                dm.predict_split,
+                len(dm.source),
+            )
+            # Every process checks (read-only unless the manifest is new) before it writes any shard.
+            self._path = open_for_writing(dm.orders_path, manifest)
+        return self._path
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._open(trainer, pl_module)
+        self._start = time.perf_counter()
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: dict,
+        batch_indices,
+        batch,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not isinstance(prediction, dict) or "order" not in prediction:
+            raise ValueError(
+                "OrderWriter needs predict_step to return orders: set data.init_args.predict_split "
+                "to train or val"
+            )
+        index, flip, order = prediction["index"], prediction["flip"], prediction["order"]
+        if isinstance(batch, dict) and "pad" in batch:  # filler repeats (module docstring): not written
+            keep = torch.as_tensor(batch["pad"], device=order.device) == 0
+            index, flip, order = index[keep], flip[keep], order[keep]
+        if len(order):
+            tag = f"r{trainer.global_rank}-{self._run}-d{dataloader_idx}-b{batch_idx:07d}"
+            write_shard(self._open(trainer, pl_module), index, flip, order, tag=tag)
+            self._count += len(order)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        path = self._open(trainer, pl_module)
+        seconds = time.perf_counter() - self._start
+        # root_device, not pl_module.device: the strategy has moved the module to the CPU by now.
+        count = torch.tensor(float(self._count), device=trainer.strategy.root_device)
+        total = int(trainer.strategy.reduce(count, reduce_op="sum"))
+        trainer.strategy.barrier("OrderWriter.shards_written")
+        if trainer.is_global_zero:
+            self._finish(trainer, path, total, seconds)
+
+    def _finish(self, trainer: Trainer, path: Path, total: int, seconds: float) -> None:
+        dm = trainer.datamodule
+        keys = dm.extraction_keys()
+        out = consolidate(path, keys)
+        log.info(
+            "extracted %d orders in %.1f s (%.2f orders/s; %d of %d were done before): %s",
+            total,
+            seconds,
+            total / max(seconds, 1e-9),
+            len(keys) - total,
+            len(keys),
+            out,
+        )
+        data = torch.load(out, map_location="cpu", weights_only=True)
+        h, w = data["manifest"]["grid"]
+        which = data["done"].nonzero()  # (k, 2) (index, flip)
+        gen = torch.Generator().manual_seed(self.seed)
+        if len(which) > self.stats_max_orders:
+            which = which[torch.randperm(len(which), generator=gen)[: self.stats_max_orders]]
+        orders = data["orders"][which[:, 0], which[:, 1]].long()
+        labels = torch.as_tensor(dm.labels_of(which[:, 0])).long()
+        stats = order_statistics(
+            orders, labels, dm.num_classes, h, w, neighbourhood=self.neighbourhood, seed=self.seed
+        )
+        stats["orders_per_second"] = total / max(seconds, 1e-9)
+        write_statistics(path, stats)
+        log.info(
+            "order agreement %s (random %s), adjacency share %s (random %s)",
+            stats["agreement"],
+            stats["random"]["agreement"],
+            stats["adjacency_share"],
+            stats["random"]["adjacency_share"],
+        )
+        if isinstance(trainer.logger, TensorBoardLogger):
+            self._log_tensorboard(trainer, orders, labels, dm.num_classes, h, w, stats)
+
+    def _log_tensorboard(
+        self,
+        trainer: Trainer,
+        orders: torch.Tensor,
+        labels: torch.Tensor,
+        num_classes: int,
+        h: int,
+        w: int,
+        stats: dict,
+    ) -> None:
+        from callbacks.heatmaps import colorbar_image, labelled_maps_image, step_map_to_rgb
+
+        writer, step, n = trainer.logger.experiment, trainer.global_step, h * w
+        # A float mean map is a step map with fractional steps: same fixed 0..n-1 colour scale.
+        mean = step_map_to_rgb(mean_step_map(orders, h, w)[None], n, self.cmap, out_size=192)[0]
+        writer.add_image(
+            "orders/mean_map", torch.cat([mean, colorbar_image(n, mean.shape[1], self.cmap)], -1), step
+        )
+        if num_classes > 1:
+            maps = per_class_mean_maps(orders, labels, num_classes, h, w)
+            titles = [f"class {c} (n={k})" for c, k in enumerate(stats["class_counts"])]
+            writer.add_image(
+                "orders/class_mean_maps", labelled_maps_image(maps, n, titles, cmap=self.cmap), step
+            )
+        for name, value in (
+            ("agreement", stats["agreement"]),
+            ("adjacency_share", stats["adjacency_share"]),
+            ("adjacency_share_random", stats["random"]["adjacency_share"]),
+        ):
+            if value is not None:
+                writer.add_scalar(f"orders/{name}", value, step)
+        writer.flush()

@@ -1,0 +1,282 @@
+# Shapes: N images in the dataset, F views (2 with flips: index 1 = mirrored), n tokens = h*w, k orders.
+"""The orders file between order extraction (stage 2) and distillation: a folder of shards.
+
+Layout of `<orders_path>/`:
+- `manifest.json`: what the orders were made from (dataset fingerprint, token-cache manifest and its
+  hash, stage-1 checkpoint hash, extraction settings, split, N, F, grid), plus `statistics` once done.
+- `shard-<tag>.pt`: `{"index": long (k,), "flip": long (k,), "order": int16 (k, n)}`, one per batch
+  and process; `<tag>` is unique per process, run and batch, so processes never write the same file.
+- `orders.pt` after completion: `{"orders": int16 (N, F, n), "done": bool (N, F), "manifest": dict}`
+  with -1 rows for images outside the extracted split.
+
+Every file is written to a temp file in the folder and renamed, so a crash never leaves half a shard:
+what `finished_keys` sees is finished, and a rerun extracts only the rest. Pure IO (torch, no
+Lightning): the prediction writer `callbacks/order_writer.py` and the DataModule both use it.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from datamodules.token_cache import atomic_save
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ORDERS = "orders.pt"
+EXTRACT_CMD = "python run.py predict --config configs/extract_orders.yaml --ckpt_path <stage-1 checkpoint>"
+# Keys added after the run started; they never make a manifest "different".
+_ANNOTATIONS = ("statistics",)
+# Rows checked at once for being permutations (bounds the memory of the sort on large datasets).
+_CHUNK = 1 << 16
+
+
+def json_sha256(obj: dict) -> str:
+    """Hash of a JSON-able dict, independent of key order."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def orders_manifest(
+    token_manifest: dict, model_sha256: str, settings: dict, split: str, num_images: int
+) -> dict:
+    """The manifest of an orders file.
+
+    Args:
+        token_manifest: manifest of the token cache the orders were extracted from
+            (`datamodules.token_cache.cache_manifest`); gives the fingerprint, flips and grid.
+        model_sha256: hash of the stage-1 checkpoint file.
+        settings: extraction settings (score, positions per step, ...).
+        split: the split extracted (train | val).
+        num_images: N, the number of images of the whole dataset (rows of `orders.pt`).
+    """
+    return _normalise(
+        {
+            "format": FORMAT_VERSION,
+            "dataset_fingerprint": token_manifest["dataset_fingerprint"],
+            "token_cache": token_manifest,
+            "token_cache_sha": json_sha256(token_manifest),
+            "model_sha256": model_sha256,
+            "settings": settings,
+            "split": split,
+            "num_images": int(num_images),
+            "views": 2 if token_manifest["flip"] else 1,
+            "grid": [int(token_manifest["grid_h"]), int(token_manifest["grid_w"])],
+        }
+    )
+
+
+def _normalise(manifest: dict) -> dict:
+    """The manifest as it reads back from JSON (tuples become lists), so comparisons are fair."""
+    return json.loads(json.dumps(manifest, sort_keys=True))
+
+
+def _atomic_write_json(obj: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of an orders folder (FileNotFoundError if there is none)."""
+    with open(Path(path) / MANIFEST) as f:
+        return json.load(f)
+
+
+def open_for_writing(path: str | Path, manifest: dict) -> Path:
+    """Create the orders folder and its manifest, or check an existing one matches (to resume).
+
+    Safe to call from every process at once: each writes the same manifest atomically.
+
+    Raises:
+        ValueError: the folder holds orders made from something else.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    manifest = _normalise(manifest)
+    if not (path / MANIFEST).exists():
+        _atomic_write_json(manifest, path / MANIFEST)
+        return path
+    existing = read_manifest(path)
+    differ = sorted(
+        k
+        for k in set(existing) | set(manifest)
+        if k not in _ANNOTATIONS and existing.get(k) != manifest.get(k)
+    )
+    if differ:
+        raise ValueError(
+            f"orders folder {path} was started from a different {', '.join(differ)}: delete the "
+            "folder or set data.init_args.orders_path to a new folder"
+        )
+    return path
+
+
+def write_statistics(path: str | Path, statistics: dict) -> None:
+    """Add `statistics` to the manifest (atomically)."""
+    manifest = read_manifest(path)
+    manifest["statistics"] = statistics
+    _atomic_write_json(_normalise(manifest), Path(path) / MANIFEST)
+
+
+def _shards(path: Path) -> list[Path]:
+    # Temp files start with "." and end in ".tmp", so a half-written shard never matches.
+    return sorted(path.glob("shard-*.pt"))
+
+
+def _load(file: Path) -> dict:
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def finished_keys(path: str | Path) -> set[tuple[int, int]]:
+    """The (index, flip) pairs whose orders are already written; empty when there is no folder."""
+    keys: set[tuple[int, int]] = set()
+    path = Path(path)
+    if not path.is_dir():
+        return keys
+    for file in _shards(path):
+        shard = _load(file)
+        keys.update(zip(shard["index"].tolist(), shard["flip"].tolist(), strict=True))
+    return keys
+
+
+def write_shard(path: str | Path, index: Tensor, flip: Tensor, order: Tensor, tag: str | None = None) -> Path:
+    """Write the orders of one batch as `shard-<tag>.pt` (atomically).
+
+    Args:
+        path: the orders folder (made by `open_for_writing`).
+        index: (k,) dataset indices.
+        flip: (k,) views (0 = as is, 1 = mirrored).
+        order: (k, n) orders.
+        tag: a name unique among all processes and runs (default: a random one).
+    """
+    index, flip, order = (torch.as_tensor(t).detach().cpu() for t in (index, flip, order))
+    if order.dim() != 2 or not len(index) == len(flip) == len(order):
+        raise ValueError(
+            f"expected index (k,), flip (k,), order (k, n), got {tuple(index.shape)}, "
+            f"{tuple(flip.shape)}, {tuple(order.shape)}"
+        )
+    if order.shape[1] > torch.iinfo(torch.int16).max + 1:
+        raise ValueError(f"orders of {order.shape[1]} cells do not fit int16")
+    tag = tag or os.urandom(8).hex()
+    file = Path(path) / f"shard-{tag}.pt"
+    atomic_save({"index": index.long(), "flip": flip.long(), "order": order.to(torch.int16)}, file)
+    return file
+
+
+def _check_permutations(rows: Tensor, where: str) -> None:
+    expected = torch.arange(rows.shape[-1])
+    for start in range(0, len(rows), _CHUNK):
+        chunk = rows[start : start + _CHUNK].long()
+        bad = (chunk.sort(dim=1).values != expected).any(dim=1).nonzero()
+        if len(bad):
+            raise ValueError(
+                f"{where}: row {start + int(bad[0])} is not a permutation of 0..{len(expected) - 1}"
+            )
+
+
+def consolidate(path: str | Path, expected_keys: Iterable[tuple[int, int]]) -> Path:
+    """Gather all shards into `orders.pt` (atomically); returns its path.
+
+    A key written twice with the same order is fine (a resumed or padded run may repeat items); two
+    different orders for one key, a missing key or a key outside `expected_keys` are errors.
+
+    Args:
+        path: the orders folder.
+        expected_keys: every (index, flip) of the extracted split.
+
+    Raises:
+        ValueError: conflicting, missing or unexpected keys, or a row that is not a permutation.
+    """
+    path = Path(path)
+    manifest = {k: v for k, v in read_manifest(path).items() if k not in _ANNOTATIONS}
+    num, views, (h, w) = manifest["num_images"], manifest["views"], manifest["grid"]
+    orders = torch.full((num * views, h * w), -1, dtype=torch.int16)
+    done = torch.zeros(num * views, dtype=torch.bool)
+    for file in _shards(path):
+        shard = _load(file)
+        index, flip, order = shard["index"], shard["flip"], shard["order"]
+        if ((index < 0) | (index >= num) | (flip < 0) | (flip >= views)).any() or order.shape[1] != h * w:
+            raise ValueError(
+                f"shard {file} does not fit the manifest ({num} images, {views} views, {h}x{w} grid)"
+            )
+        _check_permutations(order, f"shard {file}")
+        key = index * views + flip
+        # Repeats inside the shard: sorted, equal neighbours must carry equal orders.
+        sorted_key, perm = key.sort(stable=True)
+        same = (sorted_key[1:] == sorted_key[:-1]).nonzero().flatten()
+        clash = (order[perm[same]] != order[perm[same + 1]]).any(dim=1)
+        # Repeats of keys written by earlier shards.
+        seen = done[key].nonzero().flatten()
+        clash_seen = (orders[key[seen]] != order[seen]).any(dim=1)
+        if clash.any() or clash_seen.any():
+            k = int(sorted_key[same[clash]][0]) if clash.any() else int(key[seen[clash_seen]][0])
+            raise ValueError(
+                f"conflicting orders for (index, flip) = {divmod(k, views)} in {path}: delete the "
+                f"folder and rerun `{EXTRACT_CMD}`"
+            )
+        orders[key], done[key] = order, True
+    expected = torch.zeros(num * views, dtype=torch.bool)
+    keys = torch.tensor(list(expected_keys), dtype=torch.long).view(-1, 2)
+    expected[keys[:, 0] * views + keys[:, 1]] = True
+    for name, mask in (("missing", expected & ~done), ("unexpected", done & ~expected)):
+        if mask.any():
+            first = [divmod(int(k), views) for k in mask.nonzero().flatten()[:5]]
+            raise ValueError(
+                f"{int(mask.sum())} {name} (index, flip) keys in {path}, e.g. {first}: "
+                f"rerun `{EXTRACT_CMD}`" + (" (it resumes)" if name == "missing" else "")
+            )
+    out = path / ORDERS
+    atomic_save(
+        {"orders": orders.view(num, views, h * w), "done": done.view(num, views), "manifest": manifest}, out
+    )
+    return out
+
+
+def load_orders(path: str | Path, token_manifest: dict, indices: Tensor | None = None) -> Tensor:
+    """The extracted orders for distillation, refused when missing, stale or incomplete.
+
+    Args:
+        path: the orders folder.
+        token_manifest: manifest of the token cache in use now; the orders must come from the same.
+        indices: dataset indices that will be trained on; every view of each must have an order.
+
+    Returns:
+        orders long (N, F, n), -1 rows for images outside the extracted split.
+
+    Raises:
+        FileNotFoundError: no folder, or extraction never finished (no `orders.pt`).
+        ValueError: stale (another dataset or token cache), incomplete, or not permutations.
+    """
+    path = Path(path)
+    if not (path / ORDERS).is_file():
+        state = "is incomplete (extraction did not finish)" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"orders file {path} {state}: make it with `{EXTRACT_CMD}`")
+    data = torch.load(path / ORDERS, map_location="cpu", weights_only=True)
+    manifest, orders, done = data["manifest"], data["orders"], data["done"]
+    made_from = (manifest.get("format"), manifest.get("dataset_fingerprint"), manifest.get("token_cache"))
+    if made_from != (FORMAT_VERSION, token_manifest["dataset_fingerprint"], _normalise(token_manifest)):
+        raise ValueError(
+            f"orders file {path} is stale (made from another dataset, tokenizer or format): delete "
+            f"it and rerun `{EXTRACT_CMD}`"
+        )
+    if indices is None:
+        wanted = done.any(dim=1)  # at least: an image with an order has one for every view
+    else:
+        wanted = done.new_zeros(done.shape[0])
+        wanted[torch.as_tensor(indices).long()] = True
+    if not wanted.any() or not done[wanted].all():
+        raise ValueError(
+            f"orders file {path} lacks orders for some training images (extracted split "
+            f"{manifest['split']!r}): rerun `{EXTRACT_CMD}` with data.init_args.predict_split=train"
+        )
+    _check_permutations(orders[done], f"orders file {path}")
+    return orders.long()
