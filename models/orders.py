@@ -1,0 +1,55 @@
+# Shapes: b batch, n tokens = h*w, m candidates; an order (b, n) lists raster cell indices by step.
+"""Orders as explicit tensors: order[:, t] is the raster index of the cell written at step t."""
+
+import torch
+from torch import Tensor
+
+
+def raster_order(b: int, n: int, device: torch.device | str | None = None) -> Tensor:
+    """The raster scan (b, n): 0, 1, ..., n-1 for every row."""
+    return torch.arange(n, device=device).repeat(b, 1)
+
+
+def random_order(
+    b: int, n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> Tensor:
+    """An independent uniformly random permutation per row (b, n): argsort of uniform noise."""
+    return torch.rand(b, n, generator=generator, device=device).argsort(dim=1)
+
+
+def order_to_step_map(order: Tensor, h: int, w: int) -> Tensor:
+    """The step at which each cell was written (b, h, w): the inverse permutation, as a heatmap."""
+    steps = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, steps).view(-1, h, w)
+
+
+def is_permutation(order: Tensor) -> bool:
+    """Whether every row of order (b, n) is a permutation of 0..n-1."""
+    expected = torch.arange(order.shape[1], device=order.device)
+    return bool((order.sort(dim=1).values == expected).all())
+
+
+def unwritten_cells(written: Tensor, m: int) -> Tensor:
+    """The m cells not yet written (b, m), ascending; every row must have exactly m of them.
+
+    Args:
+        written: (b, n) bool, True where a cell already holds a token.
+        m: how many cells are unwritten in each row (known to the caller, so no device sync).
+    """
+    return written.to(torch.uint8).argsort(dim=1, stable=True)[:, :m]
+
+
+def known_first(order: Tensor, known: Tensor) -> Tensor:
+    """Reorder so the known cells come first (raster order), then the others in `order`'s sequence.
+
+    Args:
+        order: (b, n) a permutation per row.
+        known: (b, n) bool per raster cell; every row must have the same number of known cells.
+
+    Returns:
+        (b, n) the order a decoder uses when the known cells are given as context.
+    """
+    known_cells = (~known).to(torch.uint8).argsort(dim=1, stable=True)  # known cells first, ascending
+    rest = order.gather(1, known.gather(1, order).to(torch.uint8).argsort(dim=1, stable=True))
+    num_known = int(known[0].sum()) if known.shape[0] else 0
+    return torch.cat([known_cells[:, :num_known], rest[:, : order.shape[1] - num_known]], dim=1)

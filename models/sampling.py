@@ -1,0 +1,355 @@
+# Shapes: b batch, n tokens = h*w, v vocab, m candidates.
+"""One KV-cached decoding loop for every order policy (raster, random, given, confidence).
+
+Each step the policy names candidate cells, the network scores them all in one `score_candidates` pass
+against the cache, the policy picks one cell per row, its token is sampled, and the chosen candidate's
+keys/values are appended. Fixed-order policies offer one candidate; the confidence policy offers every
+unwritten cell and takes the one whose prediction is most confident (OAR order inference).
+
+Choices documented here:
+- CFG runs 2b rows (labels, then the null class); guided = uncond + s * (cond - uncond); both halves
+  take the same cell and token. cfg_scale == 1 runs b rows only (identical results, half the cost).
+- Confidence is computed on the guided logits at temperature 1, before top-k / top-p: the order
+  follows the model's (guided) belief, and the sampling knobs shape only the token draw.
+- Tokens are drawn with `torch.multinomial` (one draw of b per step), so two samplers that see the
+  same logits consume the generator identically.
+
+Modified from: https://github.com/FoundationVision/LlamaGen (autoregressive/models/generate.py:
+logit processing and CFG) and https://github.com/idiap/sigma-gpt (scoring all cells against a cache).
+"""
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from models.orders import known_first, random_order, raster_order, unwritten_cells
+from models.positions import CLASS_CELL
+
+
+class SampleOutput(NamedTuple):
+    """tokens (b, n) per raster cell; order (b, n) actually used; logits (b, n, v) optional: the
+    (guided) logits of the cell written at each step, before temperature / top-k / top-p."""
+
+    tokens: Tensor
+    order: Tensor
+    logits: Tensor | None = None
+
+
+# ------------------------------------------------------------------------------- logit processing
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    return logits / temperature
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Keep the k largest logits of the last dim (k <= 0: keep all)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p (p >= 1: keep all)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, index = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    drop_sorted = probs.cumsum(dim=-1) - probs >= p  # the tokens before already reach p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, index, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+@dataclass
+class TokenSampler:
+    """Draws one token per row from logits (b, v): temperature, then top-k, then top-p."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __call__(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        logits = top_k_filter(apply_temperature(logits, self.temperature), self.top_k)
+        logits = top_p_filter(logits, self.top_p)
+        return torch.multinomial(logits.float().softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+# ------------------------------------------------------------------------------------ confidence
+def max_prob(logits: Tensor) -> Tensor:
+    """Confidence (...) = the largest softmax probability of logits (..., v)."""
+    return logits.float().softmax(dim=-1).amax(dim=-1)
+
+
+def neg_entropy(logits: Tensor) -> Tensor:
+    """Confidence (...) = minus the entropy of softmax(logits (..., v))."""
+    log_probs = logits.float().log_softmax(dim=-1)
+    return (log_probs.exp() * log_probs).sum(dim=-1)
+
+
+CONFIDENCE = {"max_prob": max_prob, "neg_entropy": neg_entropy}
+
+
+# -------------------------------------------------------------------------------------- guidance
+class NoGuidance:
+    """b rows, logits used as they come."""
+
+    def cond(self, cond: Tensor) -> Tensor:
+        return cond
+
+    def rows(self, x: Tensor) -> Tensor:
+        return x
+
+    def combine(self, logits: Tensor) -> Tensor:
+        return logits
+
+
+class ClassifierFreeGuidance:
+    """2b rows (labels, then the null class); guided = uncond + scale * (cond - uncond)."""
+
+    def __init__(self, null_class: int, scale: float):
+        self.null_class, self.scale = null_class, scale
+
+    def cond(self, cond: Tensor) -> Tensor:
+        return torch.cat([cond, torch.full_like(cond, self.null_class)])
+
+    def rows(self, x: Tensor) -> Tensor:
+        return torch.cat([x, x])
+
+    def combine(self, logits: Tensor) -> Tensor:
+        conditional, unconditional = logits.chunk(2)
+        return unconditional + self.scale * (conditional - unconditional)
+
+
+def make_guidance(net, cfg_scale: float) -> NoGuidance | ClassifierFreeGuidance:
+    return NoGuidance() if cfg_scale == 1.0 else ClassifierFreeGuidance(net.null_class, cfg_scale)
+
+
+# -------------------------------------------------------------------------------------- policies
+class OrderPolicy:
+    """Chooses the cell written at each step: `candidates` names cells, `choose` picks one per row."""
+
+    def start(self, written: Tensor) -> None:
+        """Called once before the loop; written (b, n) bool marks the known (prefilled) cells."""
+
+    def candidates(self, t: int, written: Tensor) -> Tensor:
+        """Candidate cells (b, m) for step t (t cells are written in every row)."""
+        raise NotImplementedError
+
+    def choose(self, logits: Tensor) -> Tensor:
+        """Index (b,) into the candidates, given their (guided) logits (b, m, v)."""
+        raise NotImplementedError
+
+
+class FixedOrderPolicy(OrderPolicy):
+    """An order fixed before decoding; known cells go first, the rest keep the order's sequence."""
+
+    def full_order(self, b: int, n: int, device: torch.device) -> Tensor:
+        raise NotImplementedError
+
+    def start(self, written: Tensor) -> None:
+        self.order = known_first(self.full_order(*written.shape, written.device), written)
+
+    def candidates(self, t: int, written: Tensor) -> Tensor:
+        return self.order[:, t : t + 1]
+
+    def choose(self, logits: Tensor) -> Tensor:
+        return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+
+
+class RasterPolicy(FixedOrderPolicy):
+    def full_order(self, b: int, n: int, device: torch.device) -> Tensor:
+        return raster_order(b, n, device=device)
+
+
+class RandomPolicy(FixedOrderPolicy):
+    """A fresh random order per image, drawn from `generator` when decoding starts."""
+
+    def __init__(self, generator: torch.Generator | None = None):
+        self.generator = generator
+
+    def full_order(self, b: int, n: int, device: torch.device) -> Tensor:
+        return random_order(b, n, generator=self.generator, device=device)
+
+
+class GivenPolicy(FixedOrderPolicy):
+    """A given order (b, n), e.g. one extracted from a training image."""
+
+    def __init__(self, order: Tensor):
+        self.given = order
+
+    def full_order(self, b: int, n: int, device: torch.device) -> Tensor:
+        if self.given.shape != (b, n):
+            raise ValueError(f"given order has shape {tuple(self.given.shape)}, expected {(b, n)}")
+        return self.given.to(device)
+
+
+class ConfidencePolicy(OrderPolicy):
+    """Every unwritten cell is a candidate; write the one whose prediction is most confident."""
+
+    def __init__(self, score: str = "max_prob"):
+        if score not in CONFIDENCE:
+            raise ValueError(f"unknown score {score!r}; choose one of {sorted(CONFIDENCE)}")
+        self.confidence = CONFIDENCE[score]
+
+    def candidates(self, t: int, written: Tensor) -> Tensor:
+        return unwritten_cells(written, written.shape[1] - t)
+
+    def choose(self, logits: Tensor) -> Tensor:
+        return self.confidence(logits).argmax(dim=-1)
+
+
+def make_policy(
+    policy: str | OrderPolicy, order: Tensor | None = None, score: str = "max_prob",
+    generator: torch.Generator | None = None,
+) -> OrderPolicy:
+    """Build a policy from its name ("raster", "random", "given" (needs `order`), "confidence")."""
+    if isinstance(policy, OrderPolicy):
+        return policy
+    if (order is not None) != (policy == "given"):
+        raise ValueError("pass `order` exactly when policy == 'given'")
+    builders = {
+        "raster": RasterPolicy,
+        "random": lambda: RandomPolicy(generator),
+        "given": lambda: GivenPolicy(order),
+        "confidence": lambda: ConfidencePolicy(score),
+    }
+    if policy not in builders:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {sorted(builders)}")
+    return builders[policy]()
+
+
+# --------------------------------------------------------------------------------- decoding loop
+@torch.no_grad()
+def sample(
+    net, cond: Tensor, policy: str | OrderPolicy = "confidence", order: Tensor | None = None,
+    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0,
+    score: str = "max_prob", generator: torch.Generator | None = None,
+    known_tokens: Tensor | None = None, known_mask: Tensor | None = None, return_logits: bool = False,
+) -> SampleOutput:
+    """Generate token grids with a KV cache, choosing cells by `policy` (put `net` in eval mode first).
+
+    Args:
+        net: an `OrderedTransformer`.
+        cond: (b,) class labels (`net.null_class` for unconditional rows).
+        policy: a name or an `OrderPolicy`; "random" draws its orders from `generator`.
+        order: (b, n) the order for policy "given".
+        temperature, top_k, top_p: token sampling (top_k 0 / top_p 1 switch a filter off).
+        cfg_scale: classifier-free guidance scale; 1 = no guidance.
+        score: confidence for policy "confidence": "max_prob" or "neg_entropy".
+        generator: for the token draws (and the random orders).
+        known_tokens: (b, n) or (b, h, w) tokens for inpainting / outpainting, read where known_mask.
+        known_mask: (b, n), (b, h, w), (n,) or (h, w) bool, the same number of known cells in every
+            row. Known cells are given as context first (raster order); only the others are generated.
+        return_logits: also return the logits of the cell written at every step.
+
+    Returns:
+        SampleOutput(tokens (b, n), order (b, n) (known cells first), logits (b, n, v) or None).
+    """
+    policy = make_policy(policy, order=order, score=score, generator=generator)
+    guidance = make_guidance(net, cfg_scale)
+    sampler = TokenSampler(temperature, top_k, top_p)
+    return decode(net, cond, policy, guidance, sampler, generator, known_tokens, known_mask, return_logits)
+
+
+@torch.no_grad()
+def decode(
+    net, cond: Tensor, policy: OrderPolicy, guidance: NoGuidance | ClassifierFreeGuidance,
+    sampler: TokenSampler, generator: torch.Generator | None = None, known_tokens: Tensor | None = None,
+    known_mask: Tensor | None = None, return_logits: bool = False,
+) -> SampleOutput:
+    """The decoding loop behind `sample`, with its parts passed in (see `sample` for the arguments)."""
+    b, n = cond.shape[0], net.num_tokens
+    cache = net.new_cache(guidance.cond(cond))
+    state = _DecodeState.empty(b, n, net.vocab_size if return_logits else 0, cond.device)
+    if known_mask is not None:
+        _prefill(net, cache, guidance, state, known_tokens, known_mask)
+    policy.start(state.written)
+    rows = guidance.rows
+    for t in range(cache.length, n):
+        cells = policy.candidates(t, state.written)
+        logits, kv = net.score_candidates(cache, rows(state.prev_token), rows(state.prev_cell), rows(cells))
+        logits = guidance.combine(logits)  # (b, m, v)
+        choice = policy.choose(logits)
+        net.append_candidate(cache, kv, rows(choice))
+        chosen = logits.gather(1, choice.view(b, 1, 1).expand(b, 1, logits.shape[2])).squeeze(1)
+        state.write(t, cells.gather(1, choice[:, None]).squeeze(1), sampler(chosen, generator), chosen)
+    return SampleOutput(state.tokens, state.order, state.logits if return_logits else None)
+
+
+@dataclass
+class _DecodeState:
+    """What the loop has written so far; step t writes one cell per row."""
+
+    tokens: Tensor  # (b, n) per raster cell
+    order: Tensor  # (b, n) cell per step
+    written: Tensor  # (b, n) bool per raster cell
+    logits: Tensor  # (b, n, v) per step (v = 0 when not recorded)
+    prev_token: Tensor  # (b,) the last written token
+    prev_cell: Tensor  # (b,) its cell; -1 (class token) before the first write
+
+    @classmethod
+    def empty(cls, b: int, n: int, v: int, device: torch.device) -> "_DecodeState":
+        long = dict(dtype=torch.long, device=device)
+        return cls(
+            torch.zeros(b, n, **long), torch.full((b, n), CLASS_CELL, **long),
+            torch.zeros(b, n, dtype=torch.bool, device=device), torch.zeros(b, n, v, device=device),
+            torch.zeros(b, **long), torch.full((b,), CLASS_CELL, **long),
+        )
+
+    def write(self, t: int, cell: Tensor, token: Tensor, logits: Tensor) -> None:
+        """Record step t: cell (b,) receives token (b,); logits (b, v) are kept if recorded."""
+        self.tokens.scatter_(1, cell[:, None], token[:, None])
+        self.written.scatter_(1, cell[:, None], True)
+        self.order[:, t] = cell
+        if self.logits.shape[2]:
+            self.logits[:, t] = logits
+        self.prev_token, self.prev_cell = token, cell
+
+
+def _prefill(net, cache, guidance, state: _DecodeState, known_tokens: Tensor, known_mask: Tensor) -> None:
+    """Give the known cells as context in raster order with one `extend`; record them as written."""
+    b, n = state.tokens.shape
+    known_tokens = known_tokens.reshape(-1, n).expand(b, n)
+    known_mask = known_mask.reshape(-1, n).expand(b, n).bool()
+    num_known = int(known_mask[0].sum())
+    if not bool((known_mask.sum(dim=1) == num_known).all()):
+        raise ValueError("every row needs the same number of known cells")
+    if num_known == 0:
+        return
+    cells = (~known_mask).to(torch.uint8).argsort(dim=1, stable=True)[:, :num_known]  # raster order
+    prev_cells = torch.cat([cells.new_full((b, 1), CLASS_CELL), cells[:, :-1]], dim=1)
+    prev_tokens = known_tokens.gather(1, prev_cells.clamp(min=0))
+    rows = guidance.rows
+    logits = guidance.combine(net.extend(cache, rows(prev_tokens), rows(prev_cells), rows(cells)))
+    tokens = known_tokens.gather(1, cells)
+    for t in range(num_known):
+        state.write(t, cells[:, t], tokens[:, t], logits[:, t])
+
+
+@torch.no_grad()
+def naive_confidence_sample(
+    net, cond: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0,
+    score: str = "max_prob", generator: torch.Generator | None = None,
+) -> SampleOutput:
+    """Reference confidence sampler without a cache: a full forward per candidate per step.
+
+    Consumes `generator` exactly as `sample(..., policy="confidence")`, so both agree under one seed.
+    """
+    b, n = cond.shape[0], net.num_tokens
+    guidance, sampler = make_guidance(net, cfg_scale), TokenSampler(temperature, top_k, top_p)
+    confidence, full_cond = CONFIDENCE[score], guidance.cond(cond)
+    state = _DecodeState.empty(b, n, net.vocab_size, cond.device)
+    for t in range(n):
+        cells = unwritten_cells(state.written, n - t)
+        logits = torch.stack([
+            guidance.combine(net(guidance.rows(state.tokens),
+                                 guidance.rows(torch.cat([state.order[:, :t], cells[:, j : j + 1]], dim=1)),
+                                 full_cond)[:, -1])
+            for j in range(n - t)
+        ], dim=1)  # (b, m, v)
+        choice = confidence(logits).argmax(dim=-1)
+        chosen = logits[torch.arange(b), choice]
+        state.write(t, cells[torch.arange(b), choice], sampler(chosen, generator), chosen)
+    return SampleOutput(state.tokens, state.order, state.logits)

@@ -1,0 +1,332 @@
+# Shapes: b batch, n tokens = h*w, d width, v vocab, m candidates, k cache length (or new positions).
+"""The ordered (any-order) autoregressive transformer: a decoder-only causal GPT over an explicit order.
+
+Sequence position t = 0..n-1 predicts the token of cell order[t]. Its input is
+- t = 0: the class token (class embedding; the null class for CFG / no conditioning);
+- t >= 1: the token written at step t - 1, i.e. the content of tokens[order[t-1]] and its own cell;
+- every t: the embedding of the next cell to predict, order[t] (double positional encoding).
+So position t sees the class and tokens[order[:t]], and knows which cell it predicts.
+
+One method per purpose (decoding loops live outside, in `models/sampling.py`, `models/extraction.py`):
+- `forward(tokens, order, cond)`: training and teacher-forced scoring, all positions at once.
+- `new_cache(cond)`: an empty `KVCache` with room for all n positions; nothing is processed yet,
+  not even the class token.
+- `extend(cache, prev_tokens, prev_cells, next_cells)`: append k known positions (prefill,
+  inpainting context, several cells per step), causal among themselves; returns their logits.
+- `score_candidates(cache, prev_token, prev_cell, next_cells)`: m candidate next cells for the
+  *same* input token in one pass; each candidate attends to the cache and to itself only. Returns the
+  logits and the candidates' keys/values; nothing is written to the cache.
+- `append_candidate(cache, candidate_kv, choice)`: write the chosen candidate of every row.
+
+A cell index of -1 (`CLASS_CELL`) means "the class token": pass prev_cell = -1 at step 0 (the token
+value is then ignored; the class comes from the cache's `cond`).
+
+Modified from: https://github.com/karpathy/nanoGPT/blob/master/model.py (GPT blocks, init) and
+https://github.com/idiap/sigma-gpt (double positional encoding, candidate scoring against a cache).
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import Mlp
+from torch import Tensor, nn
+
+from models.checkpoint import record_init
+from models.positions import CLASS_CELL, NEXT_POS, OWN_POS
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the positions processed so far, preallocated for all n positions.
+
+    Attributes:
+        k: keys (depth, b, heads, n, head_dim); positions [0, length) are valid.
+        v: values, same shape.
+        cond: class labels (b,) read by the class token.
+        length: positions processed; all rows advance together.
+    """
+
+    k: Tensor
+    v: Tensor
+    cond: Tensor
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+
+@dataclass
+class CandidateKV:
+    """Keys and values (depth, b, heads, m, head_dim) of m candidates scored at cache position `position`."""
+
+    k: Tensor
+    v: Tensor
+    position: int
+
+
+class _Causal:
+    """Training: every position attends to itself and the positions before it."""
+
+    mask, is_causal = None, True
+
+    def __call__(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return k, v
+
+
+class _Extend:
+    """Writes new positions into the cache; each attends to the cache and the new ones up to itself."""
+
+    is_causal = False
+
+    def __init__(self, cache: KVCache, new: int):
+        self.cache, self.start, self.stop = cache, cache.length, cache.length + new
+        full = torch.ones(new, self.stop, dtype=torch.bool, device=cache.k.device)
+        self.mask = full.tril(diagonal=self.start)  # (new, length + new)
+
+    def __call__(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.cache.k[layer, :, :, self.start : self.stop] = k
+        self.cache.v[layer, :, :, self.start : self.stop] = v
+        return self.cache.k[layer, :, :, : self.stop], self.cache.v[layer, :, :, : self.stop]
+
+
+class _Candidates:
+    """m candidate queries at one position: each attends to the cache and to itself, not to the others."""
+
+    is_causal = False
+
+    def __init__(self, cache: KVCache, m: int):
+        self.cache, length = cache, cache.length
+        device = cache.k.device
+        past = torch.ones(m, length, dtype=torch.bool, device=device)
+        self.mask = torch.cat([past, torch.eye(m, dtype=torch.bool, device=device)], dim=1)  # (m, k + m)
+        depth, b, heads, _, head_dim = cache.k.shape
+        shape = (depth, b, heads, m, head_dim)
+        self.kv = CandidateKV(cache.k.new_empty(shape), cache.v.new_empty(shape), length)
+
+    def __call__(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.kv.k[layer], self.kv.v[layer] = k, v
+        length = self.kv.position
+        keys = torch.cat([self.cache.k[layer, :, :, :length], k.to(self.cache.k.dtype)], dim=2)
+        values = torch.cat([self.cache.v[layer, :, :, :length], v.to(self.cache.v.dtype)], dim=2)
+        return keys, values
+
+
+Memory = _Causal | _Extend | _Candidates  # where a layer's keys and values come from
+Rotate = Callable[[Tensor], Tensor]  # own-position rotation of queries and keys (identity unless rope)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; where the keys come from is decided by the `memory` it is given."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, rotate: Rotate, memory: Memory, layer: int) -> Tensor:
+        q, k, v = rearrange(self.qkv(x), "b k (three h e) -> three b h k e", three=3, h=self.heads)
+        q, k = rotate(q), rotate(k)
+        keys, values = memory(layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=memory.mask, is_causal=memory.is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.proj_drop(self.proj(rearrange(y, "b h k e -> b k (h e)")))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, heads, dropout)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = Mlp(width, int(width * mlp_ratio), drop=dropout)
+
+    def forward(self, x: Tensor, rotate: Rotate, memory: Memory, layer: int) -> Tensor:
+        x = x + self.attn(self.norm1(x), rotate, memory, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+def _pick(table: dict, key: str, what: str):
+    if key not in table:
+        raise ValueError(f"unknown {what} {key!r}; choose one of {sorted(table)}")
+    return table[key]
+
+
+class OrderedTransformer(nn.Module):
+    """Decoder-only causal transformer over tokens written in an explicit, per-image order.
+
+    Args:
+        vocab_size: tokenizer codebook size.
+        grid_size: token grid (h, w); n = h * w.
+        num_classes: class labels in [0, num_classes); 0 means unconditional (the class token is then
+            just a start token). Row `num_classes` of the class table is the null class.
+        width: model width d.
+        depth: number of blocks.
+        heads: attention heads.
+        mlp_ratio: MLP hidden width / d.
+        dropout: dropout on embeddings, attention and MLP.
+        next_pos: "relative" (offset from the own cell to the target, paper v1) or "absolute".
+        own_pos: "learned" (row + col embedding added at the input) or "rope" (2-D rotary).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        grid_size: tuple[int, int] = (8, 8),
+        num_classes: int = 0,
+        width: int = 256,
+        depth: int = 6,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        next_pos: str = "relative",
+        own_pos: str = "learned",
+    ):
+        super().__init__()
+        record_init(self, locals())
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.vocab_size, self.num_classes, self.null_class = vocab_size, num_classes, num_classes
+        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
+        self.num_tokens = self.grid_size[0] * self.grid_size[1]
+        self.depth, self.heads, self.head_dim = depth, heads, width // heads
+        self.tok_emb = nn.Embedding(vocab_size, width)
+        self.cls_emb = nn.Embedding(num_classes + 1, width)
+        self.own_pos = _pick(OWN_POS, own_pos, "own_pos")(self.grid_size, width, self.head_dim)
+        self.next_pos = _pick(NEXT_POS, next_pos, "next_pos")(self.grid_size, width)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
+            if name.endswith(("attn.proj.weight", "mlp.fc2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * depth))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    # ----------------------------------------------------------------------------------- training
+    def forward(self, tokens: Tensor, order: Tensor, cond: Tensor) -> Tensor:
+        """Logits of every step of an order, all positions at once.
+
+        Args:
+            tokens: (b, n) long, token of each raster cell (only cells order[:, :-1] are read).
+            order: (b, s) long, s <= n: the cells in writing order (a permutation or a prefix of one).
+            cond: (b,) long class labels (`null_class` for none).
+
+        Returns:
+            logits (b, s, v): logits[:, t] predict tokens[order[:, t]] from the class and
+            tokens[order[:, :t]].
+        """
+        class_cell = order.new_full((order.shape[0], 1), CLASS_CELL)
+        prev_cells = torch.cat([class_cell, order[:, :-1]], dim=1)
+        prev_tokens = tokens.gather(1, prev_cells.clamp(min=0))
+        x = self._embed(cond, prev_tokens, prev_cells, order)
+        return self._run(x, self.own_pos.rotation(prev_cells), _Causal())
+
+    def drop_labels(self, cond: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
+        """Replace each label by the null class with probability p (classifier-free guidance training)."""
+        drop = torch.rand(cond.shape, generator=generator, device=cond.device) < p
+        return cond.masked_fill(drop, self.null_class)
+
+    # ------------------------------------------------------------------------------- KV-cached decoding
+    def new_cache(self, cond: Tensor, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache for len(cond) rows with room for all n positions (the class token included).
+
+        Args:
+            cond: (b,) class labels, read when the class token (cell -1) is processed.
+            dtype: cache dtype; default the parameters' dtype.
+        """
+        shape = (self.depth, cond.shape[0], self.heads, self.num_tokens, self.head_dim)
+        dtype = dtype or self.head.weight.dtype
+        k = torch.empty(shape, dtype=dtype, device=cond.device)
+        return KVCache(k, torch.empty_like(k), cond)
+
+    def extend(self, cache: KVCache, prev_tokens: Tensor, prev_cells: Tensor, next_cells: Tensor) -> Tensor:
+        """Append k positions to the cache, causal among themselves, and return their logits.
+
+        Args:
+            cache: advanced in place by k.
+            prev_tokens: (b, k) tokens the positions hold (ignored where prev_cells == -1).
+            prev_cells: (b, k) their cells; -1 for the class token (only at cache position 0).
+            next_cells: (b, k) the cells the positions predict.
+
+        Returns:
+            logits (b, k, v) for next_cells.
+        """
+        new = prev_tokens.shape[1]
+        if cache.length + new > cache.capacity:
+            raise ValueError(f"cache holds {cache.capacity} positions; {cache.length} + {new} do not fit")
+        x = self._embed(cache.cond, prev_tokens, prev_cells, next_cells)
+        logits = self._run(x, self.own_pos.rotation(prev_cells), _Extend(cache, new))
+        cache.length += new
+        return logits
+
+    def score_candidates(
+        self, cache: KVCache, prev_token: Tensor, prev_cell: Tensor, next_cells: Tensor
+    ) -> tuple[Tensor, CandidateKV]:
+        """Score m candidate next cells for the same input token in one pass; the cache is not changed.
+
+        Every candidate holds prev_token at prev_cell (the class token when prev_cell == -1) and differs
+        only in its next-cell embedding; it attends to the cache and to itself, not to other candidates.
+
+        Args:
+            cache: positions [0, length) are the context; the candidates sit at position `length`.
+            prev_token: (b,) the last written token (ignored where prev_cell == -1).
+            prev_cell: (b,) its cell, or -1 at step 0.
+            next_cells: (b, m) candidate cells.
+
+        Returns:
+            logits (b, m, v) and the candidates' keys/values for `append_candidate`.
+        """
+        if cache.length >= cache.capacity:
+            raise ValueError("the cache is full: every cell has been written")
+        prev_token, prev_cell = prev_token.unsqueeze(1), prev_cell.unsqueeze(1)
+        x = self._embed(cache.cond, prev_token, prev_cell, next_cells)  # (b, m, d) by broadcasting
+        memory = _Candidates(cache, next_cells.shape[1])
+        logits = self._run(x, self.own_pos.rotation(prev_cell), memory)
+        return logits, memory.kv
+
+    def append_candidate(self, cache: KVCache, candidate_kv: CandidateKV, choice: Tensor) -> None:
+        """Write candidate choice[i] (an index into the m candidates) of every row i at position `length`."""
+        if candidate_kv.position != cache.length:
+            raise ValueError("candidates were scored at another cache position")
+        depth, b, heads, _, head_dim = candidate_kv.k.shape
+        index = choice.view(1, b, 1, 1, 1).expand(depth, b, heads, 1, head_dim)
+        at = slice(cache.length, cache.length + 1)
+        cache.k[:, :, :, at] = candidate_kv.k.gather(3, index)
+        cache.v[:, :, :, at] = candidate_kv.v.gather(3, index)
+        cache.length += 1
+
+    # ------------------------------------------------------------------------------------- internals
+    def _embed(self, cond: Tensor, prev_tokens: Tensor, prev_cells: Tensor, next_cells: Tensor) -> Tensor:
+        """Input embeddings (b, k, d): content + own position + next position (shapes broadcast)."""
+        is_class = (prev_cells == CLASS_CELL).unsqueeze(-1)
+        content = torch.where(
+            is_class, self.cls_emb(cond)[:, None], self.tok_emb(prev_tokens.masked_fill(is_class[..., 0], 0))
+        )
+        x = self.own_pos.add_to(content, prev_cells)
+        x = x + self.next_pos(prev_cells.expand_as(next_cells), next_cells)
+        return self.drop(x)
+
+    def _run(self, x: Tensor, rotate: Rotate, memory: Memory) -> Tensor:
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rotate, memory, layer)
+        return self.head(self.norm(x))

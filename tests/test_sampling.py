@@ -1,0 +1,191 @@
+"""Orders and the KV-cached sampler: cached logits equal the full forward; sampler equals its reference."""
+
+import pytest
+import torch
+
+from models.orders import (
+    is_permutation,
+    known_first,
+    order_to_step_map,
+    random_order,
+    raster_order,
+    unwritten_cells,
+)
+from models.sampling import (
+    ClassifierFreeGuidance,
+    ConfidencePolicy,
+    NoGuidance,
+    TokenSampler,
+    decode,
+    make_guidance,
+    naive_confidence_sample,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
+from tests.test_transformer import CLASSES, GRID, VARIANTS, VOCAB, N, tiny_net
+
+COND = torch.tensor([0, 2, CLASSES])  # the last row is unconditional
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def guided_forward(net, tokens, order, cond, cfg_scale):
+    """Full-forward logits (b, n, v) of an order, with classifier-free guidance."""
+    logits = net(tokens, order, cond)
+    if cfg_scale == 1.0:
+        return logits
+    uncond = net(tokens, order, torch.full_like(cond, net.null_class))
+    return uncond + cfg_scale * (logits - uncond)
+
+
+# ------------------------------------------------------------------------------------------ orders
+def test_raster_and_random_orders():
+    assert torch.equal(raster_order(2, 5), torch.arange(5).repeat(2, 1))
+    a, b = random_order(8, N, gen(1)), random_order(8, N, gen(1))
+    assert torch.equal(a, b) and is_permutation(a)
+    assert len({tuple(row.tolist()) for row in a}) == 8  # rows differ
+    assert not is_permutation(torch.tensor([[0, 1, 1, 3]]))
+
+
+def test_order_to_step_map_is_the_inverse():
+    order = random_order(3, 12, gen())
+    steps = order_to_step_map(order, 3, 4)
+    assert steps.shape == (3, 3, 4)
+    assert torch.equal(steps.flatten(1).gather(1, order), torch.arange(12).expand(3, 12))
+
+
+def test_unwritten_cells_and_known_first():
+    written = torch.tensor([[True, False, False, True], [False, True, False, True]])
+    assert unwritten_cells(written, 2).tolist() == [[1, 2], [0, 2]]
+    order = torch.tensor([[3, 2, 1, 0], [2, 1, 0, 3]])
+    assert known_first(order, written).tolist() == [[0, 3, 2, 1], [1, 3, 2, 0]]
+
+
+# ------------------------------------------------------------------------------- logit processing
+def test_logit_filters():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(top_k_filter(logits, 2)).tolist() == [[True, False, False, True]]
+    assert torch.equal(top_k_filter(logits, 0), logits)
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    assert torch.isinf(top_p_filter(probs, 0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(top_p_filter(probs, 0.0)).tolist() == [[False, True, True, True]]
+    assert torch.equal(top_p_filter(probs, 1.0), probs)
+    draws = TokenSampler(temperature=1e-3)(logits.expand(50, 4), gen())
+    assert (draws == 1).all()
+
+
+# ------------------------------------------------------------------ cached logits equal full forward
+@pytest.mark.parametrize("policy", ["raster", "random", "confidence"])
+@pytest.mark.parametrize("next_pos,own_pos", VARIANTS)
+def test_cached_logits_equal_forward(policy, next_pos, own_pos):
+    net = tiny_net(next_pos, own_pos)
+    out = sample(net, COND, policy, generator=gen(), return_logits=True)
+    assert is_permutation(out.order)
+    # forward on the returned order and tokens reproduces every step's logits: the tokens sit at the
+    # cells the order names, and the cache saw exactly what the full forward sees
+    torch.testing.assert_close(out.logits, net(out.tokens, out.order, COND), atol=1e-5, rtol=0)
+
+
+def test_fixed_policies():
+    net = tiny_net()
+    assert torch.equal(sample(net, COND, "raster", generator=gen()).order, raster_order(3, N))
+    order = random_order(3, N, gen(5))
+    assert torch.equal(sample(net, COND, "given", order=order, generator=gen()).order, order)
+    a, b = (sample(net, COND, "random", generator=gen(s)).order for s in (1, 2))
+    assert torch.equal(a, sample(net, COND, "random", generator=gen(1)).order) and not torch.equal(a, b)
+    with pytest.raises(ValueError):
+        sample(net, COND, "confidence", order=order)
+
+
+@pytest.mark.parametrize("policy", ["random", "confidence"])
+def test_cached_logits_equal_forward_with_cfg(policy):
+    net = tiny_net("absolute", "rope")
+    out = sample(net, COND, policy, cfg_scale=3.0, generator=gen(), return_logits=True)
+    expected = guided_forward(net, out.tokens, out.order, COND, 3.0)
+    torch.testing.assert_close(out.logits, expected, atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------- cached equals naive sampler
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(score="neg_entropy"),
+        dict(cfg_scale=2.5, top_k=6),
+        dict(temperature=0.7, top_p=0.8),
+    ],
+)
+@pytest.mark.parametrize("next_pos,own_pos", [("relative", "learned"), ("absolute", "rope")])
+def test_confidence_sample_equals_naive(kwargs, next_pos, own_pos):
+    net = tiny_net(next_pos, own_pos, seed=1)
+    fast = sample(net, COND, "confidence", generator=gen(7), return_logits=True, **kwargs)
+    slow = naive_confidence_sample(net, COND, generator=gen(7), **kwargs)
+    assert torch.equal(fast.order, slow.order)
+    assert torch.equal(fast.tokens, slow.tokens)
+    torch.testing.assert_close(fast.logits, slow.logits, atol=1e-5, rtol=0)
+
+
+def test_confidence_choice_is_the_most_confident_cell():
+    net = tiny_net()
+    out = sample(net, COND, "confidence", generator=gen(), return_logits=True)
+    policy = ConfidencePolicy("max_prob")
+    written = torch.zeros(3, N, dtype=torch.bool)
+    for t in [0, 5, 11]:
+        written[:] = False
+        written.scatter_(1, out.order[:, :t], True)
+        cells = unwritten_cells(written, N - t)
+        trials = [net(out.tokens, torch.cat([out.order[:, :t], cells[:, j : j + 1]], 1), COND)[:, -1] for j in
+                  range(N - t)]
+        best = cells.gather(1, policy.choose(torch.stack(trials, 1))[:, None]).squeeze(1)
+        assert torch.equal(best, out.order[:, t])
+
+
+# -------------------------------------------------------------------------------------- guidance
+def test_cfg_scale_one_equals_no_guidance():
+    net = tiny_net()
+    assert isinstance(make_guidance(net, 1.0), NoGuidance)
+    sampler = TokenSampler()
+    plain = decode(net, COND, ConfidencePolicy(), NoGuidance(), sampler, gen(3))
+    cfg_one = ClassifierFreeGuidance(net.null_class, 1.0)  # the 2b-row path, forced
+    doubled = decode(net, COND, ConfidencePolicy(), cfg_one, sampler, gen(3))
+    assert torch.equal(plain.tokens, doubled.tokens) and torch.equal(plain.order, doubled.order)
+    guided = sample(net, COND, generator=gen(3), cfg_scale=4.0)
+    assert not torch.equal(plain.tokens, guided.tokens)
+
+
+# ------------------------------------------------------------------------------------- inpainting
+@pytest.mark.parametrize("policy", ["confidence", "random"])
+def test_inpainting_keeps_known_cells(policy):
+    net = tiny_net()
+    g = gen(4)
+    known_tokens = torch.randint(0, VOCAB, (3, *GRID), generator=g)
+    known_mask = torch.zeros(3, N, dtype=torch.bool)
+    known_mask.scatter_(1, random_order(3, N, g)[:, :6], True)  # 6 known cells, different per row
+    out = sample(
+        net, COND, policy, generator=g, known_tokens=known_tokens, known_mask=known_mask.view(3, *GRID),
+        return_logits=True, cfg_scale=2.0,
+    )
+    assert is_permutation(out.order)
+    flat = known_tokens.flatten(1)
+    assert torch.equal(out.tokens[known_mask], flat[known_mask])
+    first = out.order[:, :6]
+    assert known_mask.gather(1, first).all() and (first.diff(dim=1) > 0).all()  # known first, raster
+    expected = guided_forward(net, out.tokens, out.order, COND, 2.0)
+    torch.testing.assert_close(out.logits, expected, atol=1e-4, rtol=0)
+
+
+def test_inpainting_edge_cases():
+    net = tiny_net()
+    known_tokens = torch.randint(0, VOCAB, (3, N), generator=gen())
+    everything = sample(net, COND, known_tokens=known_tokens, known_mask=torch.ones(3, N, dtype=torch.bool))
+    assert torch.equal(everything.tokens, known_tokens) and torch.equal(everything.order, raster_order(3, N))
+    none_known = torch.zeros(N, dtype=torch.bool)  # one mask for the whole batch
+    nothing = sample(net, COND, generator=gen(), known_tokens=known_tokens, known_mask=none_known)
+    assert torch.equal(nothing.tokens, sample(net, COND, generator=gen()).tokens)
+    uneven = torch.zeros(3, N, dtype=torch.bool)
+    uneven[0, 0] = True
+    with pytest.raises(ValueError):
+        sample(net, COND, known_tokens=known_tokens, known_mask=uneven)

@@ -1,0 +1,210 @@
+"""OrderedTransformer: shapes, causality, KV-cache equivalence, initial loss, overfitting."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.checkpoint import build_net, net_spec
+from models.orders import random_order, raster_order
+from models.positions import RelativeNextPos, RotaryOwnPos
+from models.transformer import OrderedTransformer
+
+VOCAB, GRID, N, CLASSES = 16, (4, 4), 16, 3
+VARIANTS = list(itertools.product(["relative", "absolute"], ["learned", "rope"]))
+
+
+def tiny_net(next_pos: str = "relative", own_pos: str = "learned", seed: int = 0, spread: float = 0.3):
+    """A tiny eval-mode net; weights are spread wider than at init so predictions differ clearly."""
+    torch.manual_seed(seed)
+    net = OrderedTransformer(VOCAB, GRID, CLASSES, 64, 2, 4, next_pos=next_pos, own_pos=own_pos)
+    if spread:
+        with torch.no_grad():
+            for p in net.parameters():
+                p.normal_(0.0, spread)
+    return net.eval()
+
+
+def batch(b: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (b, N), generator=g)
+    cond = torch.randint(0, CLASSES + 1, (b,), generator=g)  # includes the null class
+    return tokens, random_order(b, N, generator=g), cond
+
+
+@pytest.mark.parametrize("next_pos,own_pos", VARIANTS)
+def test_forward_shapes_finite_backward(next_pos, own_pos):
+    net = tiny_net(next_pos, own_pos, spread=0.0).train()
+    tokens, order, cond = batch()
+    logits = net(tokens, order, cond)
+    assert logits.shape == (3, N, VOCAB) and torch.isfinite(logits).all()
+    F.cross_entropy(logits.flatten(0, 1), tokens.gather(1, order).flatten()).backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_initial_loss_is_log_vocab():
+    torch.manual_seed(0)
+    net = OrderedTransformer(512, (8, 8), num_classes=10, width=128, depth=3, heads=4)
+    tokens = torch.randint(0, 512, (4, 64))
+    order, cond = random_order(4, 64), torch.arange(4)
+    loss = F.cross_entropy(net(tokens, order, cond).flatten(0, 1), tokens.gather(1, order).flatten())
+    assert abs(loss.item() - math.log(512)) < 0.1 * math.log(512)
+
+
+@pytest.mark.parametrize("next_pos,own_pos", VARIANTS)
+def test_causality(next_pos, own_pos):
+    net = tiny_net(next_pos, own_pos)
+    tokens, order, cond = batch()
+    logits = net(tokens, order, cond)
+    j = 6  # change the tokens written at steps >= j and the cells visited after step j
+    changed = tokens.clone()
+    changed.scatter_(1, order[:, j:], (tokens.gather(1, order[:, j:]) + 1) % VOCAB)
+    reordered = torch.cat([order[:, : j + 1], order[:, j + 1 :].flip(1)], dim=1)
+    logits2 = net(changed, reordered, cond)
+    torch.testing.assert_close(logits2[:, : j + 1], logits[:, : j + 1], atol=1e-5, rtol=0)
+    assert not torch.allclose(logits2[:, j + 1], logits[:, j + 1], atol=1e-3)
+
+
+def test_prefix_order_gives_prefix_logits():
+    net = tiny_net()
+    tokens, order, cond = batch()
+    prefix = net(tokens, order[:, :5], cond)
+    torch.testing.assert_close(prefix, net(tokens, order, cond)[:, :5], atol=1e-5, rtol=0)
+
+
+def extend_all(net, cache, tokens, order, chunks):
+    """Feed a whole order through `extend` in chunks; returns the concatenated logits."""
+    prev_cells = torch.cat([torch.full_like(order[:, :1], -1), order[:, :-1]], dim=1)
+    prev_tokens = tokens.gather(1, prev_cells.clamp(min=0))
+    out, start = [], 0
+    for size in chunks:
+        chunk = slice(start, start + size)
+        out.append(net.extend(cache, prev_tokens[:, chunk], prev_cells[:, chunk], order[:, chunk]))
+        start += size
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("next_pos,own_pos", VARIANTS)
+def test_extend_in_chunks_equals_forward(next_pos, own_pos):
+    net = tiny_net(next_pos, own_pos)
+    tokens, order, cond = batch()
+    cache = net.new_cache(cond)
+    logits = extend_all(net, cache, tokens, order, [1, 4, 1, 10])
+    assert cache.length == N
+    torch.testing.assert_close(logits, net(tokens, order, cond), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("next_pos,own_pos", VARIANTS)
+@pytest.mark.parametrize("length", [0, 1, 7])
+def test_score_candidates_equals_forward(next_pos, own_pos, length):
+    net = tiny_net(next_pos, own_pos)
+    tokens, order, cond = batch()
+    b = tokens.shape[0]
+    cache = net.new_cache(cond)
+    if length:
+        extend_all(net, cache, tokens, order[:, :length], [length])
+    candidates = order[:, length:]  # every unwritten cell, per-row different
+    prev_cell = order[:, length - 1] if length else torch.full((b,), -1)
+    prev_token = tokens.gather(1, prev_cell.clamp(min=0)[:, None]).squeeze(1)
+    logits, kv = net.score_candidates(cache, prev_token, prev_cell, candidates)
+    assert cache.length == length
+    for j in range(candidates.shape[1]):
+        trial = torch.cat([order[:, :length], candidates[:, j : j + 1]], dim=1)
+        torch.testing.assert_close(logits[:, j], net(tokens, trial, cond)[:, -1], atol=1e-5, rtol=0)
+    # append a per-row choice, then continue with extend: equals the forward of the resulting order
+    choice = torch.arange(b) % candidates.shape[1]
+    net.append_candidate(cache, kv, choice)
+    chosen = candidates[torch.arange(b), choice]
+    keep = torch.ones_like(candidates, dtype=torch.bool).scatter(1, choice[:, None], False)
+    rest = candidates[keep].view(b, -1)
+    new_order = torch.cat([order[:, :length], chosen[:, None], rest], dim=1)
+    tail = torch.cat([chosen[:, None], rest[:, :-1]], dim=1)
+    logits_rest = net.extend(cache, tokens.gather(1, tail), tail, rest)
+    torch.testing.assert_close(logits_rest, net(tokens, new_order, cond)[:, length + 1 :], atol=1e-5, rtol=0)
+
+
+def test_cache_misuse_raises():
+    net = tiny_net()
+    tokens, order, cond = batch()
+    cache = net.new_cache(cond)
+    _, kv = net.score_candidates(cache, tokens[:, 0], torch.full((3,), -1), order[:, :2])
+    extend_all(net, cache, tokens, order[:, :1], [1])
+    with pytest.raises(ValueError):
+        net.append_candidate(cache, kv, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError):
+        extend_all(net, cache, tokens, order, [N])
+
+
+def test_drop_labels():
+    net = tiny_net()
+    cond = torch.arange(CLASSES).repeat(100)
+    assert torch.equal(net.drop_labels(cond, 0.0), cond)
+    assert (net.drop_labels(cond, 1.0) == net.null_class).all()
+    a = net.drop_labels(cond, 0.3, torch.Generator().manual_seed(0))
+    assert torch.equal(a, net.drop_labels(cond, 0.3, torch.Generator().manual_seed(0)))
+    assert 0.15 < (a == net.null_class).float().mean() < 0.45
+
+
+def test_rebuild_from_spec():
+    net = tiny_net("absolute", "rope")
+    spec = net_spec(net)
+    assert spec["init_args"]["own_pos"] == "rope" and list(spec["init_args"]["grid_size"]) == list(GRID)
+    copy = build_net(spec).eval()
+    copy.load_state_dict(net.state_dict())
+    tokens, order, cond = batch()
+    torch.testing.assert_close(copy(tokens, order, cond), net(tokens, order, cond))
+
+
+def test_unknown_variant_raises():
+    with pytest.raises(ValueError):
+        OrderedTransformer(VOCAB, GRID, next_pos="diagonal")
+    with pytest.raises(ValueError):
+        OrderedTransformer(VOCAB, GRID, own_pos="sinusoidal")
+
+
+def test_rope_depends_on_offsets_and_class_token_is_identity():
+    rope = RotaryOwnPos((4, 5), 64, head_dim=16)
+    q, k = torch.randn(2, 1, 1, 1, 16).unbind(0)  # (b, heads, k, hd)
+    def dot(a, b):  # cells a, b -> <rot_a q, rot_b k>
+        ra, rb = rope.rotation(torch.tensor([[a]])), rope.rotation(torch.tensor([[b]]))
+        return (ra(q) * rb(k)).sum()
+    torch.testing.assert_close(dot(0, 6), dot(7, 13))  # both: one row down, one column right
+    assert not torch.allclose(dot(0, 6), dot(0, 7))
+    torch.testing.assert_close(rope.rotation(torch.tensor([[-1]]))(q), q)
+
+
+def test_relative_next_pos_shares_offsets():
+    rel = RelativeNextPos((4, 4), 8)
+    own, nxt = torch.tensor([[0, 5, -1, -1]]), torch.tensor([[6, 11, 6, 11]])
+    e = rel(own, nxt)
+    torch.testing.assert_close(e[0, 0], e[0, 1])  # (+1, +2) from both cells
+    torch.testing.assert_close(e[0, 2], rel.start.weight[6])
+
+
+def overfit(order_fn, next_pos: str, steps: int, lr: float = 3e-3) -> float:
+    """Train a tiny net on 4 images (one class each) and return the final loss in nats."""
+    torch.manual_seed(0)
+    net = OrderedTransformer(VOCAB, GRID, num_classes=4, width=64, depth=2, heads=4, next_pos=next_pos)
+    g = torch.Generator().manual_seed(0)
+    tokens, cond = torch.randint(0, VOCAB, (4, N), generator=g).repeat(4, 1), torch.arange(4).repeat(4)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        order = order_fn(16, N, g)
+        loss = F.cross_entropy(net(tokens, order, cond).flatten(0, 1), tokens.gather(1, order).flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def test_overfit_raster():
+    assert overfit(lambda b, n, g: raster_order(b, n), "relative", steps=100) < 0.05
+
+
+@pytest.mark.parametrize("next_pos", ["relative", "absolute"])
+def test_overfit_any_order(next_pos):
+    """A fresh random order per image and step: the joint of a small fixed set is still learnt."""
+    assert overfit(lambda b, n, g: random_order(b, n, generator=g), next_pos, steps=300) < 0.05
