@@ -9,7 +9,6 @@ import logging
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-
 # Model arguments that describe a run, not the network: a config's values win over the checkpoint's.
 RUN_SETTINGS = ("sampler", "extraction")
 

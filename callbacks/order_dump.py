@@ -88,7 +88,7 @@ def tensorboard_writer(trainer: pl.Trainer):
 class OrderDumpCallback(pl.Callback):
     """Every `every_n_epochs` validation epochs, sample a fixed set and record the orders it used.
 
-    Writes `<out_dir or trainer.default_root_dir>/orders/epoch_<N>.npz` (N the 0-based epoch) with
+    Writes `<out_dir or the run folder (trainer.log_dir)>/orders/epoch_<N>.npz` (N the 0-based epoch) with
     `step_maps` (b,h,w), `orders` (b,n), `labels` (b,), `images` uint8 (b,3,H,W), and scalars
     `n_steps`, `epoch`, `global_step`. With a TensorBoardLogger it also logs the images
     "orders/samples_and_heatmaps", "orders/mean_map" and "orders/class_mean_maps" (one panel per
@@ -99,7 +99,7 @@ class OrderDumpCallback(pl.Callback):
         every_n_epochs: dump after every this many epochs.
         num_samples: samples per dump; labels cycle over the classes.
         seed: seed of the sampling generator.
-        out_dir: root folder of the `orders/` folder; default the trainer's `default_root_dir`.
+        out_dir: root folder of the `orders/` folder; default the run folder (`trainer.log_dir`, e.g. runs/any_order).
     """
 
     def __init__(
@@ -135,7 +135,7 @@ class OrderDumpCallback(pl.Callback):
 
     def write(self, out: dict[str, torch.Tensor], trainer: pl.Trainer) -> Path:
         """Save one dump; returns the path of the `.npz`."""
-        root = Path(self.out_dir or trainer.default_root_dir)
+        root = Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
         path = root / "orders" / f"epoch_{trainer.current_epoch}.npz"
         save_npz_atomic(
             path,

@@ -13,7 +13,14 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.token_cache import ensure_token_cache, load_token_cache, cache_path, manifest_for, tokenizer_facts
+from datamodules.orders_file import finished_keys, load_orders
+from datamodules.token_cache import (
+    cache_path,
+    ensure_token_cache,
+    load_token_cache,
+    manifest_for,
+    tokenizer_facts,
+)
 
 log = logging.getLogger("oar.data")
 
@@ -59,19 +66,21 @@ class TokenSplit(Dataset):
 
 
 class TokenViews(Dataset):
-    """Every (image, view) pair of a split in a fixed order: what order extraction runs over."""
+    """Given (image, view) keys in a fixed order: what order extraction runs over.
 
-    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor):
-        self.tokens, self.labels = tokens, labels
-        views = torch.arange(tokens.shape[1])
-        self.pairs = torch.cartesian_prod(indices, views)
+    `pad` flags repeats added only so every process gets an item; the order writer drops them.
+    """
+
+    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor, keys: list[tuple[int, int]], pad: list[int]):
+        self.tokens, self.labels, self.keys, self.pad = tokens, labels, keys, pad
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.keys)
 
     def __getitem__(self, i: int) -> dict:
-        index, f = (int(v) for v in self.pairs[i])
-        return {"tokens": self.tokens[index, f].long(), "label": int(self.labels[index]), "index": index, "flip": f}
+        index, f = self.keys[i]
+        return {"tokens": self.tokens[index, f].long(), "label": int(self.labels[index]), "index": index,
+                "flip": f, "pad": self.pad[i]}
 
 
 class SampleRequests(Dataset):
@@ -102,6 +111,8 @@ class OARDataModule(LightningDataModule):
         cache_dir: where token caches live.
         tokenize_batch_size: batch size used to build the token cache.
         max_val_images: cap on validation images (keeps validation cheap on large sets).
+        orders_path: folder of extracted orders: written by order extraction (`predict` with
+            predict_split train), read by the distillation stage.
         predict_split: what `predict` runs over: samples (sample images) | train | val (every image
             and cached view of the split, for order extraction).
         num_samples: number of images `predict` samples (labels cycle over the classes).
@@ -112,7 +123,8 @@ class OARDataModule(LightningDataModule):
                  split_seed: int = 0, num_workers: int = 0, flip: bool = False,
                  tokenizer_ckpt: str | None = None, cache_dir: str = "cache",
                  tokenize_batch_size: int = 256, max_val_images: int | None = None,
-                 predict_split: str = "samples", num_samples: int = 64, sample_seed: int = 0):
+                 orders_path: str | None = None, predict_split: str = "samples", num_samples: int = 64,
+                 sample_seed: int = 0):
         super().__init__()
         if source is None:
             from datamodules.sources import SunsetSource
@@ -129,10 +141,12 @@ class OARDataModule(LightningDataModule):
         if tokenizer_ckpt is not None:
             if not Path(tokenizer_ckpt).is_file():
                 raise FileNotFoundError(
-                    f"tokenizer checkpoint {tokenizer_ckpt!r} (data.init_args.tokenizer_ckpt) not found: {TOKENIZER_HINT}")
+                    f"tokenizer checkpoint {tokenizer_ckpt!r} (data.init_args.tokenizer_ckpt) not found: "
+                    f"{TOKENIZER_HINT}")
             self.vocab_size, self.grid_size = tokenizer_facts(tokenizer_ckpt, self.image_size)
         if predict_split not in ("samples", "train", "val"):
             raise ValueError(f"data.init_args.predict_split must be samples, train or val, got {predict_split!r}")
+        self.orders_path = orders_path
         self.predict_split, self.num_samples, self.sample_seed = predict_split, num_samples, sample_seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -161,16 +175,31 @@ class OARDataModule(LightningDataModule):
             self._manifest_cache = manifest_for(self.source, self.tokenizer_ckpt, self.flip)
         return self._manifest_cache
 
+    def token_manifest(self) -> dict:
+        """What the token cache was made from (dataset fingerprint, tokenizer hash, grid, vocabulary)."""
+        return self._manifest()
+
     def token_cache(self) -> dict:
-        """The token cache (tokens (N,F,h,w), labels, manifest); built first if missing."""
-        path = cache_path(self.cache_dir, self._manifest())
-        if not path.exists():
-            ensure_token_cache(self.source, self.tokenizer_ckpt, self._manifest(), self.cache_dir,
-                               self.tokenize_batch_size)
-        return load_token_cache(path, self._manifest())
+        """The token cache (tokens (N,F,h,w), labels, manifest); built first if missing, read once."""
+        if not hasattr(self, "_token_cache"):
+            path = cache_path(self.cache_dir, self._manifest())
+            if not path.exists():
+                ensure_token_cache(self.source, self.tokenizer_ckpt, self._manifest(), self.cache_dir,
+                                   self.tokenize_batch_size)
+            self._token_cache = load_token_cache(path, self._manifest())
+        return self._token_cache
+
+    def labels_of(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.token_cache()["labels"][indices]
+
+    def extraction_keys(self) -> list[tuple[int, int]]:
+        """Every (image index, view) of `predict_split`, the keys of the orders file."""
+        indices = self.split_indices()[self.predict_split == "val"]
+        views = self.token_cache()["tokens"].shape[1]
+        return [(int(i), f) for i in indices for f in range(views)]
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
+        if self.train_set is not None or stage == "predict":  # predict builds its own dataset
             return
         train_idx, val_idx = self.split_indices()
         if self.token_mode:
@@ -182,8 +211,10 @@ class OARDataModule(LightningDataModule):
             self.val_set = ImageSplit(self.source, val_idx, False)
 
     def _orders(self) -> torch.Tensor | None:
-        """Per-image training orders (N, F, n); None outside the distillation stage."""
-        return None
+        """Per-image training orders (N, F, n) when an orders file is given (distillation)."""
+        if self.orders_path is None:
+            return None
+        return load_orders(self.orders_path, self.token_manifest(), indices=self.split_indices()[0])
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         workers = 0 if self.token_mode else self.num_workers
@@ -205,9 +236,24 @@ class OARDataModule(LightningDataModule):
         else:
             if not self.token_mode:
                 raise ValueError("predict over a split needs data.init_args.tokenizer_ckpt (token mode)")
-            cache = self.token_cache()
-            dataset = TokenViews(cache["tokens"], cache["labels"], self.split_indices()[self.predict_split == "val"])
+            dataset = self._extraction_set()
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
+
+    def _extraction_set(self) -> TokenViews:
+        """The keys still to extract: finished shards of `orders_path` are skipped (resumption)."""
+        if self.orders_path is None:
+            raise ValueError("order extraction needs data.init_args.orders_path (the folder to write)")
+        done = finished_keys(self.orders_path)
+        keys = [k for k in self.extraction_keys() if k not in done]
+        pad = [0] * len(keys)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if 0 < len(keys) < world:  # Lightning's predict sampler needs an item on every process
+            pad += [1] * (world - len(keys))
+            keys += [keys[0]] * (world - len(keys))
+        if done:
+            log.info("orders: %d of %d keys already written, %d left", len(done), len(done) + len(keys), len(keys))
+        cache = self.token_cache()
+        return TokenViews(cache["tokens"], cache["labels"], keys, pad)
 
     def real_images(self, num: int, split: str = "val") -> torch.Tensor:
         """The first `num` images of a split as uint8 (num, 3, H, W), for FID and sample grids."""

@@ -1,0 +1,60 @@
+"""Prediction writers: sampled images with their orders (`samples.npz` + a PNG grid)."""
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torchvision.io import write_png
+
+
+def atomic_savez(path: Path, **arrays) -> None:
+    """np.savez to a temp file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class SampleWriter(BasePredictionWriter):
+    """Writes what `predict` sampled: `samples.npz` and `samples.png` (images beside their order maps).
+
+    `samples.npz` holds images (uint8 NHWC), tokens (N,h,w), orders as (N,h,w) maps of the step at
+    which each cell was written, labels, and the sampler settings (JSON string). Under DDP each
+    process writes `samples_rank<r>.npz`.
+
+    Args:
+        out_dir: folder for the files (default: the run's log folder).
+        grid_rows: samples per row of the PNG grid.
+    """
+
+    def __init__(self, out_dir: str | None = None, grid_rows: int = 8):
+        super().__init__(write_interval="epoch")
+        self.out_dir, self.grid_rows = out_dir, grid_rows
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        outs = [p for p in predictions if "images" in p]
+        if not outs:
+            return
+        cat = {k: torch.cat([o[k] for o in outs]).cpu() for k in ("images", "tokens", "step_map", "labels")}
+        settings = pl_module.sampler
+        settings = asdict(settings) if is_dataclass(settings) else dict(settings)
+        suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        out_dir = Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
+        atomic_savez(out_dir / f"samples{suffix}.npz", images=cat["images"].permute(0, 2, 3, 1).numpy(),
+                     tokens=cat["tokens"].numpy(), orders=cat["step_map"].numpy(), labels=cat["labels"].numpy(),
+                     sampler=json.dumps(settings))
+        from callbacks.heatmaps import samples_with_heatmaps_grid
+
+        n_steps = cat["tokens"][0].numel()
+        grid = samples_with_heatmaps_grid(cat["images"], cat["step_map"], n_steps, nrow=self.grid_rows)
+        write_png(grid, str(out_dir / f"samples{suffix}.png"))

@@ -1,0 +1,199 @@
+"""Stage 1: the any-order AR transformer (and the raster baseline: the same module, raster orders).
+
+A thin adapter: the network and optimizer are injected; orders come from `models.orders`, decoding
+from `models.sampling`. Validation reports NLL in bits per token under raster and random orders.
+"""
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+
+from models.checkpoint import load_net, net_spec
+from models.extraction import extract_orders, nll_under_order
+from models.orders import order_to_step_map, random_order, raster_order
+from models.sampling import sample
+from models.transformer import OrderedTransformer
+
+log = logging.getLogger("oar.train")
+
+
+@dataclass
+class SamplerSettings:
+    """How images are sampled (recorded beside every sample file and metric).
+
+    Attributes:
+        policy: generation order: raster | random | confidence (OAR).
+        temperature: softmax temperature of token sampling.
+        top_k: keep the k most likely tokens (0 = all).
+        top_p: nucleus sampling mass (1.0 = all).
+        cfg_scale: classifier-free guidance scale (1.0 = none).
+        score: confidence of a cell under `confidence`: max_prob | neg_entropy.
+    """
+
+    policy: str = "confidence"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cfg_scale: float = 1.0
+    score: str = "max_prob"
+
+
+@dataclass
+class ExtractionSettings:
+    """How `predict` extracts one order per training image (teacher-forced greedy search).
+
+    Attributes:
+        score: true_prob (probability of the true token, default) | max_prob.
+        positions_per_step: cells placed per step (1 = exact greedy; k > 1 trades exactness for speed).
+        gumbel_temperature: Gumbel noise on the scores (0 = greedy).
+        seed: seed of the Gumbel noise.
+    """
+
+    score: str = "true_prob"
+    positions_per_step: int = 1
+    gumbel_temperature: float = 0.0
+    seed: int = 0
+
+
+class AnyOrderModule(LightningModule):
+    """Trains `net` on raster or per-sample random orders; samples and extracts orders in `predict`.
+
+    Args:
+        net: the ordered transformer (vocab_size, grid_size, num_classes are linked from the data).
+        train_order: raster (the baseline) | random (any-order, OAR stage 1).
+        label_dropout: probability of replacing the class by the null class (for CFG).
+        optimizer: injected optimizer factory.
+        warmup_steps: linear learning-rate warm-up steps, then cosine decay to `min_lr_ratio`.
+        min_lr_ratio: final learning rate as a share of the peak.
+        sampler: settings used by `generate` (callbacks, predict).
+        extraction: settings used by `predict` on training tokens.
+        val_order_seed: seed of the random orders used for validation NLL (the same every epoch).
+        inferred_nll_every_n_epochs: every N epochs, also report the NLL under the model's own
+            inferred order (teacher-forced greedy extraction, ~n/2 forwards a batch); 0 = never.
+        inferred_nll_batches: validation batches that get the inferred-order NLL.
+    """
+
+    def __init__(self, net: OrderedTransformer, train_order: str = "random", label_dropout: float = 0.1,
+                 optimizer: OptimizerCallable = torch.optim.AdamW, warmup_steps: int = 200,
+                 min_lr_ratio: float = 0.1, sampler: SamplerSettings | None = None,
+                 extraction: ExtractionSettings | None = None, val_order_seed: int = 1234,
+                 inferred_nll_every_n_epochs: int = 0, inferred_nll_batches: int = 2):
+        super().__init__()
+        if train_order not in ("raster", "random"):
+            raise ValueError(f"model.init_args.train_order must be 'raster' or 'random', got {train_order!r}")
+        self.save_hyperparameters()  # under the CLI: the whole config, so --ckpt_path rebuilds this module
+        self.net, self.optimizer = net, optimizer
+        self.train_order, self.label_dropout = train_order, label_dropout
+        self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        self.sampler = sampler or SamplerSettings()
+        self.extraction = extraction or ExtractionSettings()
+        self.val_order_seed = val_order_seed
+        self.inferred_nll_every_n_epochs, self.inferred_nll_batches = inferred_nll_every_n_epochs, inferred_nll_batches
+        self.tokenizer = None
+
+    # ---- facts -----------------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return self.net.num_classes
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.net.grid_size)
+
+    def setup(self, stage: str) -> None:
+        """Load the frozen tokenizer that decodes samples (kept in checkpoints: they stay self-contained)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.tokenizer is None and dm is not None and getattr(dm, "tokenizer_ckpt", None):
+            self.tokenizer = load_net(dm.tokenizer_ckpt).requires_grad_(False)
+
+    # ---- training ---------------------------------------------------------------------------------
+    def orders_for(self, batch: dict, stage: str) -> torch.Tensor:
+        """The order each sequence of the batch is trained on, (b, n)."""
+        b, n = batch["tokens"].shape[0], batch["tokens"][0].numel()
+        if self.train_order == "raster":
+            return raster_order(b, n, device=self.device)
+        return random_order(b, n, device=self.device)
+
+    def _loss(self, tokens: torch.Tensor, order: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        logits = self.net(tokens, order, cond)
+        return F.cross_entropy(logits.flatten(0, 1).float(), tokens.gather(1, order).flatten())
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        tokens, cond = batch["tokens"].flatten(1), batch["label"]
+        if stage == "train" and self.label_dropout > 0:
+            cond = self.net.drop_labels(cond, self.label_dropout)
+        loss = self._loss(tokens, self.orders_for(batch, stage), cond)
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train", batch_size=len(tokens))
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "val")
+        tokens, cond = batch["tokens"].flatten(1), batch["label"]
+        b, n = tokens.shape
+        gen = torch.Generator(device=self.device).manual_seed(self.val_order_seed + batch_idx)
+        for name, order in (("raster", raster_order(b, n, device=self.device)),
+                            ("random", random_order(b, n, generator=gen, device=self.device))):
+            bits = nll_under_order(self.net, tokens, order, cond).mean()
+            self.log(f"val/nll_{name}", bits, sync_dist=True, batch_size=b)
+        every = self.inferred_nll_every_n_epochs
+        if every and (self.current_epoch + 1) % every == 0 and batch_idx < self.inferred_nll_batches:
+            order = extract_orders(self.net, tokens, cond, score=self.extraction.score)
+            bits = nll_under_order(self.net, tokens, order, cond).mean()
+            self.log("val/nll_inferred", bits, sync_dist=True, batch_size=b)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.parameters())
+        total = max(1, self.trainer.estimated_stepping_batches)
+
+        def lr_lambda(step: int) -> float:
+            if step < self.warmup_steps:
+                return (step + 1) / self.warmup_steps
+            progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
+            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["net_spec"] = net_spec(self.net)
+
+    # ---- generation and orders -------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor, generator: torch.Generator | None = None,
+                 policy: str | None = None) -> dict:
+        """Sample images for `labels` with the configured sampler settings.
+
+        Returns:
+            dict with images uint8 (b,3,H,W), tokens (b,h,w), order (b,n), step_map (b,h,w), labels (b,).
+        """
+        if self.tokenizer is None:
+            raise RuntimeError("no tokenizer loaded: set data.init_args.tokenizer_ckpt in the config")
+        settings = asdict(self.sampler)
+        settings["policy"] = policy or settings["policy"]
+        out = sample(self.net, labels.to(self.device), generator=generator, **settings)
+        h, w = self.grid
+        tokens = out.tokens.view(-1, h, w)
+        images = self.tokenizer.to(self.device).decode_indices(tokens)
+        images = images.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+        return {"images": images, "tokens": tokens, "order": out.order,
+                "step_map": order_to_step_map(out.order, h, w), "labels": labels}
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Training tokens in: their extracted orders out. Labels only in: samples out."""
+        if "tokens" not in batch:
+            gen = torch.Generator(device=self.device).manual_seed(int(batch["seed"][0]))
+            return self.generate(batch["label"], generator=gen)
+        s = self.extraction
+        gen = torch.Generator(device=self.device).manual_seed(s.seed + batch_idx)
+        order = extract_orders(self.net, batch["tokens"].flatten(1), batch["label"], score=s.score,
+                               positions_per_step=s.positions_per_step,
+                               gumbel_temperature=s.gumbel_temperature, generator=gen)
+        return {"order": order, "index": batch["index"], "flip": batch["flip"]}

@@ -1,0 +1,70 @@
+"""Stage 2 of OAR: order distillation, fine-tuning the stage-1 model on its own extracted orders.
+
+The same module as stage 1 with another source of training orders: each image's stored order (its
+flipped view has its own), replaced by a fresh random order with probability `random_order_prob`
+to keep the any-order skill that inpainting needs. Starts from the stage-1 weights (`init_from`,
+weights only); resuming with `--ckpt_path` restores everything from the checkpoint instead.
+"""
+
+import logging
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+
+from lightning_modules.any_order import AnyOrderModule, ExtractionSettings, SamplerSettings
+from models.checkpoint import load_net
+from models.orders import random_order
+from models.transformer import OrderedTransformer
+
+log = logging.getLogger("oar.train")
+
+STAGE1_HINT = "train it with `python run.py fit --config configs/any_order.yaml`"
+
+
+class DistillModule(AnyOrderModule):
+    """Fine-tunes on extracted orders (batch["order"]) mixed with random orders.
+
+    Args:
+        net: the ordered transformer (same architecture as the stage-1 checkpoint).
+        init_from: stage-1 checkpoint whose network weights start the fine-tune.
+        random_order_prob: probability that a training sequence uses a random order instead.
+        See `AnyOrderModule` for the others.
+    """
+
+    def __init__(self, net: OrderedTransformer, init_from: str | None = None, random_order_prob: float = 0.2,
+                 label_dropout: float = 0.1, optimizer: OptimizerCallable = torch.optim.AdamW,
+                 warmup_steps: int = 100, min_lr_ratio: float = 0.1, sampler: SamplerSettings | None = None,
+                 extraction: ExtractionSettings | None = None, val_order_seed: int = 1234,
+                 inferred_nll_every_n_epochs: int = 0, inferred_nll_batches: int = 2):
+        super().__init__(net, "random", label_dropout, optimizer, warmup_steps, min_lr_ratio, sampler, extraction,
+                         val_order_seed, inferred_nll_every_n_epochs, inferred_nll_batches)
+        if not 0.0 <= random_order_prob <= 1.0:
+            raise ValueError(f"model.init_args.random_order_prob must be in [0, 1], got {random_order_prob}")
+        self.init_from, self.random_order_prob = init_from, random_order_prob
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.init_from is not None:
+            # When resuming (--ckpt_path), Lightning restores the checkpoint after this and replaces these weights.
+            try:
+                self.net.load_state_dict(load_net(self.init_from).state_dict())
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"stage-1 checkpoint {self.init_from!r} (model.init_args.init_from) "
+                                        f"not found: {STAGE1_HINT}") from err
+            log.info("loaded the stage-1 weights of %s (when resuming, the checkpoint replaces them)", self.init_from)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.init_from is not None:
+            log.info("resuming from a checkpoint: init_from (%s) is ignored, weights and optimizer come from "
+                     "the checkpoint", self.init_from)
+
+    def orders_for(self, batch: dict, stage: str) -> torch.Tensor:
+        """Stored orders in training (with random ones mixed in); random orders where none are stored."""
+        if "order" not in batch:
+            return super().orders_for(batch, stage)
+        order = batch["order"]
+        if stage == "train" and self.random_order_prob > 0:
+            b, n = order.shape
+            use_random = torch.rand(b, 1, device=order.device) < self.random_order_prob
+            order = torch.where(use_random, random_order(b, n, device=order.device), order)
+        return order
