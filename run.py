@@ -5,6 +5,8 @@ checkpoint and the data source) and linked into the network, so no config repeat
 """
 
 import logging
+import os
+import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
@@ -18,6 +20,18 @@ class OARCLI(LightningCLI):
         # A link whose target the chosen network lacks (the tokenizer has no vocab_size) is skipped.
         for fact in ("vocab_size", "grid_size", "num_classes"):
             parser.link_arguments(f"data.{fact}", f"model.init_args.net.init_args.{fact}", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        """Surface our one-line errors (missing checkpoint, stale file) instead of jsonargparse's wrapper."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            cause = err
+            while cause.__cause__ is not None or cause.__context__ is not None:
+                cause = cause.__cause__ or cause.__context__
+            if isinstance(cause, (FileNotFoundError, ValueError)) and cause is not err:
+                raise type(cause)(str(cause)) from None  # a fresh copy: re-raising `cause` would make a cycle
+            raise
 
     def _parse_ckpt_path(self) -> None:
         """Rebuild the model from the checkpoint's config, but keep this run's sampling/extraction settings."""
@@ -37,4 +51,9 @@ def main(args: list[str] | None = None) -> OARCLI:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as err:  # our errors are one line and name the fix
+        if os.environ.get("OAR_TRACEBACK"):
+            raise
+        sys.exit(f"error: {err} (set OAR_TRACEBACK=1 for the traceback)")

@@ -150,7 +150,7 @@ class AnyOrderModule(LightningModule):
             self.log("val/nll_inferred", bits, sync_dist=True, batch_size=b)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer(self.parameters())
+        optimizer = self.optimizer(self.net.parameters())
         total = max(1, self.trainer.estimated_stepping_batches)
 
         def lr_lambda(step: int) -> float:
