@@ -8,6 +8,7 @@ init gives near-constant features and FID ~ 0), and the LPIPS test a random Sque
 
 import urllib.error
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import matplotlib
@@ -266,12 +267,12 @@ def test_order_dump_files_and_tensorboard(tmp_path):
     model = FakeAR()
     trainer.fit(model, datamodule=FakeData())
     assert model.training  # train mode restored after sampling
-    dump = np.load(tmp_path / "orders" / "epoch_0.npz")
+    dump = np.load(Path(trainer.log_dir) / "orders" / "epoch_0.npz")  # the run folder
     assert dump["step_maps"].shape == (6, GRID, GRID) and dump["images"].shape == (6, 3, IMAGE, IMAGE)
     assert dump["labels"].tolist() == [0, 1, 2, 0, 1, 2] and int(dump["n_steps"]) == GRID * GRID
     for steps, order in zip(dump["step_maps"], dump["orders"], strict=True):
         assert (steps.reshape(-1)[order] == np.arange(GRID * GRID)).all()
-    assert not [p for p in (tmp_path / "orders").iterdir() if p.suffix != ".npz"]  # no temp files left
+    assert not [p for p in (Path(trainer.log_dir) / "orders").iterdir() if p.suffix != ".npz"]  # no temp files left
     events = EventAccumulator(logger.log_dir)
     events.Reload()
     tags = set(events.Tags()["images"])
