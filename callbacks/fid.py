@@ -20,9 +20,6 @@ monitor (the other ranks never see them).
 """
 
 import os
-import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -34,30 +31,10 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from callbacks.order_dump import cycle_labels, eval_mode, generate_batches, is_due
+from models.weights import download_timeout, hub_checkpoint_dir
 
 INCEPTION_URL = URL_INCEPTION_V3
 INCEPTION_FILE = os.path.basename(URL_INCEPTION_V3)
-# torch.hub downloads without a timeout; on a network that drops packets instead of refusing, a
-# blocked socket read would hang training. Bounds each socket operation, not the whole download.
-DOWNLOAD_TIMEOUT_S = 30.0
-
-
-@contextmanager
-def download_timeout(seconds: float = DOWNLOAD_TIMEOUT_S) -> Iterator[None]:
-    """Bound every socket operation opened inside (torch.hub offers no timeout of its own)."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def hub_checkpoint_dir() -> Path:
-    """Where torch.hub (hence torch-fidelity and torchvision) caches downloaded weights."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
 class FIDCallback(pl.Callback):
     """Log "val/fid" (and "val/kid") every few epochs and "test/fid" (and "test/kid") after testing.
 

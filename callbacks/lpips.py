@@ -12,62 +12,18 @@ Like `FIDCallback`, the metric lives in the callback (not in checkpoints) and on
 """
 
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-from torchvision.models import AlexNet_Weights, SqueezeNet1_1_Weights, VGG16_Weights
 
-from callbacks.fid import download_timeout, hub_checkpoint_dir
 from callbacks.order_dump import eval_mode, generate_batches, is_due
+from models.weights import BACKBONE_URLS, build_lpips, hub_checkpoint_dir
 
-BACKBONE_URLS = {
-    "alex": AlexNet_Weights.IMAGENET1K_V1.url,
-    "vgg": VGG16_Weights.IMAGENET1K_V1.url,
-    "squeeze": SqueezeNet1_1_Weights.IMAGENET1K_V1.url,
-}
 # AlexNet's stride-4 stem and pools shrink a 28-32 px image to nothing; LPIPS sees at least this size.
 MIN_LPIPS_PX = 64
-
-
-@contextmanager
-def hub_dir_with(file: str, name: str) -> Iterator[None]:
-    """Point torch.hub at a temporary folder whose `checkpoints/<name>` links to `file`."""
-    previous = torch.hub.get_dir()
-    with tempfile.TemporaryDirectory() as hub:
-        link = Path(hub) / "checkpoints" / name
-        link.parent.mkdir()
-        link.symlink_to(Path(file).resolve())
-        torch.hub.set_dir(hub)
-        try:
-            yield
-        finally:
-            torch.hub.set_dir(previous)
-
-
-def build_lpips(
-    net_type: str = "alex", weights_path: str | None = None
-) -> LearnedPerceptualImagePatchSimilarity:
-    """torchmetrics LPIPS taking float images in [0,1]; the backbone from `weights_path` when given.
-
-    Args:
-        net_type: "alex", "vgg" or "squeeze".
-        weights_path: local copy of the torchvision checkpoint named in `BACKBONE_URLS[net_type]`.
-    """
-    kwargs = {"net_type": net_type, "normalize": True, "sync_on_compute": False}
-    if weights_path is None:
-        with download_timeout():
-            return LearnedPerceptualImagePatchSimilarity(**kwargs)
-    if not Path(weights_path).is_file():
-        raise FileNotFoundError(f"weights_path {weights_path!r} does not exist")
-    with hub_dir_with(weights_path, os.path.basename(BACKBONE_URLS[net_type])):
-        return LearnedPerceptualImagePatchSimilarity(**kwargs)
 
 
 def classes_to_eval(num_classes: int, k: int) -> torch.Tensor:

@@ -1,8 +1,6 @@
 """Prediction writers: sampled images with their orders (`samples.npz` + a PNG grid)."""
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -11,18 +9,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torchvision.io import write_png
 
-
-def atomic_savez(path: Path, **arrays) -> None:
-    """np.savez to a temp file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+from callbacks.heatmaps import samples_with_heatmaps_grid
+from callbacks.order_dump import save_npz_atomic
 
 
 class SampleWriter(BasePredictionWriter):
@@ -50,11 +38,10 @@ class SampleWriter(BasePredictionWriter):
         settings = asdict(settings) if is_dataclass(settings) else dict(settings)
         suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         out_dir = Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
-        atomic_savez(out_dir / f"samples{suffix}.npz", images=cat["images"].permute(0, 2, 3, 1).numpy(),
-                     tokens=cat["tokens"].numpy(), orders=cat["step_map"].numpy(), labels=cat["labels"].numpy(),
-                     sampler=json.dumps(settings))
-        from callbacks.heatmaps import samples_with_heatmaps_grid
-
+        save_npz_atomic(out_dir / f"samples{suffix}.npz", {
+            "images": cat["images"].permute(0, 2, 3, 1).numpy(), "tokens": cat["tokens"].numpy(),
+            "orders": cat["step_map"].numpy(), "labels": cat["labels"].numpy(),
+            "sampler": np.array(json.dumps(settings))})
         n_steps = cat["tokens"][0].numel()
         grid = samples_with_heatmaps_grid(cat["images"], cat["step_map"], n_steps, nrow=self.grid_rows)
         write_png(grid, str(out_dir / f"samples{suffix}.png"))

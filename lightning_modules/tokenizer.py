@@ -4,7 +4,6 @@ Shapes: b batch, c channels, H/W image size, v codebook size.
 """
 
 import pickle
-import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -19,6 +18,7 @@ from torchmetrics.image import PeakSignalNoiseRatio
 from models.checkpoint import net_spec
 from models.discriminator import PatchDiscriminator, g_loss, hinge_d_loss
 from models.tokenizer import VQAutoencoder, VQOutput
+from models.weights import build_lpips as load_lpips
 
 STAGES = ("train", "val")
 
@@ -46,7 +46,6 @@ def build_lpips(weights_path: str | None) -> nn.Module:
     torchvision, which reads `<torch hub dir>/checkpoints/vgg16-397923af.pth` and downloads it when
     missing. A local copy is honoured by pointing torch hub at a temporary folder that links to it.
     """
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
     from torchvision.models import VGG16_Weights
 
     expected = Path(urlparse(VGG16_Weights.DEFAULT.url).path).name
@@ -56,23 +55,16 @@ def build_lpips(weights_path: str | None) -> nn.Module:
     )
     if weights_path is None:
         try:
-            return LearnedPerceptualImagePatchSimilarity(net_type="vgg")
+            return load_lpips("vgg", normalize=False)
         except (OSError, RuntimeError) as err:  # URLError is an OSError: offline and not cached
             raise RuntimeError(f"{hint} ({err})") from err
     path = Path(weights_path).expanduser().resolve()
     if not path.is_file():
         raise FileNotFoundError(f"{hint} (no file at lpips_weights_path={weights_path})")
-    old_hub = torch.hub.get_dir()
-    with tempfile.TemporaryDirectory() as hub:
-        (Path(hub) / "checkpoints").mkdir()
-        (Path(hub) / "checkpoints" / expected).symlink_to(path)
-        torch.hub.set_dir(hub)
-        try:
-            return LearnedPerceptualImagePatchSimilarity(net_type="vgg")
-        except (OSError, RuntimeError, pickle.UnpicklingError) as err:
-            raise RuntimeError(f"{hint} ({weights_path} could not be loaded: {err})") from err
-        finally:
-            torch.hub.set_dir(old_hub)
+    try:
+        return load_lpips("vgg", str(path), normalize=False)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+        raise RuntimeError(f"{hint} ({weights_path} could not be loaded: {err})") from err
 
 
 class TokenizerModule(LightningModule):
