@@ -1,0 +1,1 @@
+"""Speed and quality benchmarks, printed as tables (run the scripts; see each module docstring)."""

@@ -1,0 +1,183 @@
+"""Speed of order extraction (issue 4): KV-cached and batched vs the naive reference, and a projection.
+
+Every row is a ratio of things timed alternately in one run (see `benchmarks/timing.py`):
+  (a) extraction, naive (full forward per candidate) / cached, same small batch     goal >= 10
+  (b) cached extraction time per image, small batch / large batch (what batching buys)  goal >= 1
+Below the table: images/s at the large batch and the projected time for the Fashion-MNIST training
+set (60000 images; twice that when flipped views are cached too).
+
+    python benchmarks/bench_extraction.py [--quick] [--device cpu|cuda] [--dtype fp32|bf16] [--json out.json]
+"""
+
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from benchmarks.report import (  # noqa: E402
+    Row,
+    autocast,
+    common_parser,
+    contention_note,
+    environment,
+    load,
+    report,
+    setup_torch,
+)
+from benchmarks.timing import median_ratio, time_alternately  # noqa: E402
+from models.extraction import extract_orders, naive_extract_orders  # noqa: E402
+from models.transformer import OrderedTransformer  # noqa: E402
+
+PRESET = ROOT / "configs" / "model" / "ar" / "small.yaml"
+FALLBACK = {"width": 256, "depth": 6, "heads": 4}  # used when the preset file does not exist (yet)
+FASHION_MNIST_TRAIN = 60000
+
+
+def _find_net_args(node) -> dict | None:
+    """The first mapping in a parsed YAML that holds a `width` (the net's init_args)."""
+    if isinstance(node, dict):
+        if "width" in node:
+            return node
+        for value in node.values():
+            found = _find_net_args(value)
+            if found is not None:
+                return found
+    return None
+
+
+def small_preset(path: Path = PRESET) -> tuple[dict, str]:
+    """width / depth / heads (/ mlp_ratio) of the small AR preset, and where they came from."""
+    if path.exists():
+        from omegaconf import OmegaConf
+
+        found = _find_net_args(OmegaConf.to_container(OmegaConf.load(path)))
+        if found:
+            keys = ("width", "depth", "heads", "mlp_ratio")
+            return {**FALLBACK, **{k: found[k] for k in keys if k in found}}, str(path.relative_to(ROOT))
+    return dict(FALLBACK), "fallback (no configs/model/ar/small.yaml)"
+
+
+@dataclass
+class Settings:
+    width: int = 256
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    grid: int = 8
+    vocab: int = 512
+    num_classes: int = 10
+    naive_batch: int = 4  # the naive reference runs ~n^2/2 full forwards per image
+    naive_grid: int = 8
+    batch: int = 32  # the throughput batch
+    repeats: int = 3
+    warmup: int = 0  # the identity check already ran both once
+    preset: str = ""
+
+    @classmethod
+    def from_args(cls, args) -> "Settings":
+        if args.smoke:
+            s = cls(width=32, depth=1, heads=2, grid=2, vocab=16, naive_batch=2, naive_grid=2, batch=4, repeats=1,
+                    preset="smoke")
+        else:
+            preset, source = small_preset()
+            s = cls(**preset, preset=source)
+            if args.quick:
+                s.naive_grid, s.batch, s.repeats = 4, 16, 2
+        if args.repeats:
+            s.repeats = args.repeats
+        return s
+
+    def net(self, device: torch.device, grid: int) -> OrderedTransformer:
+        return OrderedTransformer(self.vocab, (grid, grid), self.num_classes, self.width, self.depth, self.heads,
+                                  self.mlp_ratio).to(device).eval()
+
+    def data(self, b: int, grid: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(self.vocab, (b, grid * grid), generator=gen).to(device)
+        return tokens, torch.randint(self.num_classes, (b,), generator=gen).to(device)
+
+
+def _extractor(fn, net, tokens, cond, ctx):
+    def run():
+        with ctx:
+            return fn(net, tokens, cond)
+    return run
+
+
+def _duration(seconds: float) -> str:
+    hours, rest = divmod(round(seconds), 3600)
+    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
+
+
+def bench(s: Settings, device, ctx, strict: bool) -> tuple[list[Row], dict]:
+    """Naive and cached at the small batch, cached at the large batch: timed alternately in one loop."""
+    small_net = s.net(device, s.naive_grid)
+    tokens, cond = s.data(s.naive_batch, s.naive_grid, device)
+    naive = _extractor(naive_extract_orders, small_net, tokens, cond, ctx)
+    cached = _extractor(extract_orders, small_net, tokens, cond, ctx)
+    same = torch.equal(naive(), cached())
+    if strict and not same:
+        raise AssertionError("cached and naive extraction disagree")
+    same_grid = s.grid == s.naive_grid  # --quick compares with the naive one on a smaller grid
+    net = small_net if same_grid else s.net(device, s.grid)
+    small = cached if same_grid else _extractor(extract_orders, net, *s.data(s.naive_batch, s.grid, device), ctx)
+    batched = _extractor(extract_orders, net, *s.data(s.batch, s.grid, device, seed=1), ctx)
+    batched(), small()  # warm-up at the new shapes
+    fns = [naive, cached] + ([] if same_grid else [small]) + [batched]
+    raw: list[list[float]] = []
+    cpu: list[list[float]] = []
+    times = time_alternately(fns, s.repeats, s.warmup, device, samples=raw, cpu_samples=cpu)
+    t_naive, t_cached, t_small, t_batched = times[0], times[1], times[-2], times[-1]
+    per_image_big = t_batched / s.batch
+    n_naive = s.naive_grid**2
+    rows = [
+        Row(f"(a) extraction, {n_naive} tokens", f"naive, full forward per candidate (b={s.naive_batch})",
+            f"cached + batched (b={s.naive_batch})", median_ratio(raw[0], raw[1]), "A time / B time", ">=", 10.0,
+            t_naive, t_cached, {"identical_orders": same, "tokens": n_naive,
+                                **({} if n_naive == 64 else {"note": "goal stated for 64 tokens"})}, raw[0], raw[1]),
+        Row(f"(b) cached extraction per image, {s.grid**2} tokens", f"batch {s.naive_batch}", f"batch {s.batch}",
+            median_ratio(raw[-2], raw[-1]) * s.batch / s.naive_batch, "A time/image / B time/image", ">=", 1.0,
+            t_small, t_batched, {}, raw[-2], raw[-1]),
+    ]
+    rate, cpu_rate = 1.0 / per_image_big, s.batch / max(statistics.median(cpu[-1]), 1e-9)
+    projection = {"images_per_s": rate, "fashion_mnist_train_s": FASHION_MNIST_TRAIN / rate,
+                  "fashion_mnist_train_with_flips_s": 2 * FASHION_MNIST_TRAIN / rate,
+                  "images_per_cpu_s": cpu_rate, "fashion_mnist_train_cpu_s": FASHION_MNIST_TRAIN / cpu_rate,
+                  "cpu_share": rate / cpu_rate / torch.get_num_threads()}  # CPU time / (wall time x threads)
+    return rows, projection
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = common_parser(__doc__.splitlines()[0]).parse_args(argv)
+    device = setup_torch(args)
+    s = Settings.from_args(args)
+    config = {"preset": s.preset, "width": s.width, "depth": s.depth, "heads": s.heads, "mlp_ratio": s.mlp_ratio,
+              "grid": f"{s.grid}x{s.grid}", "vocab": s.vocab, "num_classes": s.num_classes, "batch": s.batch,
+              "naive_batch": s.naive_batch, "naive_grid": f"{s.naive_grid}x{s.naive_grid}", "repeats": s.repeats,
+              "score": "true_prob", "positions_per_step": 1, **environment(args, device)}
+    rows, projection = bench(s, device, autocast(device, args.dtype), strict=args.dtype == "fp32")
+    notes = [
+        "ratio = median over repeats of A/B timed back to back (alternating); A and B medians are for reference",
+        "(a) orders identical: " + str(rows[0].extra["identical_orders"]),
+        f"cached rate at batch {s.batch}: {projection['images_per_s']:.2f} images/s on {device}; Fashion-MNIST "
+        f"train set ({FASHION_MNIST_TRAIN} images): {_duration(projection['fashion_mnist_train_s'])}, with flips "
+        f"({2 * FASHION_MNIST_TRAIN}): {_duration(projection['fashion_mnist_train_with_flips_s'])}",
+        f"by this process's CPU time (an estimate of the idle-core rate when threads=1): "
+        f"{projection['images_per_cpu_s']:.2f} images/CPU-s, train set "
+        f"{_duration(projection['fashion_mnist_train_cpu_s'])}, with flips "
+        f"{_duration(2 * projection['fashion_mnist_train_cpu_s'])}; the run got "
+        f"{projection['cpu_share']:.0%} of {torch.get_num_threads()} thread(s) of CPU time",
+        f"1-minute load average at start {config['load_at_start']}, at end {load()}",
+        *contention_note(config),
+    ]
+    report(config, rows, args.json, notes, {"projection": projection, "settings": asdict(s)})
+    return rows
+
+
+if __name__ == "__main__":
+    main()

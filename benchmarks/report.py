@@ -1,0 +1,130 @@
+"""Shared plumbing of the benchmark scripts: command line, torch set-up, result rows, table and JSON."""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def common_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="smaller grids and fewer repeats")
+    parser.add_argument("--smoke", action="store_true", help="tiniest setting (tests): 2x2 grid, width 32, 1 repeat")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="bf16 runs under autocast")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: all CPUs; 1 is faster on a CPU shared with other jobs)")
+    parser.add_argument("--repeats", type=int, default=None, help="override every benchmark's timed repeats")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return parser
+
+
+def setup_torch(args: argparse.Namespace) -> torch.device:
+    """Threads, device and a fixed seed; returns the device."""
+    torch.set_num_threads(args.threads or os.cpu_count() or 2)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but CUDA is not available")
+    torch.manual_seed(0)
+    return torch.device(args.device)
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for bf16 (weights and the optimizer stay fp32); nothing for fp32."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def environment(args: argparse.Namespace, device: torch.device) -> dict:
+    """What the numbers depend on, besides the model config."""
+    env = {"threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
+           "dtype": args.dtype, "cpu": platform.processor() or platform.machine(), "load_at_start": load()}
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def load() -> float | None:
+    """The 1-minute load average (other jobs share the CPU; a load above the thread count means contention)."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def contention_note(env: dict) -> list[str]:
+    """A warning when other jobs oversubscribe the CPU while several torch threads run.
+
+    Measured here (2 cores, load ~4.5): with libgomp's default active wait, 2 threads ran the cached
+    sampler 5-14x slower than 1 thread; with OMP_WAIT_POLICY=PASSIVE only 1.2x slower.
+    """
+    cpus = os.cpu_count() or 1
+    if env["threads"] > 1 and env["device"] == "cpu" and (env["load_at_start"] or 0) > cpus:
+        return [f"load {env['load_at_start']} > {cpus} CPUs with {env['threads']} threads: OpenMP threads spin-wait "
+                "for descheduled peers, so absolute times (and ratios of many small ops to big ones) suffer; "
+                "use --threads 1 or OMP_WAIT_POLICY=PASSIVE on a shared machine"]
+    return []
+
+
+@dataclass
+class Row:
+    """One benchmark: the ratio of two things timed alternately, against a goal.
+
+    Attributes:
+        name: the benchmark.
+        a, b: what was timed (A and B).
+        ratio: the reported ratio (its definition is in `ratio_is`).
+        ratio_is: how the ratio is formed, e.g. "A time / B time".
+        goal_op, goal: the ratio must satisfy `ratio goal_op goal` ("<=" or ">=").
+        a_median_s, b_median_s: the medians of A and B, in seconds, for reference.
+        extra: anything else worth keeping (FLOP counts, rates, identity checks).
+        a_samples_s, b_samples_s: the raw times of every repeat.
+    """
+
+    name: str
+    a: str
+    b: str
+    ratio: float
+    ratio_is: str
+    goal_op: str
+    goal: float
+    a_median_s: float
+    b_median_s: float
+    extra: dict = field(default_factory=dict)
+    a_samples_s: list[float] = field(default_factory=list)
+    b_samples_s: list[float] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.ratio <= self.goal if self.goal_op == "<=" else self.ratio >= self.goal
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def _seconds(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def markdown(config: dict, rows: list[Row], notes: list[str] = ()) -> str:
+    """The config line, the table and notes below it."""
+    lines = ["Config: " + ", ".join(f"{k}={v}" for k, v in config.items()), ""]
+    lines += ["| benchmark | A | B | ratio | goal | result | A median | B median |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.name} | {r.a} | {r.b} | {r.ratio:.3g} ({r.ratio_is}) | {r.goal_op} {r.goal:g} | "
+                     f"{'pass' if r.passed else 'MISS'} | {_seconds(r.a_median_s)} | {_seconds(r.b_median_s)} |")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes])
+
+
+def report(config: dict, rows: list[Row], json_path: Path | None, notes: list[str] = (), extra: dict | None = None):
+    """Print the markdown table and write the JSON if asked."""
+    print(markdown(config, rows, notes), flush=True)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"config": config, "rows": [r.as_dict() for r in rows], "notes": list(notes), **(extra or {})}
+        json_path.write_text(json.dumps(payload, indent=2))

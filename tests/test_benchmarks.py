@@ -1,0 +1,58 @@
+"""The benchmark scripts run end to end in their tiniest setting and write every row with a numeric ratio."""
+
+import json
+import math
+
+import pytest
+
+from benchmarks import bench_ar, bench_extraction
+from benchmarks.timing import median_ratio, time_alternately
+
+
+def test_time_alternately_rotates_and_returns_medians():
+    calls = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+    samples = []
+    medians = time_alternately(fns, repeats=3, warmup=1, samples=samples)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then A B, B A, A B
+    assert len(medians) == 2 and all(len(s) == 3 for s in samples)
+    with pytest.raises(ValueError):
+        time_alternately(fns, repeats=0)
+
+
+def test_median_ratio_pairs_repeats():
+    # a bimodal load: the separate medians would give 3.0 / 1.1, the paired ratios say 1.0 (mostly)
+    a, b = [1.0, 3.0, 3.0, 1.0, 3.0], [1.0, 3.0, 1.1, 1.0, 3.0]
+    assert median_ratio(a, b) == 1.0
+
+
+def _check(path, prefixes):
+    payload = json.loads(path.read_text())
+    names = [row["name"] for row in payload["rows"]]
+    assert [n[:3] for n in names] == prefixes
+    for row in payload["rows"]:
+        assert isinstance(row["ratio"], float) and math.isfinite(row["ratio"]) and row["ratio"] > 0
+        assert row["a_median_s"] > 0 and row["b_median_s"] > 0 and isinstance(row["passed"], bool)
+        assert len(row["a_samples_s"]) == len(row["b_samples_s"]) >= 1
+    return payload
+
+
+def test_bench_ar_smoke(tmp_path, capsys):
+    bench_ar.main(["--smoke", "--threads", "1", "--json", str(tmp_path / "ar.json")])
+    payload = _check(tmp_path / "ar.json", ["(a)", "(b)", "(c)", "(d)", "(e)"])
+    assert payload["rows"][1]["extra"]["identical_outputs"]
+    assert "| benchmark |" in capsys.readouterr().out
+
+
+def test_bench_extraction_smoke(tmp_path, capsys):
+    bench_extraction.main(["--smoke", "--threads", "1", "--json", str(tmp_path / "ex.json")])
+    payload = _check(tmp_path / "ex.json", ["(a)", "(b)"])
+    assert payload["rows"][0]["extra"]["identical_orders"]
+    assert payload["projection"]["fashion_mnist_train_with_flips_s"] > 0
+    assert "Fashion-MNIST" in capsys.readouterr().out
+
+
+def test_sampling_flops_formula():
+    # one token, one layer: a single candidate attending to itself
+    d, h, v = 4, 16, 10
+    assert bench_ar.sampling_flops(1, 1, d, 1, h, v) == 8 * d * d + 4 * d * h + 4 * d + 2 * d * v
