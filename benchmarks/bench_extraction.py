@@ -167,11 +167,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         f"cached rate at batch {s.batch}: {projection['images_per_s']:.2f} images/s on {device}; Fashion-MNIST "
         f"train set ({FASHION_MNIST_TRAIN} images): {_duration(projection['fashion_mnist_train_s'])}, with flips "
         f"({2 * FASHION_MNIST_TRAIN}): {_duration(projection['fashion_mnist_train_with_flips_s'])}",
-        f"by this process's CPU time (an estimate of the idle-core rate when threads=1): "
-        f"{projection['images_per_cpu_s']:.2f} images/CPU-s, train set "
-        f"{_duration(projection['fashion_mnist_train_cpu_s'])}, with flips "
-        f"{_duration(2 * projection['fashion_mnist_train_cpu_s'])}; the run got "
-        f"{projection['cpu_share']:.0%} of {torch.get_num_threads()} thread(s) of CPU time",
+        f"the run got {projection['cpu_share']:.0%} of {torch.get_num_threads()} thread(s) of CPU time "
+        "(below 100%: other jobs took the rest and the rate above is pessimistic)",
         f"1-minute load average at start {config['load_at_start']}, at end {load()}",
         *contention_note(config),
     ]

@@ -100,7 +100,7 @@ def build_fid_kid(feature_net, inception_weights: str | None, m: int) -> tuple:
     else:
         fid = FrechetInceptionDistance(feature=feature_net)
     kid = KernelInceptionDistance(feature=fid.inception, subset_size=min(1000, m), subsets=50)
-    return fid, kid
+    return fid.eval(), kid.eval()  # eval: a custom network's BatchNorm must use its running statistics
 
 
 @torch.no_grad()
@@ -262,9 +262,16 @@ def markdown_table(summary: dict, reference: dict, steps: dict, seeds: int, cons
     return "\n".join(lines + ["| real images (reference) | " + " | ".join(ref) + " | – |"])
 
 
-def how_to_read(samples: int, nll_images: int, batch: int, device: str, feature_name: str, lpips: bool) -> str:
+def how_to_read(samples: int, nll_images: int, batch: int, device: str, feature_name: str, lpips: bool,
+                quick: bool) -> str:
     div = "mean pairwise LPIPS (AlexNet)" if lpips else (
         "mean pairwise Euclidean distance of L2-normalised feature-network features")
+    caveat = "" if lpips else (
+        " The feature network was trained to map every real image of a class to one label, so real images of "
+        "a class sit close together: sample diversity above the reference row partly measures off-class "
+        "variation, not variety.")
+    quick_note = ("\nAt the --quick budget the networks are far from converged (see the NLL columns): the table "
+                  "checks the pipeline; compare arms on full runs.") if quick else ""
     return f"""## How to read this
 Rows 2 and 3 are the same network (so the same NLLs); they differ only in the sampling order. Row 4
 starts from that network and is fine-tuned on the orders it extracted from the training images.
@@ -277,10 +284,11 @@ knowing the true tokens, so it is a lower bound rather than a proper likelihood)
 to be poor under random orders; an order-aware model should be best in its own order.
 Consistency (synthetic only) is the share of images whose cloud tint is the one their sun's hue causes
 (`datamodules.sources.synthetic.consistency_rate`; the reference row is real images). Diversity is the
-{div} among samples of one class (higher = more varied; compare with the reference row). Samples/s is the
-sampler's throughput at batch {batch} on {device}, tokenizer decoding included.
+{div} among samples of one class (higher = more varied; compare with the reference row).{caveat}
+Samples/s is the sampler's throughput at batch {batch} on {device}, tokenizer decoding included (it
+depends on the machine's load: see the load averages above).
 ± is the standard deviation over seeds. Train steps: stage-1 steps, plus the fine-tune for OAR
-(order extraction over the training set costs extra time, not optimiser steps; see the stage times).
+(order extraction over the training set costs extra time, not optimiser steps; see the stage times).{quick_note}
 """
 
 

@@ -163,15 +163,15 @@ class Stages:
         argv += ["--ckpt_path", str(ckpt_path)] if ckpt_path is not None else []
         record = {"stage": name, "data": self.args.data, "preset": self.args.preset, **settings, "argv": argv}
         marker = out / "done.json"
-        state = json.loads(marker.read_text()) if marker.is_file() else None
-        if state == {**record, "finished": True} and product.is_file():
-            print(f"[stage] {name:<22} reused ({out})", flush=True)
-            self.times[name] = "reused"
+        state = json.loads(marker.read_text()) if marker.is_file() else {}
+        if state.get("settings") == record and state.get("finished") and product.is_file():
+            self.times.setdefault(name, {"wall_s": state["wall_s"], "cpu_s": state["cpu_s"], "reused": True})
+            print(f"[stage] {name:<22} reused ({out}; it took {state['wall_s']:.0f} s)", flush=True)
             return product
-        if out.exists() and (state != {**record, "finished": False} or subcommand == "fit"):
+        if out.exists() and (state.get("settings") != record or subcommand == "fit"):
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({**record, "finished": False}, indent=1))
+        marker.write_text(json.dumps({"settings": record, "finished": False}, indent=1))
         print(f"[stage] {name:<22} running ...", flush=True)
         wall, cpu = time.perf_counter(), time.process_time()
         with patch.object(sys, "argv", sys.argv[:1]):  # the CLI parses `argv` only, not this script's flags
@@ -180,9 +180,10 @@ class Stages:
             cli.trainer.save_checkpoint(product)
         if not product.is_file():
             raise RuntimeError(f"stage {name} finished without writing {product}")
-        marker.write_text(json.dumps({**record, "finished": True}, indent=1))
-        self.times[name] = (time.perf_counter() - wall, time.process_time() - cpu)
-        print(f"[stage] {name:<22} done in {self.times[name][0]:.0f} s (CPU {self.times[name][1]:.0f} s)", flush=True)
+        took = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+        marker.write_text(json.dumps({"settings": record, "finished": True, **took}, indent=1))
+        self.times[name] = {**took, "reused": False}
+        print(f"[stage] {name:<22} done in {took['wall_s']:.0f} s (CPU {took['cpu_s']:.0f} s)", flush=True)
         return product
 
     def train(self, name: str, stage_config: str, kind: str, out: Path, steps: int, seed: int, upstream: dict,
@@ -306,8 +307,8 @@ def write_report(args, dm, ctx: dict, per_seed: dict, samples: dict, stages: "St
     steps = dict(zip([a for a, *_ in ARMS], [s1 + ft if args.fair_budget else s1, s1, s1, f"{s1} + {ft}"],
                      strict=True))
     n_train, n_val = (len(i) for i in dm.split_indices())
-    times = ", ".join(f"{k}: {v if isinstance(v, str) else f'{v[0]:.0f} / {v[1]:.0f}'}"
-                      for k, v in stages.times.items())
+    times = ", ".join(f"{k}: {t['wall_s']:.0f} / {t['cpu_s']:.0f}{' (reused)' if t['reused'] else ''}"
+                      for k, t in stages.times.items())
     header = {"command": "`python benchmarks/compare_orders.py " + " ".join(args.argv) + "`",
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": clock["machine"],
               "data": f"{args.data}: {n_train} train / {n_val} val images, {dm.num_classes} classes, "
@@ -317,7 +318,7 @@ def write_report(args, dm, ctx: dict, per_seed: dict, samples: dict, stages: "St
               "feature network": ctx["feature_name"],
               "seeds": f"{args.seeds} (training seeds 0..{args.seeds - 1}; sampling seed {args.sample_seed} "
                        "for every arm)",
-              "stage times (wall / CPU s)": times,
+              "stage times (wall / CPU s, when the stage ran)": times,
               "this invocation": f"{time.perf_counter() - clock['wall']:.0f} s wall, "
                                  f"{time.process_time() - clock['cpu']:.0f} s CPU, {torch.get_num_threads()} torch "
                                  f"threads; at the end: {ev.machine(args.device)}"}
@@ -332,7 +333,7 @@ def write_report(args, dm, ctx: dict, per_seed: dict, samples: dict, stages: "St
         f"![samples and order heatmaps]({args.data}_samples.png) (rows top to bottom: "
         + "; ".join(f"{short} = {arm}" for arm, _, _, short in ARMS) + "; then the mean order map per arm)", "",
         ev.how_to_read(args.samples, args.nll_images, args.sample_batch, args.device, ctx["feature_name"],
-                       lpips=bool(args.lpips_weights))])
+                       lpips=bool(args.lpips_weights), quick=args.quick)])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.data}.md").write_text(text)
     result = {"header": header, "summary": summary, "per_seed": per_seed, "reference": ctx["reference"],
