@@ -63,7 +63,7 @@ def val_tokens(dm, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # -------------------------------------------------------------------------------- feature network
-def feature_net_for(dm, path: Path, max_seconds: float, max_train_images: int = 20000) -> tuple:
+def feature_net_for(dm, path: Path, epochs: int, max_train_images: int = 20000) -> tuple:
     """The domain feature network of this dataset, trained once and cached under `path`.
 
     The cache is keyed by the dataset fingerprint and the network's settings; anything else retrains.
@@ -74,7 +74,7 @@ def feature_net_for(dm, path: Path, max_seconds: float, max_train_images: int = 
     net = SmallConvNetFeatures(num_classes=dm.num_classes)
     split = hashlib.sha256(torch.cat(dm.split_indices()).numpy().tobytes()).hexdigest()[:16]
     key = {"fingerprint": dm.source.fingerprint(), "split": split, "net_spec": net_spec(net),
-           "max_seconds": max_seconds, "max_train_images": max_train_images}
+           "epochs": epochs, "max_train_images": max_train_images}
     if path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=False)
         if saved["key"] == key:
@@ -84,12 +84,13 @@ def feature_net_for(dm, path: Path, max_seconds: float, max_train_images: int = 
             return net.eval(), saved["info"]
     train_x, train_y = split_images(dm, "train", max_train_images)
     val_x, val_y = split_images(dm, "val", 2000)
-    print(f"  feature net: training on {len(train_x)} real train images for <= {max_seconds:.0f} s", flush=True)
-    info = train_classifier(net, train_x, train_y, max_seconds=max_seconds)
+    print(f"  feature net: training on {len(train_x)} real train images for {epochs} epochs", flush=True)
+    info = train_classifier(net, train_x, train_y, max_epochs=epochs)
     info.update(val_accuracy=accuracy(net, val_x, val_y), train_images=len(train_x), val_images=len(val_x))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"key": key, "state_dict": net.state_dict(), "info": info}, path)
-    print(f"  feature net: val accuracy {info['val_accuracy']:.3f} after {info['epochs']:.1f} epochs", flush=True)
+    print(f"  feature net: val accuracy {info['val_accuracy']:.3f} after {info['epochs']:.1f} epochs "
+          f"({info['seconds']:.0f} s)", flush=True)
     return net, info
 
 

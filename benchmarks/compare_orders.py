@@ -42,10 +42,10 @@ CONFIGS = ROOT / "configs"
 # Budgets per mode: training steps per stage and evaluation sizes (measured on a 2-core CPU, see README).
 MODES = {
     "full": dict(tokenizer_steps=2000, steps=2000, finetune_steps=500, samples=1000, nll_images=500,
-                 feature_seconds=90.0, train_images=10000, val_images=1000, limit_val_batches=None),
+                 feature_epochs=4, train_images=10000, val_images=1000, limit_val_batches=None),
     "quick": dict(tokenizer_steps=300, steps=160, finetune_steps=40, samples=256, nll_images=64,
-                  feature_seconds=20.0, train_images=800, val_images=500, limit_val_batches=4),
-    "smoke": dict(tokenizer_steps=3, steps=3, finetune_steps=2, samples=16, nll_images=16, feature_seconds=1.0,
+                  feature_epochs=5, train_images=800, val_images=500, limit_val_batches=4),
+    "smoke": dict(tokenizer_steps=3, steps=3, finetune_steps=2, samples=16, nll_images=16, feature_epochs=1,
                   train_images=48, val_images=16, limit_val_batches=1),
 }
 # (arm, stage whose checkpoint it samples, sampling policy, short name for figure panels)
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny presets, 64 images, a few steps (tests)")
     for name in ("tokenizer-steps", "steps", "finetune-steps", "samples", "nll-images", "train-images"):
         p.add_argument(f"--{name}", type=int, default=None, help="override the mode's default (train-images 0: all)")
-    p.add_argument("--feature-seconds", type=float, default=None, help="feature-net training budget")
+    p.add_argument("--feature-epochs", type=int, default=None, help="training epochs of the domain feature network")
     p.add_argument("--fair-budget", action="store_true",
                    help="the raster arm trains stage-1 + fine-tune steps (OAR's total); any-order rows stay at stage 1")
     p.add_argument("--sample-batch", type=int, default=64)
@@ -78,8 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lpips-weights", default=None, help="torchvision alexnet file: diversity as LPIPS")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="evaluation device")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: all cores, or 1 when the load average already fills them:\n"
-                        "small ops with several threads on a busy CPU run several times slower)")
+                   help="torch CPU threads (default: the cores the load average leaves free, at least 1:\n"
+                        "small ops with more threads than free cores run several times slower)")
     p.add_argument("--out", type=Path, default=Path("results"))
     args = p.parse_args(argv)
     args.mode = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -234,7 +234,7 @@ def evaluate_seed(args, ckpts: dict, ctx: dict, seed: int) -> tuple[dict, dict]:
     """Metrics of the four arms for one seed (cached in seed<k>/eval.pt) and their samples."""
     key = {"ckpts": {k: sha256(v) for k, v in ckpts.items()}, "samples": args.samples, "nll": args.nll_images,
            "sampler": ctx["sampler"], "sample_seed": args.sample_seed, "sample_batch": args.sample_batch,
-           "features": ctx["feature_name"], "lpips": args.lpips_weights, "device": args.device}
+           "features": [ctx["feature_name"], ctx["feature_info"]], "lpips": args.lpips_weights, "device": args.device}
     cache = ctx["folder"] / f"seed{seed}" / "eval.pt"
     if cache.is_file():
         saved = torch.load(cache, weights_only=False)
@@ -265,7 +265,7 @@ def evaluate_seed(args, ckpts: dict, ctx: dict, seed: int) -> tuple[dict, dict]:
 
 def eval_context(args, folder: Path, dm) -> dict:
     """What every seed's evaluation shares: real images, feature network, metrics, held-out tokens."""
-    feature_net, info = ev.feature_net_for(dm, args.out / args.data / "feature_net.pt", args.feature_seconds)
+    feature_net, info = ev.feature_net_for(dm, args.out / args.data / "feature_net.pt", args.feature_epochs)
     feature_net = feature_net.to(args.device)
     real, real_labels = ev.split_images(dm, "val", args.samples)
     train_real, _ = ev.split_images(dm, "train", len(real))
@@ -275,8 +275,9 @@ def eval_context(args, folder: Path, dm) -> dict:
            "sampler": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                        "cfg_scale": args.cfg_scale, "score": args.score},
            "feature_name": ("Inception-v3 pool3 (2048-d, torch-fidelity weights)" if args.inception_weights else
-                            f"SmallConvNetFeatures (128-d penultimate layer of a CNN classifier trained on the "
-                            f"real train images; val accuracy {info['val_accuracy']:.3f})")}
+                            f"SmallConvNetFeatures (128-d penultimate layer of a CNN classifier trained for "
+                            f"{info['epochs']:.0f} epochs on {info['train_images']} real train images; val accuracy "
+                            f"{info['val_accuracy']:.3f})")}
     if args.data == "synthetic":
         from datamodules.sources import consistency_rate
         ctx["consistency"] = lambda images: consistency_rate(images, dm.source.num_hues)
@@ -293,7 +294,7 @@ def pick_threads(requested: int | None) -> int:
     if requested:
         return requested
     cores, load = os.cpu_count() or 1, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    threads = 1 if load >= cores else cores
+    threads = max(1, cores - round(load))  # leave the cores other jobs already use
     print(f"torch threads: {threads} (load average {load:.1f} on {cores} cores; --threads to choose)", flush=True)
     return threads
 
