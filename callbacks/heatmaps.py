@@ -21,6 +21,8 @@ from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 
+from models import order_stats
+
 ArrayLike = torch.Tensor | np.ndarray
 
 # Small images are scaled up (by a whole factor, nearest) to at least this many pixels a side, so
@@ -129,8 +131,9 @@ def samples_with_heatmaps_grid(
 
 
 def mean_step_map(step_maps: ArrayLike) -> torch.Tensor:
-    """Mean step of each cell over a batch: (b,h,w) -> float (h,w)."""
-    return torch.as_tensor(step_maps).detach().cpu().double().mean(dim=0).float()
+    """Mean step of each cell over a batch: (b,h,w) -> float (h,w) (see `models.order_stats`)."""
+    maps = torch.as_tensor(step_maps).detach().cpu()
+    return order_stats.mean_step_map(maps, *maps.shape[1:])
 
 
 def per_class_mean_maps(step_maps: ArrayLike, labels: ArrayLike, num_classes: int) -> torch.Tensor:
@@ -141,12 +144,9 @@ def per_class_mean_maps(step_maps: ArrayLike, labels: ArrayLike, num_classes: in
         labels: (b,) class labels in [0, C).
         num_classes: C; 0 (unconditional) is treated as one class, label 0.
     """
-    maps = torch.as_tensor(step_maps).detach().cpu().double()
-    labels = torch.as_tensor(labels).detach().cpu().long()
-    num_classes = max(num_classes, 1)
-    sums = maps.new_zeros((num_classes, *maps.shape[1:])).index_add_(0, labels, maps)
-    counts = torch.bincount(labels, minlength=num_classes).to(maps.dtype)
-    return (sums / counts[:, None, None]).float()  # 0/0 -> nan marks an empty class
+    maps = torch.as_tensor(step_maps).detach().cpu()
+    labels = torch.as_tensor(labels).detach().cpu()
+    return order_stats.per_class_mean_maps(maps, labels, num_classes, *maps.shape[1:])
 
 
 def labelled_maps_image(
