@@ -22,13 +22,14 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from callbacks.heatmaps import labelled_maps_image, mean_step_map, samples_with_heatmaps_grid
-from callbacks.lpips import MIN_LPIPS_PX, build_lpips
+from callbacks.lpips import MIN_LPIPS_PX
 from callbacks.order_dump import cycle_labels
 from lightning_modules.any_order import AnyOrderModule, SamplerSettings
 from models.checkpoint import build_net, load_net, net_spec
 from models.extraction import extract_orders, nll_under_order
 from models.feature_net import SmallConvNetFeatures, accuracy, features, train_classifier
 from models.orders import random_order, raster_order
+from models.weights import build_lpips
 
 
 # ------------------------------------------------------------------------------------------- data

@@ -42,9 +42,9 @@ CONFIGS = ROOT / "configs"
 # Budgets per mode: training steps per stage and evaluation sizes (measured on a 2-core CPU, see README).
 MODES = {
     "full": dict(tokenizer_steps=2000, steps=2000, finetune_steps=500, samples=1000, nll_images=500,
-                 feature_epochs=4, train_images=10000, val_images=1000, limit_val_batches=None),
+                 feature_epochs=6, train_images=10000, val_images=1000, limit_val_batches=None),
     "quick": dict(tokenizer_steps=300, steps=160, finetune_steps=40, samples=256, nll_images=64,
-                  feature_epochs=5, train_images=800, val_images=500, limit_val_batches=4),
+                  feature_epochs=20, train_images=800, val_images=500, limit_val_batches=4),
     "smoke": dict(tokenizer_steps=3, steps=3, finetune_steps=2, samples=16, nll_images=16, feature_epochs=1,
                   train_images=48, val_images=16, limit_val_batches=1),
 }
@@ -265,8 +265,10 @@ def evaluate_seed(args, ckpts: dict, ctx: dict, seed: int) -> tuple[dict, dict]:
 
 def eval_context(args, folder: Path, dm) -> dict:
     """What every seed's evaluation shares: real images, feature network, metrics, held-out tokens."""
-    feature_net, info = ev.feature_net_for(dm, args.out / args.data / "feature_net.pt", args.feature_epochs)
-    feature_net = feature_net.to(args.device)
+    feature_net, info = None, {}
+    if not (args.inception_weights and args.lpips_weights):  # FID or diversity needs the domain network
+        feature_net, info = ev.feature_net_for(dm, args.out / args.data / "feature_net.pt", args.feature_epochs)
+        feature_net = feature_net.to(args.device)
     real, real_labels = ev.split_images(dm, "val", args.samples)
     train_real, _ = ev.split_images(dm, "train", len(real))
     metrics = tuple(m.to(args.device) for m in ev.build_fid_kid(feature_net, args.inception_weights, len(real)))
