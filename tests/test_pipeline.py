@@ -1,9 +1,7 @@
 """The pipeline through the CLI: the files between stages, resuming, stale inputs refused, DDP on two CPU processes."""
 
 import logging
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +27,7 @@ from tests.conftest import (
     resave_with_one_weight_changed,
     tiny_preset,
 )
+from tests.ddp import run_cli_subprocess
 
 DISTILL_CKPT = Path("runs/distill/checkpoints/last.ckpt")
 RECORD = ("--trainer.callbacks+=tests.test_pipeline.StepRecorder",)
@@ -68,13 +67,9 @@ def one_line(err: pytest.ExceptionInfo) -> str:
     return message
 
 
-def run_subprocess(args: list[str], cwd: Path, timeout: int = 180) -> subprocess.CompletedProcess:
+def run_subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """`python run.py *args` in a fresh process (DDP starts its second process by rerunning the same command)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(REPO / "run.py"), *map(str, args)], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+    return run_cli_subprocess(args, cwd, REPO)
 
 
 # ---- (1) tokenizer -> checkpoint -> token cache ------------------------------------------------------------------

@@ -17,6 +17,7 @@ from models.checkpoint import load_net
 from models.discriminator import PatchDiscriminator
 from models.quantizer import VectorQuantizer
 from models.tokenizer import VQAutoencoder
+from tests.ddp import with_retries
 
 # The tests run the "tiny" size preset itself.
 PRESET = Path(__file__).parents[1] / "configs/model/tokenizer/tiny.yaml"
@@ -236,8 +237,11 @@ def _ddp_quantizer_worker(rank: int, world: int, init_file: str, out_dir: str) -
 
 @pytest.mark.slow
 def test_quantizer_buffers_identical_across_ddp_ranks(tmp_path):
-    torch.multiprocessing.spawn(_ddp_quantizer_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    def spawn(folder):
+        torch.multiprocessing.spawn(_ddp_quantizer_worker, args=(2, str(folder / "init"), str(folder)), nprocs=2)
+
+    folder = with_retries(spawn, tmp_path)
     for kind in ("l2", "ema"):
-        state0, state1 = (torch.load(tmp_path / f"{kind}-rank{r}.pt") for r in range(2))
+        state0, state1 = (torch.load(folder / f"{kind}-rank{r}.pt") for r in range(2))
         for key in state0:
             assert torch.equal(state0[key], state1[key]), f"{kind}: {key}"
