@@ -29,6 +29,7 @@ from models.checkpoint import build_net, load_net, net_spec
 from models.extraction import extract_orders, nll_under_order
 from models.feature_net import SmallConvNetFeatures, accuracy, features, train_classifier
 from models.orders import random_order, raster_order
+from models.sampling import choice_generator
 from models.weights import build_lpips
 
 
@@ -137,9 +138,10 @@ def sample_arm(module: AnyOrderModule, m: int, batch_size: int, seed: int) -> di
     """
     labels = cycle_labels(m, module.num_classes)
     generator = torch.Generator(device=module.device).manual_seed(seed)
+    choices = choice_generator(seed, module.device)
     outs, start = [], time.perf_counter()
     for chunk in labels.split(batch_size):
-        outs.append(module.generate(chunk, generator=generator))
+        outs.append(module.generate(chunk, generator=generator, choice_generator=choices))
     seconds = time.perf_counter() - start
     return {"images": torch.cat([o["images"] for o in outs]), "step_maps": torch.cat([o["step_map"] for o in outs]),
             "labels": labels, "seconds": seconds}

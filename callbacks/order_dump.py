@@ -24,6 +24,7 @@ from callbacks.heatmaps import (
     per_class_mean_maps,
     samples_with_heatmaps_grid,
 )
+from models.sampling import choice_generator
 
 
 def cycle_labels(num: int, num_classes: int) -> torch.Tensor:
@@ -60,8 +61,10 @@ def generate_batches(
         The module's `generate` output for each chunk, on the module's device.
     """
     generator = torch.Generator(device=pl_module.device).manual_seed(seed)
+    choices = choice_generator(seed, pl_module.device)
     for chunk in labels.split(batch_size):
-        yield pl_module.generate(chunk.to(pl_module.device), generator=generator, policy=policy)
+        yield pl_module.generate(chunk.to(pl_module.device), generator=generator, policy=policy,
+                                 choice_generator=choices)
 
 
 def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -6,7 +6,7 @@ from `models.sampling`. Validation reports NLL in bits per token under raster an
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -15,32 +15,11 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from models.checkpoint import load_net, net_spec
 from models.extraction import extract_orders, nll_under_order
-from models.orders import order_to_step_map, random_order, raster_order
-from models.sampling import sample
+from models.orders import mixed_order, order_to_step_map, random_order, raster_order
+from models.sampling import SamplerSettings, choice_generator, sample
 from models.transformer import OrderedTransformer
 
 log = logging.getLogger("oar.train")
-
-
-@dataclass
-class SamplerSettings:
-    """How images are sampled (recorded beside every sample file and metric).
-
-    Attributes:
-        policy: generation order: raster | random | confidence (OAR).
-        temperature: softmax temperature of token sampling.
-        top_k: keep the k most likely tokens (0 = all).
-        top_p: nucleus sampling mass (1.0 = all).
-        cfg_scale: classifier-free guidance scale (1.0 = none).
-        score: confidence of a cell under `confidence`: max_prob | neg_entropy.
-    """
-
-    policy: str = "confidence"
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    cfg_scale: float = 1.0
-    score: str = "max_prob"
 
 
 @dataclass
@@ -66,6 +45,10 @@ class AnyOrderModule(LightningModule):
     Args:
         net: the ordered transformer (vocab_size, grid_size, num_classes are linked from the data).
         train_order: raster (the baseline) | random (any-order, OAR stage 1).
+        curriculum_steps: with random orders, a raster-to-random curriculum (sigma-GPT): the share of
+            sequences trained on a random order (the rest raster) rises linearly from
+            `curriculum_start` to 1 over this many steps; 0 = random orders from the start.
+        curriculum_start: the share of random orders at step 0 of the curriculum.
         label_dropout: probability of replacing the class by the null class (for CFG).
         optimizer: injected optimizer factory.
         warmup_steps: linear learning-rate warm-up steps, then cosine decay to `min_lr_ratio`.
@@ -78,7 +61,8 @@ class AnyOrderModule(LightningModule):
         inferred_nll_batches: validation batches that get the inferred-order NLL.
     """
 
-    def __init__(self, net: OrderedTransformer, train_order: str = "random", label_dropout: float = 0.1,
+    def __init__(self, net: OrderedTransformer, train_order: str = "random", curriculum_steps: int = 0,
+                 curriculum_start: float = 0.0, label_dropout: float = 0.1,
                  optimizer: OptimizerCallable = torch.optim.AdamW, warmup_steps: int = 200,
                  min_lr_ratio: float = 0.1, sampler: SamplerSettings | None = None,
                  extraction: ExtractionSettings | None = None, val_order_seed: int = 1234,
@@ -88,7 +72,11 @@ class AnyOrderModule(LightningModule):
             raise ValueError(f"model.init_args.train_order must be 'raster' or 'random', got {train_order!r}")
         self.save_hyperparameters()  # under the CLI: the whole config, so --ckpt_path rebuilds this module
         self.net, self.optimizer = net, optimizer
+        if curriculum_steps < 0 or not 0.0 <= curriculum_start <= 1.0:
+            raise ValueError("model.init_args.curriculum_steps must be >= 0 and curriculum_start in [0, 1], got "
+                             f"{curriculum_steps} and {curriculum_start}")
         self.train_order, self.label_dropout = train_order, label_dropout
+        self.curriculum_steps, self.curriculum_start = curriculum_steps, curriculum_start
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.sampler = sampler or SamplerSettings()
         self.extraction = extraction or ExtractionSettings()
@@ -117,7 +105,15 @@ class AnyOrderModule(LightningModule):
         b, n = batch["tokens"].shape[0], batch["tokens"][0].numel()
         if self.train_order == "raster":
             return raster_order(b, n, device=self.device)
+        if stage == "train" and self.global_step < self.curriculum_steps:
+            return mixed_order(b, n, self.random_share(self.global_step), device=self.device)
         return random_order(b, n, device=self.device)
+
+    def random_share(self, step: int) -> float:
+        """Share of random orders at training step `step` under the raster-to-random curriculum."""
+        if step >= self.curriculum_steps:
+            return 1.0
+        return self.curriculum_start + (1.0 - self.curriculum_start) * step / self.curriculum_steps
 
     def _loss(self, tokens: torch.Tensor, order: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         logits = self.net(tokens, order, cond)
@@ -168,17 +164,23 @@ class AnyOrderModule(LightningModule):
     # ---- generation and orders -------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, generator: torch.Generator | None = None,
-                 policy: str | None = None) -> dict:
-        """Sample images for `labels` with the configured sampler settings.
+                 policy: str | None = None, choice_generator: torch.Generator | None = None) -> dict:
+        """Sample images for `labels` with the configured sampler settings (`policy` overrides theirs).
+
+        Args:
+            labels: (b,) class labels.
+            generator: draws the tokens (and random orders).
+            policy: another order policy than the configured one.
+            choice_generator: draws the order-choice noise (see `models.sampling.SamplerSettings`).
 
         Returns:
             dict with images uint8 (b,3,H,W), tokens (b,h,w), order (b,n), step_map (b,h,w), labels (b,).
         """
         if self.tokenizer is None:
             raise RuntimeError("no tokenizer loaded: set data.init_args.tokenizer_ckpt in the config")
-        settings = asdict(self.sampler)
-        settings["policy"] = policy or settings["policy"]
-        out = sample(self.net, labels.to(self.device), generator=generator, **settings)
+        settings = replace(self.sampler, policy=policy) if policy else self.sampler
+        out = sample(self.net, labels.to(self.device), settings, generator=generator,
+                     choice_generator=choice_generator)
         h, w = self.grid
         tokens = out.tokens.view(-1, h, w)
         images = self.tokenizer.to(self.device).decode_indices(tokens)
@@ -189,8 +191,9 @@ class AnyOrderModule(LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """Training tokens in: their extracted orders out. Labels only in: samples out."""
         if "tokens" not in batch:
-            gen = torch.Generator(device=self.device).manual_seed(int(batch["seed"][0]))
-            return self.generate(batch["label"], generator=gen)
+            seed = int(batch["seed"][0])
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            return self.generate(batch["label"], generator=gen, choice_generator=choice_generator(seed, self.device))
         s = self.extraction
         gen = torch.Generator(device=self.device).manual_seed(s.seed + batch_idx)
         order = extract_orders(self.net, batch["tokens"].flatten(1), batch["label"], score=s.score,

@@ -17,6 +17,16 @@ def random_order(
     return torch.rand(b, n, generator=generator, device=device).argsort(dim=1)
 
 
+def mixed_order(
+    b: int, n: int, random_share: float, generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Each row (b, n) a random permutation with probability `random_share`, else the raster scan."""
+    use_random = torch.rand(b, 1, generator=generator, device=device) < random_share
+    return torch.where(use_random, random_order(b, n, generator=generator, device=device),
+                       raster_order(b, n, device=device))
+
+
 def order_to_step_map(order: Tensor, h: int, w: int) -> Tensor:
     """The step at which each cell was written (b, h, w): the inverse permutation, as a heatmap."""
     steps = torch.arange(order.shape[1], device=order.device).expand_as(order)

@@ -10,7 +10,12 @@ Choices documented here:
 - CFG runs 2b rows (labels, then the null class); guided = uncond + s * (cond - uncond); both halves
   take the same cell and token. cfg_scale == 1 runs b rows only (identical results, half the cost).
 - Confidence is computed on the guided logits at temperature 1, before top-k / top-p: the order
-  follows the model's (guided) belief, and the sampling knobs shape only the token draw.
+  follows the model's (guided) belief, and the sampling knobs shape only the token draw. Every score
+  is a log-probability-like number (higher = chosen earlier).
+- Order-choice noise (MaskGIT's "choice temperature"): Gumbel noise times T_k is added to the scores
+  before the arg-max, with T_k constant or annealed linearly to 0 over the generated steps; it is
+  drawn from its own generator (`choice_generator`), so the token draws are those of the greedy
+  choice. T = 0 is the greedy choice; a very large T writes cells in uniformly random order.
 - Tokens are drawn with `torch.multinomial` (one draw of b per step), so two samplers that see the
   same logits consume the generator identically.
 
@@ -35,6 +40,54 @@ class SampleOutput(NamedTuple):
     tokens: Tensor
     order: Tensor
     logits: Tensor | None = None
+
+
+SCHEDULES = ("constant", "linear")
+
+
+@dataclass
+class SamplerSettings:
+    """How images are sampled (recorded beside every sample file and metric).
+
+    Attributes:
+        policy: generation order: raster | random | confidence (OAR).
+        temperature: softmax temperature of token sampling (> 0).
+        top_k: keep the k most likely tokens (0 = all).
+        top_p: nucleus sampling mass in (0, 1] (1.0 = all).
+        cfg_scale: classifier-free guidance scale (1.0 = none).
+        score: confidence of a cell under `confidence` (see `SCORES`): max_prob | neg_entropy | sampled
+            (log-probability of the token drawn for the cell, MaskGIT's rule) | margin (top-1 minus
+            top-2 log-probability) | least_confident (hardest cell first).
+        choice_temperature: T, the scale of the Gumbel noise added to the scores (0 = greedy choice).
+        choice_schedule: constant | linear (T annealed to 0 over the generated steps).
+        random_first: the first this many generated cells are chosen uniformly at random.
+    """
+
+    policy: str = "confidence"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cfg_scale: float = 1.0
+    score: str = "max_prob"
+    choice_temperature: float = 0.0
+    choice_schedule: str = "linear"
+    random_first: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("policy", self.policy in POLICIES, f"one of {list(POLICIES)}"),
+            ("temperature", self.temperature > 0, "> 0 (use top_k: 1 for greedy tokens)"),
+            ("top_k", self.top_k >= 0, ">= 0 (0 keeps every token)"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1] (1 keeps every token)"),
+            ("cfg_scale", self.cfg_scale >= 0, ">= 0 (1 = no guidance)"),
+            ("score", self.score in SCORES, f"one of {sorted(SCORES)}"),
+            ("choice_temperature", self.choice_temperature >= 0, ">= 0 (0 = greedy choice)"),
+            ("choice_schedule", self.choice_schedule in SCHEDULES, f"one of {list(SCHEDULES)}"),
+            ("random_first", self.random_first >= 0, ">= 0"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"model.init_args.sampler.{key} must be {expected}, got {getattr(self, key)!r}")
 
 
 # ------------------------------------------------------------------------------- logit processing
@@ -77,9 +130,9 @@ class TokenSampler:
 
 
 # ------------------------------------------------------------------------------------ confidence
-def max_prob(logits: Tensor) -> Tensor:
-    """Confidence (...) = the largest softmax probability of logits (..., v)."""
-    return logits.float().softmax(dim=-1).amax(dim=-1)
+def log_max_prob(logits: Tensor) -> Tensor:
+    """Confidence (...) = the log of the largest softmax probability of logits (..., v)."""
+    return logits.float().log_softmax(dim=-1).amax(dim=-1)
 
 
 def neg_entropy(logits: Tensor) -> Tensor:
@@ -88,7 +141,26 @@ def neg_entropy(logits: Tensor) -> Tensor:
     return (log_probs.exp() * log_probs).sum(dim=-1)
 
 
-CONFIDENCE = {"max_prob": max_prob, "neg_entropy": neg_entropy}
+def log_margin(logits: Tensor) -> Tensor:
+    """Confidence (...) = top-1 minus top-2 log-probability: how decided the cell is."""
+    top2 = logits.float().topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+def least_confident(logits: Tensor) -> Tensor:
+    """Minus `log_max_prob`: the hardest cell first."""
+    return -log_max_prob(logits)
+
+
+# Scores of a cell from its logits alone; "sampled" also needs the token drawn for it (see ConfidencePolicy).
+SCORES = {"max_prob": log_max_prob, "neg_entropy": neg_entropy, "margin": log_margin,
+          "least_confident": least_confident, "sampled": None}
+
+
+def gumbel(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Standard Gumbel noise of `shape`, drawn from `generator`."""
+    uniform = torch.rand(shape, generator=generator, device=device)
+    return -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
 
 
 # -------------------------------------------------------------------------------------- guidance
@@ -141,6 +213,10 @@ class OrderPolicy:
         """Index (b,) into the candidates, given their (guided) logits (b, m, v)."""
         raise NotImplementedError
 
+    def drawn_token(self, choice: Tensor) -> Tensor | None:
+        """The token (b,) the policy already drew for the chosen cells while choosing, else None."""
+        return None
+
 
 class FixedOrderPolicy(OrderPolicy):
     """An order fixed before decoding; known cells go first, the rest keep the order's sequence."""
@@ -186,59 +262,111 @@ class GivenPolicy(FixedOrderPolicy):
 
 
 class ConfidencePolicy(OrderPolicy):
-    """Every unwritten cell is a candidate; write the one whose prediction is most confident."""
+    """Every unwritten cell is a candidate; write the one with the best (optionally noisy) confidence.
 
-    def __init__(self, score: str = "max_prob"):
-        if score not in CONFIDENCE:
-            raise ValueError(f"unknown score {score!r}; choose one of {sorted(CONFIDENCE)}")
-        self.confidence = CONFIDENCE[score]
+    Args:
+        score: a key of `SCORES`.
+        choice_temperature: T of the Gumbel noise on the scores (0 = greedy).
+        choice_schedule: "constant" or "linear" (T * (1 - k / n_gen) at the k-th generated cell).
+        random_first: the first this many generated cells are chosen uniformly at random.
+        choice_generator: draws the noise and the random first cells (not the tokens).
+        token_sampler, generator: draw one token per candidate for score "sampled" (the chosen
+            cell keeps its drawn token, so the loop does not draw again).
+    """
+
+    def __init__(self, score: str = "max_prob", choice_temperature: float = 0.0, choice_schedule: str = "linear",
+                 random_first: int = 0, choice_generator: torch.Generator | None = None,
+                 token_sampler: "TokenSampler | None" = None, generator: torch.Generator | None = None):
+        if score not in SCORES:
+            raise ValueError(f"unknown score {score!r}; choose one of {sorted(SCORES)}")
+        if choice_schedule not in SCHEDULES:
+            raise ValueError(f"unknown choice_schedule {choice_schedule!r}; choose one of {list(SCHEDULES)}")
+        self.score, self.confidence = score, SCORES[score]
+        self.choice_temperature, self.choice_schedule = choice_temperature, choice_schedule
+        self.random_first, self.choice_generator = random_first, choice_generator
+        self.token_sampler, self.generator = token_sampler or TokenSampler(), generator
+        self.t = self.known = self.total = 0
+        self.drawn: Tensor | None = None
+
+    def start(self, written: Tensor) -> None:
+        self.known = int(written[0].sum()) if written.shape[0] else 0
+        self.total = written.shape[1] - self.known  # cells to generate
 
     def candidates(self, t: int, written: Tensor) -> Tensor:
+        self.t = t
         return unwritten_cells(written, written.shape[1] - t)
 
+    def temperature_at(self, k: int) -> float:
+        """T at the k-th generated cell (k = 0 first)."""
+        if self.choice_schedule == "linear":
+            return self.choice_temperature * (1.0 - k / max(self.total, 1))
+        return self.choice_temperature
+
+    def scores(self, logits: Tensor) -> Tensor:
+        """The noise-free scores (b, m) of the candidates' logits (b, m, v)."""
+        if self.score != "sampled":
+            return self.confidence(logits)
+        b, m, v = logits.shape
+        self.drawn = self.token_sampler(logits.reshape(b * m, v), self.generator).view(b, m)
+        return logits.float().log_softmax(dim=-1).gather(-1, self.drawn[..., None]).squeeze(-1)
+
     def choose(self, logits: Tensor) -> Tensor:
-        return self.confidence(logits).argmax(dim=-1)
+        scores, k = self.scores(logits), self.t - self.known
+        if k < self.random_first:  # a uniformly random cell: every score replaced by noise
+            return torch.rand(scores.shape, generator=self.choice_generator, device=scores.device).argmax(dim=-1)
+        temperature = self.temperature_at(k)
+        if temperature > 0:
+            scores = scores + temperature * gumbel(scores.shape, self.choice_generator, scores.device)
+        return scores.argmax(dim=-1)
+
+    def drawn_token(self, choice: Tensor) -> Tensor | None:
+        if self.drawn is None:
+            return None
+        return self.drawn.gather(1, choice[:, None]).squeeze(1)
+
+
+POLICIES = ("raster", "random", "given", "confidence")
 
 
 def make_policy(
-    policy: str | OrderPolicy, order: Tensor | None = None, score: str = "max_prob",
-    generator: torch.Generator | None = None,
+    settings: SamplerSettings, order: Tensor | None = None, generator: torch.Generator | None = None,
+    choice_generator: torch.Generator | None = None,
 ) -> OrderPolicy:
-    """Build a policy from its name ("raster", "random", "given" (needs `order`), "confidence")."""
-    if isinstance(policy, OrderPolicy):
-        return policy
+    """Build the policy `settings.policy` names ("given" needs `order`)."""
+    policy = settings.policy
     if (order is not None) != (policy == "given"):
         raise ValueError("pass `order` exactly when policy == 'given'")
     builders = {
         "raster": RasterPolicy,
         "random": lambda: RandomPolicy(generator),
         "given": lambda: GivenPolicy(order),
-        "confidence": lambda: ConfidencePolicy(score),
+        "confidence": lambda: ConfidencePolicy(
+            settings.score, settings.choice_temperature, settings.choice_schedule, settings.random_first,
+            choice_generator, token_sampler(settings), generator),
     }
-    if policy not in builders:
-        raise ValueError(f"unknown policy {policy!r}; choose one of {sorted(builders)}")
     return builders[policy]()
+
+
+def token_sampler(settings: SamplerSettings) -> "TokenSampler":
+    return TokenSampler(settings.temperature, settings.top_k, settings.top_p)
 
 
 # --------------------------------------------------------------------------------- decoding loop
 @torch.no_grad()
 def sample(
-    net, cond: Tensor, policy: str | OrderPolicy = "confidence", order: Tensor | None = None,
-    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0,
-    score: str = "max_prob", generator: torch.Generator | None = None,
+    net, cond: Tensor, settings: SamplerSettings | str | None = None, order: Tensor | None = None,
+    generator: torch.Generator | None = None, choice_generator: torch.Generator | None = None,
     known_tokens: Tensor | None = None, known_mask: Tensor | None = None, return_logits: bool = False,
 ) -> SampleOutput:
-    """Generate token grids with a KV cache, choosing cells by `policy` (put `net` in eval mode first).
+    """Generate token grids with a KV cache, choosing cells as `settings` say (put `net` in eval mode first).
 
     Args:
         net: an `OrderedTransformer`.
         cond: (b,) class labels (`net.null_class` for unconditional rows).
-        policy: a name or an `OrderPolicy`; "random" draws its orders from `generator`.
+        settings: the sampler settings, or just a policy name (default settings otherwise).
         order: (b, n) the order for policy "given".
-        temperature, top_k, top_p: token sampling (top_k 0 / top_p 1 switch a filter off).
-        cfg_scale: classifier-free guidance scale; 1 = no guidance.
-        score: confidence for policy "confidence": "max_prob" or "neg_entropy".
         generator: for the token draws (and the random orders).
+        choice_generator: for the order-choice noise of the confidence policy (default: torch's global RNG).
         known_tokens: (b, n) or (b, h, w) tokens for inpainting / outpainting, read where known_mask.
         known_mask: (b, n), (b, h, w), (n,) or (h, w) bool, the same number of known cells in every
             row. Known cells are given as context first (raster order); only the others are generated.
@@ -247,10 +375,26 @@ def sample(
     Returns:
         SampleOutput(tokens (b, n), order (b, n) (known cells first), logits (b, n, v) or None).
     """
-    policy = make_policy(policy, order=order, score=score, generator=generator)
-    guidance = make_guidance(net, cfg_scale)
-    sampler = TokenSampler(temperature, top_k, top_p)
-    return decode(net, cond, policy, guidance, sampler, generator, known_tokens, known_mask, return_logits)
+    settings = as_settings(settings)
+    policy = make_policy(settings, order=order, generator=generator, choice_generator=choice_generator)
+    guidance = make_guidance(net, settings.cfg_scale)
+    return decode(net, cond, policy, guidance, token_sampler(settings), generator, known_tokens, known_mask,
+                  return_logits)
+
+
+CHOICE_SEED_OFFSET = 7919  # keeps the choice noise of a seed independent of the token draws of that seed
+
+
+def choice_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The order-choice noise's own generator for sampling seed `seed` (the tokens use `seed` itself)."""
+    return torch.Generator(device=device).manual_seed(seed + CHOICE_SEED_OFFSET)
+
+
+def as_settings(settings: SamplerSettings | str | None) -> SamplerSettings:
+    """Settings from settings, a policy name (default settings otherwise) or None (the defaults)."""
+    if isinstance(settings, SamplerSettings):
+        return settings
+    return SamplerSettings() if settings is None else SamplerSettings(policy=settings)
 
 
 @torch.no_grad()
@@ -273,9 +417,19 @@ def decode(
         logits = guidance.combine(logits)  # (b, m, v)
         choice = policy.choose(logits)
         net.append_candidate(cache, kv, rows(choice))
-        chosen = logits.gather(1, choice.view(b, 1, 1).expand(b, 1, logits.shape[2])).squeeze(1)
-        state.write(t, cells.gather(1, choice[:, None]).squeeze(1), sampler(chosen, generator), chosen)
+        _write_choice(state, t, policy, sampler, generator, cells, logits, choice)
     return SampleOutput(state.tokens, state.order, state.logits if return_logits else None)
+
+
+def _write_choice(state: "_DecodeState", t: int, policy: OrderPolicy, sampler: TokenSampler,
+                  generator: torch.Generator | None, cells: Tensor, logits: Tensor, choice: Tensor) -> None:
+    """Write step t: the chosen candidate's cell and its token (drawn by the policy, or now)."""
+    b, _, v = logits.shape
+    chosen = logits.gather(1, choice.view(b, 1, 1).expand(b, 1, v)).squeeze(1)  # (b, v)
+    token = policy.drawn_token(choice)
+    if token is None:
+        token = sampler(chosen, generator)
+    state.write(t, cells.gather(1, choice[:, None]).squeeze(1), token, chosen)
 
 
 @dataclass
@@ -330,26 +484,28 @@ def _prefill(net, cache, guidance, state: _DecodeState, known_tokens: Tensor, kn
 
 @torch.no_grad()
 def naive_confidence_sample(
-    net, cond: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0,
-    score: str = "max_prob", generator: torch.Generator | None = None,
+    net, cond: Tensor, settings: SamplerSettings | None = None, generator: torch.Generator | None = None,
+    choice_generator: torch.Generator | None = None,
 ) -> SampleOutput:
     """Reference confidence sampler without a cache: a full forward per candidate per step.
 
-    Consumes `generator` exactly as `sample(..., policy="confidence")`, so both agree under one seed.
+    Consumes `generator` and `choice_generator` exactly as `sample` with the same settings (policy
+    "confidence"), so both agree under one seed.
     """
+    settings = settings or SamplerSettings()
     b, n = cond.shape[0], net.num_tokens
-    guidance, sampler = make_guidance(net, cfg_scale), TokenSampler(temperature, top_k, top_p)
-    confidence, full_cond = CONFIDENCE[score], guidance.cond(cond)
+    guidance, sampler = make_guidance(net, settings.cfg_scale), token_sampler(settings)
+    policy = make_policy(settings, generator=generator, choice_generator=choice_generator)
+    full_cond = guidance.cond(cond)
     state = _DecodeState.empty(b, n, net.vocab_size, cond.device)
+    policy.start(state.written)
     for t in range(n):
-        cells = unwritten_cells(state.written, n - t)
+        cells = policy.candidates(t, state.written)
         logits = torch.stack([
             guidance.combine(net(guidance.rows(state.tokens),
                                  guidance.rows(torch.cat([state.order[:, :t], cells[:, j : j + 1]], dim=1)),
                                  full_cond)[:, -1])
             for j in range(n - t)
         ], dim=1)  # (b, m, v)
-        choice = confidence(logits).argmax(dim=-1)
-        chosen = logits[torch.arange(b), choice]
-        state.write(t, cells[torch.arange(b), choice], sampler(chosen, generator), chosen)
+        _write_choice(state, t, policy, sampler, generator, cells, logits, policy.choose(logits))
     return SampleOutput(state.tokens, state.order, state.logits)

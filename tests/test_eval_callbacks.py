@@ -82,7 +82,7 @@ class FakeAR(TinyModule):
         super().__init__()
         self.num_classes, self.kind = num_classes, kind
 
-    def generate(self, labels, generator=None, policy=None) -> dict:
+    def generate(self, labels, generator=None, policy=None, choice_generator=None) -> dict:
         b = len(labels)
         if self.kind == "noise":
             images = torch.randint(0, 256, (b, 3, IMAGE, IMAGE), generator=generator, dtype=torch.uint8)

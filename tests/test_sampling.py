@@ -15,6 +15,7 @@ from models.sampling import (
     ClassifierFreeGuidance,
     ConfidencePolicy,
     NoGuidance,
+    SamplerSettings,
     TokenSampler,
     decode,
     make_guidance,
@@ -103,7 +104,7 @@ def test_fixed_policies():
 @pytest.mark.parametrize("policy", ["random", "confidence"])
 def test_cached_logits_equal_forward_with_cfg(policy):
     net = tiny_net("absolute", "rope")
-    out = sample(net, COND, policy, cfg_scale=3.0, generator=gen(), return_logits=True)
+    out = sample(net, COND, SamplerSettings(policy, cfg_scale=3.0), generator=gen(), return_logits=True)
     expected = guided_forward(net, out.tokens, out.order, COND, 3.0)
     torch.testing.assert_close(out.logits, expected, atol=1e-4, rtol=0)
 
@@ -116,13 +117,19 @@ def test_cached_logits_equal_forward_with_cfg(policy):
         dict(score="neg_entropy"),
         dict(cfg_scale=2.5, top_k=6),
         dict(temperature=0.7, top_p=0.8),
+        dict(choice_temperature=2.0),
+        dict(choice_temperature=1.0, choice_schedule="constant", random_first=3, cfg_scale=2.0),
+        dict(score="sampled", top_k=5),
+        dict(score="margin"),
+        dict(score="least_confident", choice_temperature=0.5),
     ],
 )
 @pytest.mark.parametrize("next_pos,own_pos", [("relative", "learned"), ("absolute", "rope")])
 def test_confidence_sample_equals_naive(kwargs, next_pos, own_pos):
     net = tiny_net(next_pos, own_pos, seed=1)
-    fast = sample(net, COND, "confidence", generator=gen(7), return_logits=True, **kwargs)
-    slow = naive_confidence_sample(net, COND, generator=gen(7), **kwargs)
+    settings = SamplerSettings(**kwargs)
+    fast = sample(net, COND, settings, generator=gen(7), choice_generator=gen(8), return_logits=True)
+    slow = naive_confidence_sample(net, COND, settings, generator=gen(7), choice_generator=gen(8))
     assert torch.equal(fast.order, slow.order)
     assert torch.equal(fast.tokens, slow.tokens)
     torch.testing.assert_close(fast.logits, slow.logits, atol=1e-5, rtol=0)
@@ -152,7 +159,7 @@ def test_cfg_scale_one_equals_no_guidance():
     cfg_one = ClassifierFreeGuidance(net.null_class, 1.0)  # the 2b-row path, forced
     doubled = decode(net, COND, ConfidencePolicy(), cfg_one, sampler, gen(3))
     assert torch.equal(plain.tokens, doubled.tokens) and torch.equal(plain.order, doubled.order)
-    guided = sample(net, COND, generator=gen(3), cfg_scale=4.0)
+    guided = sample(net, COND, SamplerSettings(cfg_scale=4.0), generator=gen(3))
     assert not torch.equal(plain.tokens, guided.tokens)
 
 
@@ -165,8 +172,8 @@ def test_inpainting_keeps_known_cells(policy):
     known_mask = torch.zeros(3, N, dtype=torch.bool)
     known_mask.scatter_(1, random_order(3, N, g)[:, :6], True)  # 6 known cells, different per row
     out = sample(
-        net, COND, policy, generator=g, known_tokens=known_tokens, known_mask=known_mask.view(3, *GRID),
-        return_logits=True, cfg_scale=2.0,
+        net, COND, SamplerSettings(policy, cfg_scale=2.0), generator=g, known_tokens=known_tokens,
+        known_mask=known_mask.view(3, *GRID), return_logits=True,
     )
     assert is_permutation(out.order)
     flat = known_tokens.flatten(1)
@@ -189,3 +196,83 @@ def test_inpainting_edge_cases():
     uneven[0, 0] = True
     with pytest.raises(ValueError):
         sample(net, COND, known_tokens=known_tokens, known_mask=uneven)
+
+
+# -------------------------------------------------------------------------------- order-choice noise
+def test_greedy_choice_ignores_the_choice_generator():
+    """T = 0: the greedy sampler, whatever choice generator is passed, and that generator is not used."""
+    net = tiny_net(seed=2)
+    greedy = sample(net, COND, generator=gen(3))
+    choices = gen(9)
+    again = sample(net, COND, SamplerSettings(choice_temperature=0.0), generator=gen(3), choice_generator=choices)
+    assert torch.equal(greedy.order, again.order) and torch.equal(greedy.tokens, again.tokens)
+    assert torch.equal(choices.get_state(), gen(9).get_state())
+
+
+def test_choice_noise_leaves_the_token_draws_alone():
+    """The noise has its own generator: the token generator is consumed exactly as by the greedy choice."""
+    net = tiny_net(seed=2)
+    tokens_greedy, tokens_noisy = gen(3), gen(3)
+    greedy = sample(net, COND, generator=tokens_greedy)
+    noisy = sample(net, COND, SamplerSettings(choice_temperature=3.0), generator=tokens_noisy,
+                   choice_generator=gen(4))
+    assert not torch.equal(greedy.order, noisy.order)
+    assert torch.equal(tokens_greedy.get_state(), tokens_noisy.get_state())
+
+
+@pytest.mark.parametrize("settings", [SamplerSettings(choice_temperature=1e6, choice_schedule="constant"),
+                                      SamplerSettings(random_first=N)])
+def test_huge_choice_noise_writes_cells_in_uniformly_random_order(settings):
+    """Every cell is as likely at every step: counts of the first cell and the mean step map are flat."""
+    net = tiny_net(seed=2)
+    rows = 480
+    cond = torch.arange(rows) % (CLASSES + 1)
+    out = sample(net, cond, settings, generator=gen(3), choice_generator=gen(4))
+    assert is_permutation(out.order)
+    first = torch.bincount(out.order[:, 0], minlength=N).float()  # expected 30 per cell, sd ~5.4
+    assert first.min() >= 10 and first.max() <= 55, first.tolist()
+    mean_step = order_to_step_map(out.order, *GRID).float().mean(0)  # expected (N-1)/2 = 7.5, sd ~0.21
+    assert (mean_step - (N - 1) / 2).abs().max() < 1.5, mean_step
+    greedy = sample(net, cond, generator=gen(3))
+    assert torch.bincount(greedy.order[:, 0], minlength=N).max() > 60  # the greedy choice is far from uniform
+
+
+def test_linear_schedule_anneals_to_greedy():
+    policy = ConfidencePolicy(choice_temperature=2.0, choice_schedule="linear")
+    policy.start(torch.zeros(1, N, dtype=torch.bool))
+    assert policy.temperature_at(0) == 2.0 and policy.temperature_at(N // 2) == 1.0
+    assert policy.temperature_at(N) == 0.0
+    constant = ConfidencePolicy(choice_temperature=2.0, choice_schedule="constant")
+    assert constant.temperature_at(N - 1) == 2.0
+
+
+def test_sampled_score_keeps_the_token_it_scored():
+    """MaskGIT's rule: each candidate's token is drawn, scored by its log-probability, and kept if chosen.
+
+    With greedy tokens (top_k 1) the drawn token is the most likely one, so the order is max_prob's.
+    """
+    net = tiny_net(seed=2)
+    sampled = sample(net, COND, SamplerSettings(score="sampled", top_k=1), generator=gen(3))
+    max_prob = sample(net, COND, SamplerSettings(score="max_prob", top_k=1), generator=gen(3))
+    assert torch.equal(sampled.order, max_prob.order) and torch.equal(sampled.tokens, max_prob.tokens)
+    varied = sample(net, COND, SamplerSettings(score="sampled"), generator=gen(3))
+    assert not torch.equal(varied.order, max_prob.order)
+
+
+@pytest.mark.parametrize("key,value", [("temperature", 0.0), ("temperature", -1.0), ("top_p", 0.0), ("top_k", -1),
+                                       ("score", "entropy"), ("policy", "spiral"), ("choice_temperature", -1.0),
+                                       ("choice_schedule", "cosine"), ("random_first", -2)])
+def test_impossible_settings_name_their_key(key, value):
+    with pytest.raises(ValueError, match=rf"model\.init_args\.sampler\.{key} must be"):
+        SamplerSettings(**{key: value})
+
+
+def test_mixed_order_share():
+    from models.orders import mixed_order
+
+    none, every = mixed_order(64, N, 0.0, gen()), mixed_order(64, N, 1.0, gen())
+    assert torch.equal(none, raster_order(64, N)) and is_permutation(every)
+    assert not (every == raster_order(64, N)).all(dim=1).any()
+    half = mixed_order(400, N, 0.5, gen())
+    raster_rows = int((half == raster_order(400, N)).all(dim=1).sum())
+    assert 140 < raster_rows < 260 and is_permutation(half)  # expected 200, sd 10
