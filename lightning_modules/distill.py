@@ -36,8 +36,10 @@ class DistillModule(AnyOrderModule):
                  warmup_steps: int = 100, min_lr_ratio: float = 0.1, sampler: SamplerSettings | None = None,
                  extraction: ExtractionSettings | None = None, val_order_seed: int = 1234,
                  inferred_nll_every_n_epochs: int = 0, inferred_nll_batches: int = 2):
-        super().__init__(net, "random", label_dropout, optimizer, warmup_steps, min_lr_ratio, sampler, extraction,
-                         val_order_seed, inferred_nll_every_n_epochs, inferred_nll_batches)
+        super().__init__(net, train_order="random", label_dropout=label_dropout, optimizer=optimizer,
+                         warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, sampler=sampler, extraction=extraction,
+                         val_order_seed=val_order_seed, inferred_nll_every_n_epochs=inferred_nll_every_n_epochs,
+                         inferred_nll_batches=inferred_nll_batches)
         if not 0.0 <= random_order_prob <= 1.0:
             raise ValueError(f"model.init_args.random_order_prob must be in [0, 1], got {random_order_prob}")
         self.init_from, self.random_order_prob = init_from, random_order_prob

@@ -1,0 +1,32 @@
+"""Training options of the AR modules: the raster-to-random curriculum."""
+
+import pytest
+import torch
+
+from lightning_modules.any_order import AnyOrderModule
+from models.orders import is_permutation, raster_order
+from models.transformer import OrderedTransformer
+
+
+def module(**kwargs) -> AnyOrderModule:
+    return AnyOrderModule(OrderedTransformer(16, (4, 4), num_classes=2, width=16, depth=1, heads=2), **kwargs)
+
+
+def test_curriculum_share_rises_from_the_start_share_to_one():
+    m = module(curriculum_steps=100, curriculum_start=0.2)
+    assert [m.random_share(s) for s in (0, 50, 100, 500)] == pytest.approx([0.2, 0.6, 1.0, 1.0])
+
+
+def test_curriculum_orders_in_training_only():
+    m = module(curriculum_steps=100, curriculum_start=0.0)  # step 0 (no trainer): every order raster
+    batch = {"tokens": torch.zeros(32, 4, 4, dtype=torch.long)}
+    assert torch.equal(m.orders_for(batch, "train"), raster_order(32, 16))
+    val = m.orders_for(batch, "val")
+    assert is_permutation(val) and not torch.equal(val, raster_order(32, 16))
+    off = module().orders_for(batch, "train")
+    assert not (off == raster_order(32, 16)).all(dim=1).any()
+
+
+def test_curriculum_settings_checked():
+    with pytest.raises(ValueError, match="curriculum_start"):
+        module(curriculum_steps=10, curriculum_start=1.5)
