@@ -1,0 +1,238 @@
+"""An experiment runner: the stages of an order study declared as data, run through the CLI, resumable.
+
+    python benchmarks/experiment.py benchmarks/experiments/standard.yaml [--seeds 0 1 2] [--jobs 2]
+        [--set budget.steps=3000 ...] [--only train|eval|report]
+
+An experiment file names the data overlay, the size preset, a budget, the trained *models* and the
+evaluated *arms* (a model plus sampler settings):
+
+    models:
+      raster:    {stage: raster}
+      any_order: {stage: any_order, overrides: {model.init_args.curriculum_steps: 1000}}
+      distill:   {stage: distill, init_from: any_order, extract: {score: true_prob}}
+    arms:
+      - {name: raster AR, model: raster, sampler: {policy: raster}}
+
+Every stage is `python run.py ...` in a subprocess (one torch thread, its own log file), in its own
+folder under `runs/experiments/<name>/`; up to `--jobs` independent stages run at once (raster and
+any-order training side by side on two cores). A stage is finished when its `done.json` records the
+settings it ran with (its command line, which names every upstream checkpoint) and its product exists;
+a rerun reuses finished stages, resumes an interrupted fit from its `last.ckpt` and an interrupted
+extraction from its shards, and starts a stage with other settings from scratch.
+
+Modified from nothing in particular; the stage DAG is the paper's pipeline (tokenizer -> AR -> orders ->
+distillation), one level per `models:` entry.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+RUN_PY = ROOT / "run.py"
+STAGE_KIND = {"tokenizer": "tokenizer", "any_order": "ar", "raster": "ar", "distill": "ar", "extract_orders": "ar"}
+
+
+# ------------------------------------------------------------------------------------ stage jobs
+@dataclass
+class Job:
+    """One CLI invocation: `python run.py <argv>` in `folder`, finished when `product` exists."""
+
+    name: str
+    folder: Path
+    argv: list[str]
+    product: Path
+    deps: list[str] = field(default_factory=list)
+    resumable_fit: bool = False
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.argv).encode()).hexdigest()[:16]
+
+    def finished(self) -> bool:
+        marker = self.folder / "done.json"
+        if not (marker.is_file() and self.product.is_file()):
+            return False
+        state = json.loads(marker.read_text())
+        return state.get("key") == self.key() and state.get("finished", False)
+
+    def command(self) -> list[str]:
+        """The command to run now: a fit with this key's `last.ckpt` resumes from it."""
+        marker = self.folder / "done.json"
+        same = marker.is_file() and json.loads(marker.read_text()).get("key") == self.key()
+        last = self.folder / "checkpoints" / "last.ckpt"
+        if not same and self.folder.exists():
+            shutil.rmtree(self.folder)  # other settings: start from scratch
+        self.folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"key": self.key(), "argv": self.argv, "finished": False}, indent=1))
+        resume = ["--ckpt_path", str(last)] if self.resumable_fit and same and last.is_file() else []
+        return [sys.executable, str(RUN_PY), *self.argv, *resume]
+
+    def mark_finished(self, seconds: float) -> None:
+        (self.folder / "done.json").write_text(json.dumps(
+            {"key": self.key(), "argv": self.argv, "finished": True, "wall_s": seconds}, indent=1))
+
+
+def run_jobs(jobs: list[Job], max_parallel: int) -> None:
+    """Run unfinished jobs in dependency order, up to `max_parallel` at once; stop at the first failure."""
+    pending = {j.name: j for j in jobs if not j.finished()}
+    for job in jobs:
+        if job.name not in pending:
+            print(f"[stage] {job.name:<28} reused ({job.folder})", flush=True)
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    while pending or running:
+        for name, job in list(pending.items()):
+            blocked = any(d in pending or d in running for d in job.deps)
+            if len(running) < max_parallel and not blocked:
+                command = job.command()
+                log = open(job.folder.parent / f"{job.folder.name}.log", "a")  # noqa: SIM115 - closed with the process
+                print(f"[stage] {name:<28} running (log {log.name})", flush=True)
+                running[name] = (subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log),
+                                 time.perf_counter())
+                del pending[name]
+        time.sleep(2)
+        for name, (proc, start) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            job = next(j for j in jobs if j.name == name)
+            if proc.returncode != 0:
+                for other, _ in running.values():
+                    other.terminate()
+                raise SystemExit(f"error: stage {name} failed (exit {proc.returncode}); see "
+                                 f"{job.folder.parent / (job.folder.name + '.log')}")
+            job.mark_finished(time.perf_counter() - start)
+            print(f"[stage] {name:<28} done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+# -------------------------------------------------------------------------------- the experiment
+def load_experiment(path: Path, overrides: list[str]) -> dict:
+    cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
+    exp = OmegaConf.to_container(cfg, resolve=True)
+    exp.setdefault("name", path.stem)
+    return exp
+
+
+def cli_value(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def stage_argv(exp: dict, subcommand: str, stage: str, overrides: dict) -> list[str]:
+    """Stage config, data overlay and size preset, then dotted overrides, as CLI arguments."""
+    files = [CONFIGS / f"{stage}.yaml", CONFIGS / "data" / f"{exp['data']}.yaml"]
+    preset = CONFIGS / "model" / STAGE_KIND[stage] / f"{exp['preset']}.yaml"
+    files += [preset] if preset.is_file() else []
+    argv = [subcommand, *(a for f in files for a in ("--config", str(f)))]
+    for key, value in overrides.items():  # "key+" appends to a list (jsonargparse's `--key+=value`)
+        argv += [f"--{key}={cli_value(value)}"] if key.endswith("+") else [f"--{key}", cli_value(value)]
+    return argv
+
+
+def data_overrides(exp: dict, out: Path) -> dict:
+    """Shared by every stage: the token cache folder (shared by all experiments) and the data settings."""
+    return {"data.init_args.cache_dir": str(out / "cache"), **exp.get("data_overrides", {})}
+
+
+def fit_overrides(exp: dict, steps: int, folder: Path, seed: int) -> dict:
+    budget = exp["budget"]
+    out = {"trainer.max_steps": steps, "trainer.max_time": None, "trainer.max_epochs": -1,
+           "trainer.check_val_every_n_epoch": None, "trainer.val_check_interval": budget.get("val_every", 500),
+           "trainer.enable_progress_bar": False, "trainer.logger.init_args.save_dir": str(folder),
+           "seed_everything": seed}
+    if budget.get("limit_val_batches") is not None:
+        out["trainer.limit_val_batches"] = budget["limit_val_batches"]
+    return out
+
+
+def keep_every(steps: int) -> dict:
+    """A second ModelCheckpoint keeping the weights every `steps` steps (checkpoints/step=<k>.ckpt: learning curves)."""
+    callback = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"every_n_train_steps": steps, "save_top_k": -1, "monitor": None,
+                              "filename": "{step}", "save_last": False}}
+    return {"trainer.callbacks+": callback}
+
+
+def plan(exp: dict, root: Path, seeds: list[int]) -> tuple[list[Job], dict]:
+    """The jobs of every seed and, per seed, the checkpoint of every model.
+
+    The tokenizer is shared by every experiment with the same data, preset and tokenizer budget: it
+    lives in `<out>/tokenizers/<data>-<key of its command>/`.
+    """
+    budget, data = exp["budget"], data_overrides(exp, root.parent)
+    argv = stage_argv(exp, "fit", "tokenizer", {**data, **fit_overrides(exp, budget["tokenizer_steps"], Path("."), 0)})
+    tok_folder = root.parent / "tokenizers" / f"{exp['data']}-{Job('', Path('.'), argv, Path('.')).key()}"
+    argv = [a if a != "." else str(tok_folder) for a in argv]  # the run folder, once its name is known
+    tok = Job("tokenizer", tok_folder, argv, tok_folder / "checkpoints" / "last.ckpt", resumable_fit=True)
+    jobs, ckpts = [tok], {}
+    token_data = {**data, "data.init_args.tokenizer_ckpt": str(tok.product)}
+    for seed in seeds:
+        seed_ckpts, folder = {}, root / f"seed{seed}"
+        for name, spec in exp["models"].items():
+            jobs += model_jobs(exp, name, spec, folder, seed, token_data, seed_ckpts)
+        ckpts[seed] = seed_ckpts
+    return jobs, ckpts
+
+
+def model_jobs(exp: dict, name: str, spec: dict, folder: Path, seed: int, data: dict, ckpts: dict) -> list[Job]:
+    """The jobs of one model: a fit, preceded by an order extraction when it is distilled from another."""
+    stage, budget, jobs, deps = spec["stage"], exp["budget"], [], ["tokenizer"]
+    steps = spec.get("steps", budget["finetune_steps"] if stage == "distill" else budget["steps"])
+    overrides = {**data, **fit_overrides(exp, steps, folder / name, seed)}
+    if stage == "distill":
+        parent, (parent_job, parent_ckpt) = spec["init_from"], ckpts[spec["init_from"]]
+        orders = folder / f"{name}_orders"
+        extract = {**data, "data.init_args.orders_path": str(orders / "orders"), "seed_everything": seed,
+                   "trainer.logger.init_args.save_dir": str(orders), "trainer.enable_progress_bar": False,
+                   **{f"model.init_args.extraction.{k}": v for k, v in spec.get("extract", {}).items()},
+                   "ckpt_path": str(parent_ckpt)}
+        jobs.append(Job(f"{name}_orders (seed {seed})", orders, stage_argv(exp, "predict", "extract_orders", extract),
+                        orders / "orders" / "orders.pt", deps=[parent_job]))
+        deps = [jobs[-1].name]
+        overrides.update({"data.init_args.orders_path": str(orders / "orders"),
+                          "model.init_args.init_from": str(parent_ckpt)})
+    overrides.update(spec.get("overrides", {}))
+    if budget.get("keep_every"):
+        overrides.update(keep_every(budget["keep_every"]))
+    job = Job(f"{name} (seed {seed})", folder / name, stage_argv(exp, "fit", stage, overrides),
+              folder / name / "checkpoints" / "last.ckpt", deps=deps, resumable_fit=True)
+    ckpts[name] = (job.name, job.product)
+    return [*jobs, job]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("experiment", type=Path)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the experiment's seeds")
+    p.add_argument("--jobs", type=int, default=2, help="stages run at once (one torch thread each)")
+    p.add_argument("--set", nargs="*", default=[], help="dotted overrides of the experiment file")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "experiments")
+    p.add_argument("--only", choices=["train", "eval", "report"], default=None)
+    args = p.parse_args(argv)
+    exp = load_experiment(args.experiment, args.set)
+    seeds = args.seeds if args.seeds is not None else exp.get("seeds", [0])
+    root = args.out / exp["name"]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "experiment.json").write_text(json.dumps(exp, indent=1))
+    jobs, ckpts = plan(exp, root, seeds)
+    if args.only in (None, "train"):
+        run_jobs(jobs, args.jobs)
+
+
+if __name__ == "__main__":
+    main()
