@@ -138,7 +138,7 @@ def stage_argv(exp: dict, subcommand: str, stage: str, overrides: dict) -> list[
     files = [CONFIGS / f"{stage}.yaml", CONFIGS / "data" / f"{exp['data']}.yaml"]
     preset = CONFIGS / "model" / STAGE_KIND[stage] / f"{exp['preset']}.yaml"
     files += [preset] if preset.is_file() else []
-    argv = [subcommand, *(a for f in files for a in ("--config", str(f)))]
+    argv = [subcommand, *(a for f in files for a in ("--config", str(f.relative_to(ROOT))))]  # run from ROOT
     for key, value in overrides.items():  # "key+" appends to a list (jsonargparse's `--key+=value`)
         argv += [f"--{key}={cli_value(value)}"] if key.endswith("+") else [f"--{key}", cli_value(value)]
     return argv
