@@ -14,7 +14,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 
 from models.checkpoint import load_net, net_spec
-from models.extraction import extract_orders, nll_under_order
+from models.extraction import extract_orders, nll_under_order, noise_seeds
 from models.orders import mixed_order, order_to_step_map, random_order, raster_order
 from models.sampling import SamplerSettings, choice_generator, sample
 from models.transformer import OrderedTransformer
@@ -30,7 +30,8 @@ class ExtractionSettings:
         score: true_prob (probability of the true token, default) | max_prob.
         positions_per_step: cells placed per step (1 = exact greedy; k > 1 trades exactness for speed).
         gumbel_temperature: Gumbel noise on the scores (0 = greedy).
-        seed: seed of the Gumbel noise.
+        seed: seed of the Gumbel noise; each image's noise depends only on (seed, dataset index, flip
+            view), so a resumed, re-sharded or multi-process extraction gives the same orders.
     """
 
     score: str = "true_prob"
@@ -195,8 +196,8 @@ class AnyOrderModule(LightningModule):
             gen = torch.Generator(device=self.device).manual_seed(seed)
             return self.generate(batch["label"], generator=gen, choice_generator=choice_generator(seed, self.device))
         s = self.extraction
-        gen = torch.Generator(device=self.device).manual_seed(s.seed + batch_idx)
+        seeds = noise_seeds(s.seed, batch["index"], batch["flip"])  # per image: any batching, same orders
         order = extract_orders(self.net, batch["tokens"].flatten(1), batch["label"], score=s.score,
                                positions_per_step=s.positions_per_step,
-                               gumbel_temperature=s.gumbel_temperature, generator=gen)
+                               gumbel_temperature=s.gumbel_temperature, row_seeds=seeds)
         return {"order": order, "index": batch["index"], "flip": batch["flip"]}

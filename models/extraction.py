@@ -5,7 +5,9 @@ At each step the context holds the true tokens already placed; every remaining c
 `score_candidates` pass against the KV cache by the model's log-probability of its true token
 ("true_prob", the paper's choice) or its largest log-probability ("max_prob"); the best cell is placed.
 With `gumbel_temperature > 0`, Gumbel noise times the temperature is added to the log-scores first
-(sampling orders instead of taking the greedy one). With `positions_per_step = k` the top k cells are
+(sampling orders instead of taking the greedy one). Given `row_seeds`, the noise of a row is a hash of
+(row seed, step, cell): it depends on nothing else in the batch, so an image gets the same order in any
+batch, batch split, process count or resumed run (counter-based noise, as in Philox / JAX's PRNG). With `positions_per_step = k` the top k cells are
 placed at once (best first): the first via its candidate keys/values, the rest via `extend`.
 
 Modified from: https://github.com/idiap/sigma-gpt (scoring all remaining positions against a cache).
@@ -36,14 +38,51 @@ def max_prob(logits: Tensor, true_tokens: Tensor) -> Tensor:
 SCORES = {"true_prob": true_prob, "max_prob": max_prob}
 
 
+MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32) without leaving int64 (the high half is split off first)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK32
+
+
+def hash32(x: Tensor) -> Tensor:
+    """A bijective 32-bit integer mixer ("lowbias32", C. Wellons) on int64 values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def noise_seeds(seed: int, index: Tensor, flip: Tensor) -> Tensor:
+    """One noise seed per (dataset index, flip view) under `seed`: long (b,) in [0, 2**32)."""
+    key = index.long() * 2 + flip.long()  # (b,)
+    h = hash32(torch.full_like(key, seed & MASK32))
+    h = hash32(h ^ ((seed >> 32) & MASK32))
+    h = hash32(h ^ (key & MASK32))
+    return hash32(h ^ ((key >> 32) & MASK32))
+
+
+def hashed_uniform(row_seeds: Tensor, step: int, cells: Tensor) -> Tensor:
+    """Uniform noise in (0, 1), (b, m): a function of (row seed, step, cell) only."""
+    h = hash32(hash32(row_seeds[:, None] ^ step) ^ cells)  # (b, m)
+    return ((h >> 8).float() + 0.5) / 2**24  # 24 bits: exact in float32, never 0 or 1
+
+
+def _uniform(cells: Tensor, step: int, generator: torch.Generator | None, row_seeds: Tensor | None) -> Tensor:
+    """Uniform noise (b, m) for the candidate `cells` (b, m) at `step`: hashed from `row_seeds`, else drawn."""
+    if row_seeds is not None:
+        return hashed_uniform(row_seeds, step, cells)
+    return torch.rand(cells.shape, generator=generator, device=cells.device)
+
+
 def _select(
-    logits: Tensor, true_tokens: Tensor, score: str, k: int, gumbel_temperature: float,
-    generator: torch.Generator | None,
+    logits: Tensor, true_tokens: Tensor, score: str, k: int, gumbel_temperature: float, uniform: Tensor | None
 ) -> Tensor:
-    """Indices (b, k) of the k best candidates, best first."""
+    """Indices (b, k) of the k best candidates, best first; `uniform` (b, m) is the noise when gumbel > 0."""
     scores = SCORES[score](logits, true_tokens)
     if gumbel_temperature > 0:
-        uniform = torch.rand(scores.shape, generator=generator, device=scores.device)
         gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
         scores = scores + gumbel_temperature * gumbel
     return scores.topk(k, dim=1).indices
@@ -59,7 +98,7 @@ def _check(score: str, positions_per_step: int) -> None:
 @torch.no_grad()
 def extract_orders(
     net, tokens: Tensor, cond: Tensor, score: str = "true_prob", positions_per_step: int = 1,
-    gumbel_temperature: float = 0.0, generator: torch.Generator | None = None,
+    gumbel_temperature: float = 0.0, generator: torch.Generator | None = None, row_seeds: Tensor | None = None,
 ) -> Tensor:
     """The teacher-forced greedy order of each image.
 
@@ -70,7 +109,9 @@ def extract_orders(
         score: "true_prob" or "max_prob".
         positions_per_step: cells placed per scoring pass.
         gumbel_temperature: 0 for the greedy order; > 0 adds that much Gumbel noise to the log-scores.
-        generator: for the Gumbel noise.
+        generator: for the Gumbel noise when `row_seeds` is not given (the noise then depends on the batch).
+        row_seeds: (b,) int64 in [0, 2**32), one per image (`noise_seeds`): each row's noise depends
+            only on its seed, so an image's order does not depend on its batch.
 
     Returns:
         order (b, n).
@@ -86,7 +127,8 @@ def extract_orders(
         k = min(positions_per_step, n - t)
         cells = unwritten_cells(written, n - t)
         logits, kv = net.score_candidates(cache, prev_token, prev_cell, cells)
-        picks = _select(logits, tokens.gather(1, cells), score, k, gumbel_temperature, generator)
+        uniform = _uniform(cells, t, generator, row_seeds) if gumbel_temperature > 0 else None
+        picks = _select(logits, tokens.gather(1, cells), score, k, gumbel_temperature, uniform)
         placed = cells.gather(1, picks)  # (b, k), best first
         net.append_candidate(cache, kv, picks[:, 0])
         if k > 1:  # chain the others: each holds the previous placed token and predicts the next cell
@@ -102,11 +144,12 @@ def extract_orders(
 @torch.no_grad()
 def naive_extract_orders(
     net, tokens: Tensor, cond: Tensor, score: str = "true_prob", positions_per_step: int = 1,
-    gumbel_temperature: float = 0.0, generator: torch.Generator | None = None,
+    gumbel_temperature: float = 0.0, generator: torch.Generator | None = None, row_seeds: Tensor | None = None,
 ) -> Tensor:
     """Reference for `extract_orders` without a cache: a full forward per candidate per step.
 
-    Consumes `generator` exactly as `extract_orders`, so both agree under one seed.
+    Draws its noise exactly as `extract_orders` (same `generator` calls, or the same `row_seeds` hash),
+    so both agree.
     """
     _check(score, positions_per_step)
     b, n = tokens.shape
@@ -118,7 +161,8 @@ def naive_extract_orders(
         cells = unwritten_cells(written, n - t)
         trials = [torch.cat([order[:, :t], cells[:, j : j + 1]], dim=1) for j in range(n - t)]
         logits = torch.stack([net(tokens, trial, cond)[:, -1] for trial in trials], dim=1)  # (b, m, v)
-        picks = _select(logits, tokens.gather(1, cells), score, k, gumbel_temperature, generator)
+        uniform = _uniform(cells, t, generator, row_seeds) if gumbel_temperature > 0 else None
+        picks = _select(logits, tokens.gather(1, cells), score, k, gumbel_temperature, uniform)
         placed = cells.gather(1, picks)
         order[:, t : t + k] = placed
         written.scatter_(1, placed, True)

@@ -1,12 +1,16 @@
-"""Order extraction equals its naive reference; nll_under_order equals a direct computation."""
+"""Order extraction equals its naive reference; nll_under_order equals a direct computation; Gumbel
+noise seeded per image gives the same orders however the images are batched, sharded or resumed."""
 
 import math
 
 import pytest
 import torch
 
-from models.extraction import extract_orders, naive_extract_orders, nll_under_order
+from datamodules.orders_file import finished_keys
+from models.extraction import extract_orders, hash32, naive_extract_orders, nll_under_order, noise_seeds
 from models.orders import is_permutation, random_order
+from tests.conftest import ORDERS, STAGE1_CKPT, copy_run, predict
+from tests.test_pipeline import Crash
 from tests.test_transformer import CLASSES, VOCAB, N, extend_all, tiny_net
 
 COND = torch.tensor([1, 0, CLASSES])
@@ -18,12 +22,17 @@ def images(b: int = 3, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("score", ["true_prob", "max_prob"])
 @pytest.mark.parametrize("positions_per_step", [1, 3])
-@pytest.mark.parametrize("gumbel_temperature", [0.0, 0.5])
-def test_extraction_equals_naive(score, positions_per_step, gumbel_temperature):
+@pytest.mark.parametrize("gumbel_temperature,noise", [(0.0, "generator"), (0.5, "generator"), (0.5, "row_seeds")])
+def test_extraction_equals_naive(score, positions_per_step, gumbel_temperature, noise):
     net, tokens = tiny_net("relative", "rope", seed=2), images()
     kwargs = dict(score=score, positions_per_step=positions_per_step, gumbel_temperature=gumbel_temperature)
-    fast = extract_orders(net, tokens, COND, generator=torch.Generator().manual_seed(3), **kwargs)
-    slow = naive_extract_orders(net, tokens, COND, generator=torch.Generator().manual_seed(3), **kwargs)
+    seeds = noise_seeds(3, torch.arange(3), torch.tensor([0, 1, 0]))
+
+    def source() -> dict:
+        return {"generator": torch.Generator().manual_seed(3)} if noise == "generator" else {"row_seeds": seeds}
+
+    fast = extract_orders(net, tokens, COND, **source(), **kwargs)
+    slow = naive_extract_orders(net, tokens, COND, **source(), **kwargs)
     assert torch.equal(fast, slow)
 
 
@@ -55,6 +64,78 @@ def test_gumbel_noise_changes_orders_and_is_seeded():
     ]
     assert torch.equal(noisy[0], noisy[1]) and not torch.equal(noisy[0], noisy[2])
     assert not torch.equal(noisy[0], greedy) and is_permutation(noisy[2])
+
+
+def reference_hash32(x: int) -> int:
+    """lowbias32 on Python integers (arbitrary precision), the definition `hash32` must match."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_hash32_matches_its_definition_without_int64_overflow():
+    values = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, *torch.randint(0, 2**32, (200,)).tolist()]
+    hashed = hash32(torch.tensor(values, dtype=torch.long)).tolist()
+    assert hashed == [reference_hash32(v) for v in values]
+
+
+def test_noise_seeds_differ_per_key_and_seed():
+    index = torch.arange(500).repeat_interleave(2)
+    flip = torch.tensor([0, 1]).repeat(500)
+    seeds = noise_seeds(0, index, flip)
+    assert seeds.dtype == torch.long and len(seeds.unique()) == 1000 and int(seeds.min()) >= 0
+    assert int(seeds.max()) < 2**32
+    assert torch.equal(seeds, noise_seeds(0, index, flip))
+    assert (seeds != noise_seeds(1, index, flip)).all() and (seeds != noise_seeds(-1, index, flip)).all()
+
+
+def keyed_orders(net, tokens, cond, keys, seed, rows) -> dict[tuple[int, int], list[int]]:
+    """Orders of the given rows extracted in one batch, by (index, flip) key."""
+    index, flip = keys[rows, 0], keys[rows, 1]
+    order = extract_orders(net, tokens[rows], cond[rows], gumbel_temperature=2.0,
+                           row_seeds=noise_seeds(seed, index, flip))
+    return {(int(i), int(f)): o.tolist() for i, f, o in zip(index, flip, order, strict=True)}
+
+
+def test_row_seeded_gumbel_orders_do_not_depend_on_the_batch():
+    net, tokens = tiny_net(), images(6, seed=4)
+    cond = torch.tensor([0, 1, 2, 0, 1, CLASSES])
+    keys = torch.tensor([[7, 0], [7, 1], [3, 0], [12, 0], [12, 1], [40, 0]])
+    whole = keyed_orders(net, tokens, cond, keys, 0, torch.arange(6))
+    split = {}  # other batches, in another order of keys: what a resumed or another process's run sees
+    for rows in ([5, 1], [3], [0, 4, 2]):
+        split |= keyed_orders(net, tokens, cond, keys, 0, torch.tensor(rows))
+    assert split == whole
+    greedy = extract_orders(net, tokens, cond)
+    assert any(whole[tuple(k)] != g for k, g in zip(keys.tolist(), greedy.tolist(), strict=True))  # noise acts
+    other_seed = keyed_orders(net, tokens, cond, keys, 1, torch.arange(6))
+    assert sum(other_seed[k] != whole[k] for k in whole) >= 3
+
+
+GUMBEL = ("--model.init_args.extraction.gumbel_temperature", "2.0")
+
+
+@pytest.mark.slow
+def test_gumbel_extraction_resumed_or_batched_otherwise_gives_the_same_orders(stage1_run, orders_run, tmp_path):
+    """With Gumbel noise: an extraction killed after one batch and resumed equals one run in other batches."""
+    resumed_dir, whole_dir = tmp_path / "resumed", tmp_path / "whole"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(copy_run(stage1_run, resumed_dir))
+        with pytest.raises(Crash):
+            predict("extract_orders", STAGE1_CKPT, *GUMBEL, "--trainer.callbacks+=tests.test_pipeline.CrashAfterFirstBatch")
+        assert len(finished_keys(resumed_dir / ORDERS)) == 16  # one batch of 16 written
+        predict("extract_orders", STAGE1_CKPT, *GUMBEL)
+        mp.chdir(copy_run(stage1_run, whole_dir))
+        predict("extract_orders", STAGE1_CKPT, *GUMBEL, "--data.init_args.batch_size", "7")
+    resumed = torch.load(resumed_dir / ORDERS / "orders.pt", weights_only=True)
+    whole = torch.load(whole_dir / ORDERS / "orders.pt", weights_only=True)
+    greedy = torch.load(orders_run / ORDERS / "orders.pt", weights_only=True)
+    done = whole["done"]
+    assert torch.equal(resumed["done"], done) and int(done.sum()) > 16
+    assert torch.equal(resumed["orders"][done], whole["orders"][done])
+    assert not torch.equal(whole["orders"][done], greedy["orders"][done])  # the noise was on
 
 
 def test_nll_under_order_equals_direct_computation():
