@@ -7,8 +7,9 @@ At each step the context holds the true tokens already placed; every remaining c
 With `gumbel_temperature > 0`, Gumbel noise times the temperature is added to the log-scores first
 (sampling orders instead of taking the greedy one). Given `row_seeds`, the noise of a row is a hash of
 (row seed, step, cell): it depends on nothing else in the batch, so an image gets the same order in any
-batch, batch split, process count or resumed run (counter-based noise, as in Philox / JAX's PRNG). With `positions_per_step = k` the top k cells are
-placed at once (best first): the first via its candidate keys/values, the rest via `extend`.
+batch, batch split, process count or resumed run (counter-based noise, as in Philox / JAX's PRNG).
+With `positions_per_step = k` the top k cells are placed at once (best first): the first via its
+candidate keys/values, the rest via `extend`.
 
 Modified from: https://github.com/idiap/sigma-gpt (scoring all remaining positions against a cache).
 """

@@ -115,6 +115,7 @@ def test_row_seeded_gumbel_orders_do_not_depend_on_the_batch():
 
 
 GUMBEL = ("--model.init_args.extraction.gumbel_temperature", "2.0")
+CRASH = "tests.test_pipeline.CrashAfterFirstBatch"
 
 
 @pytest.mark.slow
@@ -124,7 +125,7 @@ def test_gumbel_extraction_resumed_or_batched_otherwise_gives_the_same_orders(st
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(copy_run(stage1_run, resumed_dir))
         with pytest.raises(Crash):
-            predict("extract_orders", STAGE1_CKPT, *GUMBEL, "--trainer.callbacks+=tests.test_pipeline.CrashAfterFirstBatch")
+            predict("extract_orders", STAGE1_CKPT, *GUMBEL, f"--trainer.callbacks+={CRASH}")
         assert len(finished_keys(resumed_dir / ORDERS)) == 16  # one batch of 16 written
         predict("extract_orders", STAGE1_CKPT, *GUMBEL)
         mp.chdir(copy_run(stage1_run, whole_dir))
