@@ -11,6 +11,8 @@ import sys
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from callbacks.fid import FIDCallback
+
 # Model arguments that describe a run, not the network: a config's values win over the checkpoint's.
 RUN_SETTINGS = ("sampler", "extraction")
 
@@ -20,6 +22,12 @@ class OARCLI(LightningCLI):
         # A link whose target the chosen network lacks (the tokenizer has no vocab_size) is skipped.
         for fact in ("vocab_size", "grid_size", "num_classes"):
             parser.link_arguments(f"data.{fact}", f"model.init_args.net.init_args.{fact}", apply_on="instantiate")
+        # FID is its own top-level key (not a trainer.callbacks element), so `--fid null` removes it.
+        parser.add_lightning_class_args(FIDCallback, "fid", subclass_mode=True, required=False)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> object:
+        """Drop the forced callbacks set to null (`fid: null`, the default of stages without FID)."""
+        return super()._instantiate_trainer(config, [c for c in callbacks if c is not None])
 
     def instantiate_classes(self) -> None:
         """Surface our one-line errors (missing checkpoint, stale file) instead of jsonargparse's wrapper."""

@@ -11,12 +11,12 @@ Inception weights, in order of preference:
    downloads it from `INCEPTION_URL` when online (a download with a bounded socket timeout).
 When neither works (offline, no file) the callback warns once, skips the metric and training goes on.
 
-Distributed runs: only global rank 0 samples and computes (simple and correct; the other ranks wait
-at the next collective). The metrics are built with `sync_on_compute=False`, because a syncing
-`compute()` on one rank would wait forever for the others, and the values are logged with
-`pl_module.log(..., rank_zero_only=True)`. They reach the loggers and, on one device, the progress
-bar and `trainer.callback_metrics`; under DDP they cannot be a `ModelCheckpoint`/`EarlyStopping`
-monitor (the other ranks never see them).
+Distributed runs: every process generates its share of the samples (chunks of `batch_size`, or fewer
+per chunk so that each process gets one; chunk j seeded `seed + j`, see `callbacks.order_dump`) and
+of the real images; the metrics' states (feature sums and covariances) are summed over processes by
+torchmetrics when they compute (`sync_on_compute=True`). Every process then holds the same value and
+logs it (`sync_dist=True`), so "val/fid" can be a `ModelCheckpoint`/`EarlyStopping` monitor under DDP
+too. The processes first agree that the metric is available (if one cannot load it, all skip it).
 """
 
 import os
@@ -29,23 +29,37 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics.utilities import dim_zero_cat
 
-from callbacks.order_dump import cycle_labels, eval_mode, generate_batches, is_due
+from callbacks.order_dump import (
+    all_ranks_agree,
+    cycle_labels,
+    eval_mode,
+    generate_batches,
+    is_due,
+    log_at_train_end,
+    process_share,
+)
 from models.weights import download_timeout, hub_checkpoint_dir
 
 INCEPTION_URL = URL_INCEPTION_V3
 INCEPTION_FILE = os.path.basename(URL_INCEPTION_V3)
-class FIDCallback(pl.Callback):
-    """Log "val/fid" (and "val/kid") every few epochs and "test/fid" (and "test/kid") after testing.
 
-    Generates `num_samples` images (labels cycling over the classes, a fixed seed, so epochs differ
-    only by training) and compares them with the first `num_samples` validation images from
+
+class FIDCallback(pl.Callback):
+    """Log "val/fid" (and "val/kid") every few epochs and when training ends; "test/fid" (and "test/kid") after testing.
+
+    The end-of-training value (however training stops: max_epochs, max_steps, max_time) is logged at
+    the final global step, unless the last evaluation was at that step already. Generates
+    `num_samples` images (labels cycling over the classes, a fixed seed, so epochs differ only by
+    training) and compares them with the first `num_samples` validation images from
     `trainer.datamodule.real_images(num, split="val")`. Real features are computed once per run.
     With a few hundred samples FID is biased upwards (its covariances need >= feature_dim samples to be
     full rank): read it as a trend within a run; the paper's numbers use 50k samples.
 
     Args:
-        every_n_epochs: evaluate at the end of every this many validation epochs.
+        every_n_epochs: evaluate at the end of every this many validation epochs, and at the end of
+            training; 0 = never during training (testing still logs "test/fid").
         num_samples: generated and real images compared.
         batch_size: generation and feature-extraction batch size.
         weights_path: local torch-fidelity Inception file (`INCEPTION_FILE`, from `INCEPTION_URL`).
@@ -81,46 +95,66 @@ class FIDCallback(pl.Callback):
         self._metrics: dict[str, Metric] | None = None
         self._disabled = False
         self._real_done = False
+        self._evaluated_at: int | None = None  # global step of the last training-time evaluation
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and is_due(trainer.current_epoch, self.every_n_epochs):
             self._evaluate_and_log(trainer, pl_module, "val")
+            self._evaluated_at = trainer.global_step
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs > 0 and self._evaluated_at != trainer.global_step:
+            scores = self.evaluate(pl_module, trainer.datamodule)
+            log_at_train_end(trainer, {f"val/{name}": value for name, value in scores.items()})
+            self._evaluated_at = trainer.global_step
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._evaluate_and_log(trainer, pl_module, "test")
 
     def _evaluate_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not trainer.is_global_zero:
-            return
         for name, value in self.evaluate(pl_module, trainer.datamodule).items():
-            pl_module.log(f"{stage}/{name}", value, rank_zero_only=True)
+            pl_module.log(f"{stage}/{name}", value, sync_dist=True)  # the same value in every process
 
     @torch.inference_mode()  # as in Lightning's eval loops: the metric states are made and updated in it
     def evaluate(self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule) -> dict[str, float]:
-        """Compute the scores now: {"fid": ..., "kid": ...}; {} when the metric is unavailable."""
+        """Compute the scores now: {"fid": ..., "kid": ...}; {} when the metric is unavailable.
+
+        Under torch.distributed every process must call it (each computes its share, then they sync).
+        """
         if self._disabled:
             return {}
         if not hasattr(pl_module, "generate") or not hasattr(datamodule, "real_images"):
             self._disable("FIDCallback: needs `pl_module.generate` and `datamodule.real_images`; skipped.")
             return {}
+        device, (rank, world) = pl_module.device, process_share()
         real = datamodule.real_images(self.num_samples, split="val")
-        metrics = self._get_metrics(pl_module.device, tuple(real.shape[1:]), len(real))
-        if metrics is None:
+        if len(real) < world:
+            self._disable(f"FIDCallback: {len(real)} images cannot be shared by {world} processes; FID is skipped "
+                          f"(set num_samples >= {world} in the FIDCallback's init_args).")
             return {}
-        device = pl_module.device
+        metrics = self._get_metrics(device, tuple(real.shape[1:]), len(real))
+        if not all_ranks_agree(metrics is not None, device):
+            if metrics is not None:
+                self._disable("FIDCallback: the metric failed to load in another process; FID is skipped.")
+            return {}
+        chunk = min(self.batch_size, -(-len(real) // world))  # every process gets at least one chunk
         if not self._real_done:  # the metrics keep real features across reset()
-            for batch in real.split(self.batch_size):
+            for batch in real.split(chunk)[rank::world]:
                 for metric in metrics.values():
                     metric.update(batch.to(device), real=True)
             self._real_done = True
         labels = cycle_labels(len(real), pl_module.num_classes)
         with eval_mode(pl_module):
-            for out in generate_batches(pl_module, labels, self.batch_size, self.seed):
+            for out in generate_batches(pl_module, labels, chunk, self.seed, rank=rank, world_size=world):
                 for metric in metrics.values():
                     metric.update(out["images"].to(device), real=False)
         scores = {"fid": float(metrics["fid"].compute())}
         if "kid" in metrics:
-            scores["kid"] = float(metrics["kid"].compute()[0])  # (mean, std) over subsets
+            kid = metrics["kid"]
+            # KID keeps lists of feature tensors and gathers them one by one: one tensor per process, or
+            # processes with different numbers of chunks would pair up mismatched collectives.
+            kid.real_features, kid.fake_features = [dim_zero_cat(kid.real_features)], [dim_zero_cat(kid.fake_features)]
+            scores["kid"] = float(kid.compute()[0])  # (mean, std) over subsets
         for metric in metrics.values():
             metric.reset()
         return scores
@@ -138,7 +172,7 @@ class FIDCallback(pl.Callback):
         return self._metrics
 
     def _build_metrics(self, image_shape: tuple, n: int) -> dict[str, Metric]:
-        common = {"reset_real_features": False, "sync_on_compute": False}
+        common = {"reset_real_features": False, "sync_on_compute": True}  # states summed over processes
         if self.feature_extractor is not None:
             fid = FrechetInceptionDistance(
                 feature=self.feature_extractor, input_img_size=image_shape, **common
@@ -163,8 +197,8 @@ class FIDCallback(pl.Callback):
             f"FIDCallback: could not load the Inception weights ({err!r}); FID is skipped for this run, "
             f"training goes on. FID needs torch-fidelity's pt_inception weights file {INCEPTION_FILE} "
             f"(from {INCEPTION_URL}). Offline, copy it into the torch hub cache ({hub_checkpoint_dir()}) "
-            f"or set `weights_path: /path/to/{INCEPTION_FILE}` in the FIDCallback's init_args "
-            "(trainer.callbacks in the config)."
+            f"or set it with --fid.init_args.weights_path /path/to/{INCEPTION_FILE} (or under `fid:` in the config); "
+            "--fid null removes FID."
         )
 
     def _disable(self, message: str) -> None:

@@ -8,7 +8,9 @@ torchmetrics' LPIPS has two parts with different sources:
   file, so `weights_path:` points torch.hub at a temporary hub folder in which the expected file name
   links to your file; torch.hub loads a cached file as is (the hash is only checked on download).
 When the backbone is neither cached, nor given, nor downloadable, the callback warns once and skips.
-Like `FIDCallback`, the metric lives in the callback (not in checkpoints) and only global rank 0 computes.
+Like `FIDCallback`, the metric lives in the callback (not in checkpoints); under torch.distributed each
+process generates its share of the classes (one chunk per class, seeded `seed + j`) and the pair scores
+are summed over processes, so every process logs the one-process value.
 """
 
 import os
@@ -19,7 +21,15 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-from callbacks.order_dump import eval_mode, generate_batches, is_due
+from callbacks.order_dump import (
+    all_ranks_agree,
+    all_sum,
+    eval_mode,
+    generate_batches,
+    is_due,
+    log_at_train_end,
+    process_share,
+)
 from models.weights import BACKBONE_URLS, build_lpips, hub_checkpoint_dir
 
 # AlexNet's stride-4 stem and pools shrink a 28-32 px image to nothing; LPIPS sees at least this size.
@@ -36,10 +46,11 @@ def classes_to_eval(num_classes: int, k: int) -> torch.Tensor:
 class LPIPSDiversityCallback(pl.Callback):
     """Log "val/lpips_diversity": mean LPIPS over all pairs of samples of the same class.
 
-    Higher means more varied samples; a collapsing model drifts towards 0.
+    Higher means more varied samples; a collapsing model drifts towards 0. Also evaluated when training
+    ends (logged at the final global step) unless the last evaluation was at that step.
 
     Args:
-        every_n_epochs: evaluate at the end of every this many validation epochs.
+        every_n_epochs: evaluate at the end of every this many validation epochs and of training; 0 = never.
         samples_per_class: samples generated per evaluated class (>= 2).
         num_classes_to_eval: classes evaluated, spread evenly over the label range.
         net_type: LPIPS backbone: "alex", "vgg" or "squeeze".
@@ -70,35 +81,56 @@ class LPIPSDiversityCallback(pl.Callback):
         self.seed = seed
         self._metric: LearnedPerceptualImagePatchSimilarity | None = None
         self._disabled = False
+        self._evaluated_at: int | None = None  # global step of the last evaluation
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
-            return
-        if is_due(trainer.current_epoch, self.every_n_epochs):
+        if not trainer.sanity_checking and is_due(trainer.current_epoch, self.every_n_epochs):
             value = self.evaluate(pl_module)
             if value is not None:
-                pl_module.log("val/lpips_diversity", value, rank_zero_only=True)
+                pl_module.log("val/lpips_diversity", value, sync_dist=True)  # the same value in every process
+            self._evaluated_at = trainer.global_step
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs > 0 and self._evaluated_at != trainer.global_step:
+            value = self.evaluate(pl_module)
+            if value is not None:
+                log_at_train_end(trainer, {"val/lpips_diversity": value})
+            self._evaluated_at = trainer.global_step
 
     @torch.inference_mode()  # as in Lightning's eval loops: the metric states are made and updated in it
     def evaluate(self, pl_module: pl.LightningModule) -> float | None:
-        """Mean pairwise same-class LPIPS of fresh samples; None when LPIPS is unavailable."""
-        metric = self._get_metric(pl_module)
-        if metric is None:
+        """Mean pairwise same-class LPIPS of fresh samples; None when LPIPS is unavailable.
+
+        Under torch.distributed every process must call it (each scores its share, then they sum).
+        """
+        if self._disabled:
             return None
+        metric = self._get_metric(pl_module)
+        if not all_ranks_agree(metric is not None, pl_module.device):
+            if metric is not None:
+                self._disable("the backbone failed to load in another process; LPIPS diversity is skipped.")
+            return None
+        rank, world = process_share()
         classes = classes_to_eval(pl_module.num_classes, self.num_classes_to_eval)
         labels = classes.repeat_interleave(self.samples_per_class)
         first, second = torch.triu_indices(self.samples_per_class, self.samples_per_class, offset=1)
+        pairs = 0
         with eval_mode(pl_module):
-            # One class per batch: batch_size = samples_per_class.
-            for out in generate_batches(pl_module, labels, self.samples_per_class, self.seed):
+            # One class per chunk (batch_size = samples_per_class), so a process's share is whole classes.
+            for out in generate_batches(pl_module, labels, self.samples_per_class, self.seed, rank=rank,
+                                        world_size=world):
                 images = out["images"].to(metric.device).float() / 255
                 if min(images.shape[-2:]) < MIN_LPIPS_PX:
                     # clamp: rounding may overshoot 1 by an ulp, and torchmetrics rejects that
                     images = F.interpolate(images, size=MIN_LPIPS_PX, mode="bilinear").clamp(0, 1)
                 metric.update(images[first], images[second])
-            value = float(metric.compute())  # the mean over all pairs (same count per class)
+                pairs += len(first)
+        local = torch.tensor([0.0, pairs], device=metric.device)  # (sum of pair scores, pairs) of this process
+        if pairs:
+            local[0] = metric.compute() * pairs
         metric.reset()
-        return value
+        total = all_sum(local)
+        return float(total[0] / total[1])  # the mean over all pairs (same count per class)
 
     def _get_metric(self, pl_module: pl.LightningModule) -> LearnedPerceptualImagePatchSimilarity | None:
         if self._disabled:
