@@ -35,6 +35,7 @@ from callbacks.order_dump import (
     all_ranks_agree,
     cycle_labels,
     eval_mode,
+    final_evaluation_due,
     generate_batches,
     is_due,
     log_at_train_end,
@@ -103,7 +104,7 @@ class FIDCallback(pl.Callback):
             self._evaluated_at = trainer.global_step
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_n_epochs > 0 and self._evaluated_at != trainer.global_step:
+        if final_evaluation_due(trainer, self.every_n_epochs, self._evaluated_at):
             scores = self.evaluate(pl_module, trainer.datamodule)
             log_at_train_end(trainer, {f"val/{name}": value for name, value in scores.items()})
             self._evaluated_at = trainer.global_step

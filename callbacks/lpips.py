@@ -25,6 +25,7 @@ from callbacks.order_dump import (
     all_ranks_agree,
     all_sum,
     eval_mode,
+    final_evaluation_due,
     generate_batches,
     is_due,
     log_at_train_end,
@@ -91,7 +92,7 @@ class LPIPSDiversityCallback(pl.Callback):
             self._evaluated_at = trainer.global_step
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_n_epochs > 0 and self._evaluated_at != trainer.global_step:
+        if final_evaluation_due(trainer, self.every_n_epochs, self._evaluated_at):
             value = self.evaluate(pl_module)
             if value is not None:
                 log_at_train_end(trainer, {"val/lpips_diversity": value})

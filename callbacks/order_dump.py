@@ -43,6 +43,15 @@ def is_due(epoch: int, every_n_epochs: int) -> bool:
     return every_n_epochs > 0 and (epoch + 1) % every_n_epochs == 0
 
 
+def final_evaluation_due(trainer: pl.Trainer, every_n_epochs: int, last_step: int | None) -> bool:
+    """Whether a callback evaluating every `every_n_epochs` (0 = never) should evaluate as training ends.
+
+    Not when its last evaluation was at this global step already, and not under `fast_dev_run` (a smoke
+    test of the loops, for which Lightning also turns loggers and checkpoints off).
+    """
+    return every_n_epochs > 0 and last_step != trainer.global_step and not trainer.fast_dev_run
+
+
 @contextmanager
 def eval_mode(module: torch.nn.Module) -> Iterator[None]:
     """Eval mode and no autograd for sampling; the module's previous train/eval mode comes back after."""
@@ -172,7 +181,7 @@ class OrderDumpCallback(pl.Callback):
             self.dump(trainer, pl_module, f"epoch_{trainer.current_epoch}")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_n_epochs > 0:
+        if final_evaluation_due(trainer, self.every_n_epochs, None):  # written even if this step's dump exists
             self.dump(trainer, pl_module, "final")
 
     def dump(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> Path | None:

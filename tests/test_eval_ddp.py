@@ -162,6 +162,16 @@ def test_an_evaluation_at_the_final_step_is_reused(tmp_path):
     assert all(np.array_equal(epoch[k], final[k]) for k in epoch.files if k != "epoch")  # the same samples
 
 
+def test_no_final_evaluation_under_fast_dev_run(tmp_path):
+    fid = FIDCallback(every_n_epochs=10, num_samples=NUM_SAMPLES, batch_size=BATCH, feature_extractor=ColourStats())
+    trainer = Trainer(fast_dev_run=2, accelerator="cpu", callbacks=[fid, OrderDumpCallback(every_n_epochs=10)],
+                      default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False)
+    model = RecordingAR()
+    trainer.fit(model, datamodule=FakeData())
+    assert trainer.global_step == 2 and not model.generated and "val/fid" not in trainer.callback_metrics
+    assert not (tmp_path / "orders").exists()
+
+
 # ---- (3) through the CLI: FID and the order dump run when a max_steps fit ends; FID removable ---------------------
 FID_ARGS = ("--fid.init_args.feature_extractor", "tests.test_eval_callbacks.ColourStats",
             "--fid.init_args.num_samples", "8", "--fid.init_args.batch_size", "8")
