@@ -40,6 +40,7 @@ from callbacks.order_dump import (
     is_due,
     log_at_train_end,
     process_share,
+    share_chunk_size,
 )
 from models.weights import download_timeout, hub_checkpoint_dir
 
@@ -138,7 +139,7 @@ class FIDCallback(pl.Callback):
             if metrics is not None:
                 self._disable("FIDCallback: the metric failed to load in another process; FID is skipped.")
             return {}
-        chunk = min(self.batch_size, -(-len(real) // world))  # every process gets at least one chunk
+        chunk = share_chunk_size(len(real), self.batch_size, world)
         if not self._real_done:  # the metrics keep real features across reset()
             for batch in real.split(chunk)[rank::world]:
                 for metric in metrics.values():

@@ -84,6 +84,11 @@ def generate_batches(
                                      choice_generator=choice_generator(seed + j, pl_module.device))
 
 
+def share_chunk_size(num: int, batch_size: int, world_size: int) -> int:
+    """`batch_size`, or less so that `num` (>= world_size) samples make >= world_size chunks (one per process)."""
+    return max(1, min(batch_size, num // world_size))
+
+
 def process_share() -> tuple[int, int]:
     """(rank, world size) of this process in the default torch.distributed group; (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():

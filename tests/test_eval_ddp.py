@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from callbacks.fid import FIDCallback
 from callbacks.lpips import LPIPSDiversityCallback
-from callbacks.order_dump import OrderDumpCallback
+from callbacks.order_dump import OrderDumpCallback, share_chunk_size
 from tests.conftest import CONFIGS, REPO, SMALL_DATA, copy_run, fit
 from tests.test_eval_callbacks import ColourStats, FakeAR, FakeData, make_trainer, smooth_images
 
@@ -146,6 +146,15 @@ def test_two_processes_share_the_samples_and_log_the_one_process_values(tmp_path
         assert sorted(union) == sorted(whole) and sum(len(labels) for labels, _ in union.values()) == NUM_SAMPLES
         for seed, (labels, images) in whole.items():
             assert torch.equal(union[seed][0], labels) and torch.equal(union[seed][1], images)
+
+
+def test_share_chunk_size_gives_every_process_a_chunk():
+    for world in range(1, 9):
+        for num in range(world, 60):
+            for batch in range(1, 12):
+                size = share_chunk_size(num, batch, world)
+                assert 1 <= size <= batch and -(-num // size) >= world, (num, batch, world)
+    assert share_chunk_size(256, 64, 2) == 64 and share_chunk_size(256, 64, 8) == 32
 
 
 # ---- (2) an evaluation at the final step is not repeated when training ends ------------------------------------
