@@ -26,6 +26,7 @@ from callbacks.fid import FIDCallback
 from callbacks.lpips import LPIPSDiversityCallback
 from callbacks.order_dump import OrderDumpCallback, share_chunk_size
 from tests.conftest import CONFIGS, REPO, SMALL_DATA, copy_run, fit
+from tests.ddp import ATTEMPTS, TIMEOUT_S, free_port, is_infrastructure_failure
 from tests.test_eval_callbacks import ColourStats, FakeAR, FakeData, make_trainer, smooth_images
 
 NUM_SAMPLES, BATCH = 12, 4  # 3 chunks of 4: two for one process, one for the other
@@ -40,8 +41,8 @@ class RecordingAR(FakeAR):
         super().__init__(num_classes=3, kind="smooth")
         self.generated = []
 
-    def generate(self, labels, generator=None, policy=None) -> dict:
-        out = super().generate(labels, generator=generator, policy=policy)
+    def generate(self, labels, generator=None, policy=None, choice_generator=None) -> dict:
+        out = super().generate(labels, generator=generator, policy=policy, choice_generator=choice_generator)
         self.generated.append((self.trainer.global_step, generator.initial_seed(), labels.clone(), out["images"]))
         return out
 
@@ -97,17 +98,15 @@ def script(out: str, devices: int, backbone: str) -> None:
 
 
 # ---- (1) two processes share the samples and agree on the values of one process --------------------------------
-RENDEZVOUS_ERRORS = ("Address already in use", "EADDRINUSE", "DistNetworkError", "TCPStore")
-
-
-def run_script(out: Path, devices: int, backbone: Path) -> list[dict]:
-    """Run the script; retry once if the process group failed to start (a port taken by another job)."""
-    out.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(Path(__file__).resolve()), str(out), str(devices), str(backbone)]
-    for attempt in range(2):
-        result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=600)
-        if result.returncode == 0 or attempt or not any(e in result.stderr for e in RENDEZVOUS_ERRORS):
+def run_script(root: Path, devices: int, backbone: Path) -> list[dict]:
+    """Run the script in a fresh folder on a fresh port; retried when the process group fails to start."""
+    for attempt in range(1, ATTEMPTS + 1):
+        out = root / f"attempt{attempt}"
+        out.mkdir(parents=True)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+        command = [sys.executable, str(Path(__file__).resolve()), str(out), str(devices), str(backbone)]
+        result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        if result.returncode == 0 or not is_infrastructure_failure(result.stderr, result.returncode):
             break
     assert result.returncode == 0, result.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(devices)]
