@@ -4,6 +4,7 @@ Shapes: b batch, n tokens = h*w, h/w token grid, d feature width, M samples, C c
 """
 
 import hashlib
+import logging
 import os
 import platform
 import statistics
@@ -18,19 +19,20 @@ from lightning.pytorch import LightningDataModule
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 
 from callbacks.heatmaps import labelled_maps_image, mean_step_map, samples_with_heatmaps_grid
 from callbacks.lpips import MIN_LPIPS_PX
 from callbacks.order_dump import cycle_labels
+from datamodules.sources import scene_rates
+from evaluation import SmallConvNetFeatures, features, head_scores, label_accuracy, targets_for, train_feature_net
 from lightning_modules.any_order import AnyOrderModule, SamplerSettings
 from models.checkpoint import build_net, load_net, net_spec
 from models.extraction import extract_orders, nll_under_order
-from models.feature_net import SmallConvNetFeatures, accuracy, features, train_classifier
 from models.orders import random_order, raster_order
 from models.sampling import choice_generator
 from models.weights import build_lpips
+
+log = logging.getLogger("oar.compare")
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -49,12 +51,22 @@ def build_datamodule(config_files: list[str], overrides: dict) -> LightningDataM
     return parser.instantiate(parsed).data
 
 
-def split_images(dm, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (N,3,H,W) and labels (N,) of a split, the first `limit` of them."""
-    train_idx, val_idx = dm.split_indices()
-    indices = (val_idx if split == "val" else train_idx)[:limit]
-    items = [dm.source[int(i)] for i in indices]
+def images_of(source, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N,3,H,W) and labels (N,) of items `indices` of a source."""
+    items = [source[int(i)] for i in indices]
     return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
+
+
+def held_out_halves(dm, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validation indices of two disjoint real sets A and B of `m` images each (no network trains on them).
+
+    Samples are compared with B; the reference row compares A with B (the metric's floor at this size).
+    """
+    val_idx = dm.split_indices()[1]
+    if len(val_idx) < 2 * m:
+        raise ValueError(f"the validation split holds {len(val_idx)} images, the comparison needs 2 x {m} "
+                         f"(two held-out halves): raise --val-images or max_val_images, or lower --samples")
+    return val_idx[:m], val_idx[m:2 * m]
 
 
 def val_tokens(dm, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,58 +77,95 @@ def val_tokens(dm, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # -------------------------------------------------------------------------------- feature network
-def feature_net_for(dm, path: Path, epochs: int, max_train_images: int = 20000) -> tuple:
+FEATURE_SEED = 1_000_003  # seed of the fresh synthetic images the feature network learns from (no split uses it)
+
+
+def feature_net_for(dm, path: Path, epochs: int, feature_images: int, check: torch.Tensor) -> tuple:
     """The domain feature network of this dataset, trained once and cached under `path`.
 
-    The cache is keyed by the dataset fingerprint and the network's settings; anything else retrains.
+    On a source with scene factors (the synthetic sunsets) it learns them from `feature_images` fresh
+    renders of another seed; on other data it learns the class from the first `feature_images`
+    training images. It never sees the validation images the comparison uses as real references.
+    The cache is keyed by the data, the split and the network's settings; anything else retrains.
+
+    Args:
+        check: held-out (validation) indices its per-head scores are measured on.
 
     Returns:
-        (net in eval mode, info dict with val_accuracy, train images, epochs, seconds).
+        (net in eval mode, info dict: train images, epochs, seconds, label_head, held-out scores per head).
     """
-    net = SmallConvNetFeatures(num_classes=dm.num_classes)
+    source = dm.source
+    structured = hasattr(source, "scene_heads")
+    if structured:  # the scene parameters are known for any number of fresh images
+        source = source.with_seed(FEATURE_SEED + source.seed, feature_images)
+        train_idx = torch.arange(feature_images)
+    else:
+        train_idx = dm.split_indices()[0][:feature_images]
+    heads, _, label_head = targets_for(dm.source, check[:1], torch.zeros(1))
+    # width 16 learns the scene factors as well as 32 at a third of the time (measured); classes keep 32
+    net = SmallConvNetFeatures(heads, width=16 if structured else 32)
     split = hashlib.sha256(torch.cat(dm.split_indices()).numpy().tobytes()).hexdigest()[:16]
-    key = {"fingerprint": dm.source.fingerprint(), "split": split, "net_spec": net_spec(net),
-           "epochs": epochs, "max_train_images": max_train_images}
+    key = {"fingerprint": source.fingerprint(), "split": split, "net_spec": net_spec(net), "epochs": epochs,
+           "feature_images": feature_images, "check": check.tolist()}
     if path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=False)
         if saved["key"] == key:
             net = build_net(saved["key"]["net_spec"])
             net.load_state_dict(saved["state_dict"])
-            print(f"  feature net: reusing {path} (val accuracy {saved['info']['val_accuracy']:.3f})", flush=True)
+            log.info("feature net: reusing %s", path)
             return net.eval(), saved["info"]
-    train_x, train_y = split_images(dm, "train", max_train_images)
-    val_x, val_y = split_images(dm, "val", 2000)
-    print(f"  feature net: training on {len(train_x)} real train images for {epochs} epochs", flush=True)
-    info = train_classifier(net, train_x, train_y, max_epochs=epochs)
-    info.update(val_accuracy=accuracy(net, val_x, val_y), train_images=len(train_x), val_images=len(val_x))
+    train_x, train_y = images_of(source, train_idx)
+    _, targets, _ = targets_for(source, train_idx, train_y)
+    trained_on = f"{len(train_x)} {'fresh synthetic' if structured else 'real train'} images"
+    log.info("feature net: training on %s for %d epochs", trained_on, epochs)
+    info = train_feature_net(net, train_x, targets, max_epochs=epochs, flip=not structured)
+    check_x, check_y = images_of(dm.source, check)
+    info.update(trained_on=trained_on, label_head=label_head, heads=heads,
+                scores=head_scores(net, check_x, targets_for(dm.source, check, check_y)[1]), check_images=len(check))
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"key": key, "state_dict": net.state_dict(), "info": info}, path)
-    print(f"  feature net: val accuracy {info['val_accuracy']:.3f} after {info['epochs']:.1f} epochs "
-          f"({info['seconds']:.0f} s)", flush=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": key, "state_dict": net.state_dict(), "info": info}, tmp)
+    tmp.replace(path)
+    log.info("feature net: %s after %.1f epochs (%.0f s)", scores_text(info["scores"]), info["epochs"], info["seconds"])
     return net, info
 
 
-def build_fid_kid(feature_net, inception_weights: str | None, m: int) -> tuple:
-    """torchmetrics FID and KID on one shared feature network (uint8 inputs, normalize=False)."""
-    if inception_weights:
-        fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=inception_weights)
-    else:
-        fid = FrechetInceptionDistance(feature=feature_net)
-    kid = KernelInceptionDistance(feature=fid.inception, subset_size=min(1000, m), subsets=50)
-    return fid.eval(), kid.eval()  # eval: a custom network's BatchNorm must use its running statistics
+def scores_text(scores: dict) -> str:
+    """Held-out head scores in one line: accuracy of classifiers, R² of regressions."""
+    return ", ".join(f"{name} {'acc' if 'accuracy' in s else 'R²'} {s.get('accuracy', s.get('r2')):.3f}"
+                     for name, s in scores.items())
 
 
+def feature_name(info: dict, inception: bool) -> str:
+    """How the table's FID space was made, for the report header."""
+    if inception:
+        return "Inception-v3 pool3 (2048-d, torch-fidelity weights)"
+    return (f"SmallConvNetFeatures (128-d penultimate layer of a small CNN trained for {info['epochs']:.0f} epochs "
+            f"on {info['trained_on']} to predict {', '.join(info['heads'])}; held-out scores on "
+            f"{info['check_images']} validation images: {scores_text(info['scores'])})")
+
+
+# ------------------------------------------------------------------------------------------ rows
 @torch.no_grad()
-def fid_kid(metrics: tuple, real: torch.Tensor, fake: torch.Tensor, batch_size: int = 256) -> dict:
-    """FID and KID (mean over subsets) of `fake` against `real`, both uint8 (M,3,H,W)."""
-    for metric in metrics:
-        metric.reset()
-        for x in real.split(batch_size):
-            metric.update(x.to(metric.device), real=True)
-        for x in fake.split(batch_size):
-            metric.update(x.to(metric.device), real=False)
-    fid, kid = metrics
-    return {"fid": float(fid.compute()), "kid": float(kid.compute()[0])}
+def reconstruct(tokenizer, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """uint8 images (N,3,H,W) passed through the tokenizer (encode, decode): what no AR model can beat."""
+    device = next(tokenizer.parameters()).device
+    out = []
+    for x in images.split(batch_size):
+        y = tokenizer.decode_indices(tokenizer.encode(x.to(device).float().div(127.5).sub(1.0)))
+        out.append(y.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu())
+    return torch.cat(out)
+
+
+def image_metrics(ctx: dict, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Every image-level column of one row: FID/KID against the real set B, class accuracy (conditional
+    data), consistency and sun/cloud shares (synthetic), diversity."""
+    m = {**ctx["distances"](images), "diversity": diversity(images, labels, ctx["feature_net"], ctx["lpips"])}
+    if ctx["label_head"] is not None:
+        m["class_accuracy"] = label_accuracy(ctx["feature_net"], ctx["label_head"], images, labels)
+    if ctx["num_hues"]:
+        m.update(scene_rates(images, ctx["num_hues"]))
+    return m
 
 
 # --------------------------------------------------------------------------------------- sampling
@@ -237,10 +286,12 @@ def samples_figure(arms: dict[str, dict], n_steps: int, path: Path, per_arm: int
 
 
 # ----------------------------------------------------------------------------------------- report
-COLUMNS = [("FID ↓", "fid", ".4g"), ("KID ↓", "kid", ".3g"), ("NLL raster", "nll_raster", ".3f"),
-           ("NLL random", "nll_random", ".3f"), ("NLL inferred", "nll_inferred", ".3f"),
-           ("consistency ↑", "consistency", ".3f"), ("diversity", "diversity", ".3f"),
-           ("samples/s", "samples_per_s", ".1f")]
+COLUMNS = [("FID ↓", "fid", ".4g"), ("KID ↓", "kid", ".3g"), ("class acc. ↑", "class_accuracy", ".3f"),
+           ("NLL raster", "nll_raster", ".3f"), ("NLL random", "nll_random", ".3f"),
+           ("NLL inferred", "nll_inferred", ".3f"), ("consistency ↑", "consistency", ".3f"),
+           ("sun found", "sun_share", ".3f"), ("clouds found", "cloud_share", ".3f"),
+           ("diversity", "diversity", ".3f"), ("samples/s", "samples_per_s", ".1f")]
+CEILING, REFERENCE = "tokenizer reconstruction (ceiling)", "real images (reference)"
 
 
 def summarise(per_seed: list[dict]) -> dict:
@@ -255,40 +306,48 @@ def _cell(stat: list[float] | None, spec: str, seeds: int) -> str:
     return f"{stat[0]:{spec}}" + (f" ± {stat[1]:{spec}}" if seeds > 1 else "")
 
 
-def markdown_table(summary: dict, reference: dict, steps: dict, seeds: int, consistency: bool) -> str:
-    """Rows = arms (mean ± std over seeds) and the real-image reference; columns = COLUMNS + train steps."""
-    cols = [c for c in COLUMNS if c[1] != "consistency" or consistency]
+def markdown_table(summary: dict, rows: dict, steps: dict, seeds: int) -> str:
+    """Arms (mean ± std over seeds), then the real-image rows (`rows`: name -> metrics, one value each).
+
+    Columns = the COLUMNS some row has, + train steps.
+    """
+    present = {k for stats in [*summary.values(), *rows.values()] for k in stats}
+    cols = [c for c in COLUMNS if c[1] in present]
     lines = ["| arm | " + " | ".join(c[0] for c in cols) + " | train steps |", "|---|" + "---|" * (len(cols) + 1)]
     for arm, stats in summary.items():
         lines.append(f"| {arm} | " + " | ".join(_cell(stats.get(k), spec, seeds) for _, k, spec in cols)
                      + f" | {steps[arm]} |")
-    ref = [f"{reference[k]:{spec}}" if k in reference else "–" for _, k, spec in cols]
-    return "\n".join(lines + ["| real images (reference) | " + " | ".join(ref) + " | – |"])
+    for name, values in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{values[k]:{spec}}" if k in values else "–" for _, k, spec in cols)
+                     + " | – |")
+    return "\n".join(lines)
 
 
-def how_to_read(samples: int, nll_images: int, batch: int, device: str, feature_name: str, lpips: bool,
+def how_to_read(samples: int, nll_images: int, batch: int, device: str, inception: bool, lpips: bool,
                 quick: bool) -> str:
     div = "mean pairwise LPIPS (AlexNet)" if lpips else (
         "mean pairwise Euclidean distance of L2-normalised feature-network features")
-    caveat = "" if lpips else (
-        " The feature network was trained to map every real image of a class to one label, so real images of "
-        "a class sit close together: sample diversity above the reference row partly measures off-class "
-        "variation, not variety.")
     quick_note = ("\nAt the --quick budget the networks are far from converged (see the NLL columns): the table "
                   "checks the pipeline; compare arms on full runs.") if quick else ""
+    space = "Inception-v3 (pool3)" if inception else "the domain feature network described above"
     return f"""## How to read this
 Rows 2 and 3 are the same network (so the same NLLs); they differ only in the sampling order. Row 4
 starts from that network and is fine-tuned on the orders it extracted from the training images.
-FID and KID compare {samples} samples with {samples} real validation images in the space of
-{feature_name}; with so few samples and a domain network they rank arms within this table only and are not
-comparable with published FIDs (the reference row is FID between as many real train and val images: the
-floor at this sample size). NLL is in bits per token on {nll_images} held-out images, under the raster
-order, one random order per image, and the order the model itself infers (teacher-forced greedy, chosen
-knowing the true tokens, so it is a lower bound rather than a proper likelihood): a raster model is expected
-to be poor under random orders; an order-aware model should be best in its own order.
-Consistency (synthetic only) is the share of images whose cloud tint is the one their sun's hue causes
-(`datamodules.sources.synthetic.consistency_rate`; the reference row is real images). Diversity is the
-{div} among samples of one class (higher = more varied; compare with the reference row).{caveat}
+FID and KID compare {samples} samples with a set B of {samples} real validation images in the space of
+{space}; with so few samples they rank arms within this table only and are not comparable with
+published FIDs. The validation images are split into two disjoint halves A and B that no
+network trained on: the reference row is A against B, the floor of the metric at this sample size; the
+ceiling row is A passed through the tokenizer (encode, decode) against B: no AR model over these tokens can
+beat it. Class accuracy (class-conditional data) is the share of images the feature network assigns to the
+label they were sampled for (a model that ignores the class scores near 1 / classes).
+NLL is in bits per token on {nll_images} held-out images, under the raster order, one random order per
+image, and the order the model itself infers (teacher-forced greedy, chosen knowing the true tokens, so it
+is a lower bound rather than a proper likelihood): a raster model is expected to be poor under random
+orders; an order-aware model should be best in its own order.
+Synthetic data only: consistency is the share of images whose cloud tint is the one their sun's hue causes;
+sun found and clouds found are the shares of images in which the analyser finds a sun and clouds at all
+(`datamodules.sources.synthetic.scene_rates`); an image without a sun or clouds is not consistent.
+Diversity is the {div} among samples of one class (higher = more varied; compare with the reference row).
 Samples/s is the sampler's throughput at batch {batch} on {device}, tokenizer decoding included (it
 depends on the machine's load: see the load averages above).
 ± is the standard deviation over seeds. Train steps: stage-1 steps, plus the fine-tune for OAR

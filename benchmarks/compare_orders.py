@@ -5,8 +5,12 @@
   3. the same any-order model sampled in confidence order (OAR before distillation);
   4. OAR after order distillation (orders extracted by the any-order model, fine-tuned, confidence order).
 
+and two rows of real held-out images: the tokenizer's reconstructions (the ceiling of any AR model over
+its tokens) and the reference (half A of the validation images against half B, the metric's floor).
+
     python benchmarks/compare_orders.py --data synthetic --preset small --seeds 1 --quick   (the quickstart)
     python benchmarks/compare_orders.py --data fashion_mnist --preset small --seeds 3
+    python benchmarks/compare_orders.py --data synthetic_untinted --quick   (untinted sky, unconditional)
 
 Every stage runs in-process through `run.main` with the repository's stage configs, the data overlay
 `configs/data/<data>.yaml` and the size presets, in its own folder under `results/<data>/<preset>/`
@@ -21,6 +25,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -36,17 +41,19 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 import run  # noqa: E402
 from benchmarks import compare_eval as ev  # noqa: E402
+from evaluation import FeatureDistances  # noqa: E402
 from lightning_modules.any_order import SamplerSettings  # noqa: E402
+from models.checkpoint import load_net  # noqa: E402
 
 CONFIGS = ROOT / "configs"
 # Budgets per mode: training steps per stage and evaluation sizes (measured on a 2-core CPU, see README).
 MODES = {
     "full": dict(tokenizer_steps=2000, steps=2000, finetune_steps=500, samples=1000, nll_images=500,
-                 feature_epochs=6, train_images=10000, val_images=1000, limit_val_batches=None),
+                 feature_epochs=6, feature_images=10000, train_images=10000, val_images=1000, limit_val_batches=None),
     "quick": dict(tokenizer_steps=300, steps=160, finetune_steps=40, samples=256, nll_images=64,
-                  feature_epochs=20, train_images=800, val_images=500, limit_val_batches=4),
+                  feature_epochs=10, feature_images=4000, train_images=800, val_images=500, limit_val_batches=4),
     "smoke": dict(tokenizer_steps=3, steps=3, finetune_steps=2, samples=16, nll_images=16, feature_epochs=1,
-                  train_images=48, val_images=16, limit_val_batches=1),
+                  feature_images=64, train_images=48, val_images=16, limit_val_batches=1),
 }
 # (arm, stage whose checkpoint it samples, sampling policy, short name for figure panels)
 ARMS = [("raster AR", "raster", "raster", "1 raster"),
@@ -62,9 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (one tokenizer for all)")
     p.add_argument("--quick", action="store_true", help="fewer steps, images and samples (the 20-minute quickstart)")
     p.add_argument("--smoke", action="store_true", help="tiny presets, 64 images, a few steps (tests)")
-    for name in ("tokenizer-steps", "steps", "finetune-steps", "samples", "nll-images", "train-images"):
+    for name in ("tokenizer-steps", "steps", "finetune-steps", "samples", "nll-images", "train-images", "val-images"):
         p.add_argument(f"--{name}", type=int, default=None, help="override the mode's default (train-images 0: all)")
     p.add_argument("--feature-epochs", type=int, default=None, help="training epochs of the domain feature network")
+    p.add_argument("--feature-images", type=int, default=None,
+                   help="its training images (synthetic: fresh renders of another seed; else the first train images)")
     p.add_argument("--fair-budget", action="store_true",
                    help="the raster arm trains stage-1 + fine-tune steps (OAR's total); any-order rows stay at stage 1")
     p.add_argument("--sample-batch", type=int, default=64)
@@ -118,16 +127,17 @@ def data_overrides(args: argparse.Namespace, folder: Path) -> dict:
     """Dotted `data.` overrides shared by every stage and the evaluation (one split everywhere).
 
     `train_images` shrinks the training split (order extraction costs ~n^2/2 position queries per
-    training image) and `val_images` caps validation (at least what the evaluation needs); the
-    synthetic source is rendered at exactly that size, others are split with `val_fraction`.
+    training image) and `val_images` caps validation (at least what the evaluation needs: two held-out
+    halves of `samples` images); the synthetic source is rendered at exactly that size, others are
+    split with `val_fraction`.
     """
     overrides = {"data.init_args.cache_dir": str(folder / "cache")}
     if args.smoke:  # drop_last would leave no training batch of 64
         overrides["data.init_args.batch_size"] = 16
-    n_train, n_val = args.train_images, max(args.samples, args.nll_images, args.val_images)
+    n_train, n_val = args.train_images, max(2 * args.samples, args.nll_images, args.val_images)
     if not n_train:
         return overrides
-    if args.data == "synthetic":
+    if is_synthetic(args):
         overrides["data.init_args.source.init_args.num_images"] = n_train + n_val
         overrides["data.init_args.val_fraction"] = n_val / (n_train + n_val)
         return overrides
@@ -136,6 +146,11 @@ def data_overrides(args: argparse.Namespace, folder: Path) -> dict:
         overrides["data.init_args.val_fraction"] = 1 - n_train / total
         overrides["data.init_args.max_val_images"] = n_val
     return overrides
+
+
+def is_synthetic(args: argparse.Namespace) -> bool:
+    """Every `synthetic*` data overlay renders sunsets: the analyser's columns apply."""
+    return args.data.startswith("synthetic")
 
 
 def config_value(stage_config: str, key: str):
@@ -234,7 +249,8 @@ def evaluate_seed(args, ckpts: dict, ctx: dict, seed: int) -> tuple[dict, dict]:
     """Metrics of the four arms for one seed (cached in seed<k>/eval.pt) and their samples."""
     key = {"ckpts": {k: sha256(v) for k, v in ckpts.items()}, "samples": args.samples, "nll": args.nll_images,
            "sampler": ctx["sampler"], "sample_seed": args.sample_seed, "sample_batch": args.sample_batch,
-           "features": [ctx["feature_name"], ctx["feature_info"]], "lpips": args.lpips_weights, "device": args.device}
+           "features": [ctx["feature_name"], ctx["feature_info"]], "real": ctx["real_key"],
+           "lpips": args.lpips_weights, "device": args.device}
     cache = ctx["folder"] / f"seed{seed}" / "eval.pt"
     if cache.is_file():
         saved = torch.load(cache, weights_only=False)
@@ -251,44 +267,38 @@ def evaluate_seed(args, ckpts: dict, ctx: dict, seed: int) -> tuple[dict, dict]:
         if stage not in nll:  # rows 2 and 3 share the model
             tokens, labels = ctx["val_tokens"]
             nll[stage] = ev.nll_bits(module.net, tokens.to(args.device), labels.to(args.device), seed=1234)
-        m = {**ev.fid_kid(ctx["fid_kid"], ctx["real"], s["images"]), **nll[stage],
-             "diversity": ev.diversity(s["images"], s["labels"], ctx["feature_net"], ctx["lpips"]),
+        m = {**ev.image_metrics(ctx, s["images"], s["labels"]), **nll[stage],
              "samples_per_s": len(s["images"]) / s["seconds"]}
-        if args.data == "synthetic":
-            m["consistency"] = ctx["consistency"](s["images"])
         metrics[arm], samples[arm] = m, {"images": s["images"][:8], "step_maps": s["step_maps"]}
         print(f"[eval]  seed {seed} {arm}: " + ", ".join(f"{k} {v:.3g}" for k, v in m.items())
               + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
-    torch.save({"key": key, "metrics": metrics, "samples": samples}, cache)
+    tmp = cache.with_suffix(".tmp")
+    torch.save({"key": key, "metrics": metrics, "samples": samples}, tmp)
+    tmp.replace(cache)
     return metrics, samples
 
 
-def eval_context(args, folder: Path, dm) -> dict:
-    """What every seed's evaluation shares: real images, feature network, metrics, held-out tokens."""
-    feature_net, info = None, {}
-    if not (args.inception_weights and args.lpips_weights):  # FID or diversity needs the domain network
-        feature_net, info = ev.feature_net_for(dm, args.out / args.data / "feature_net.pt", args.feature_epochs)
-        feature_net = feature_net.to(args.device)
-    real, real_labels = ev.split_images(dm, "val", args.samples)
-    train_real, _ = ev.split_images(dm, "train", len(real))
-    metrics = tuple(m.to(args.device) for m in ev.build_fid_kid(feature_net, args.inception_weights, len(real)))
-    ctx = {"folder": folder, "feature_net": feature_net, "feature_info": info, "real": real, "fid_kid": metrics,
+def eval_context(args, folder: Path, dm, tokenizer_ckpt: Path) -> dict:
+    """What every seed's evaluation shares: held-out real sets, feature network, metrics, held-out tokens,
+    and the two real-image rows (reference: A vs B; ceiling: A through the tokenizer vs B)."""
+    idx_a, idx_b = ev.held_out_halves(dm, args.samples)
+    net, info = ev.feature_net_for(dm, args.out / args.data / "feature_net.pt", args.feature_epochs,
+                                   args.feature_images, check=idx_a)
+    net = net.to(args.device)
+    (real_a, labels_a), (real_b, _) = ev.images_of(dm.source, idx_a), ev.images_of(dm.source, idx_b)
+    ctx = {"folder": folder, "feature_net": net, "feature_info": info, "label_head": info["label_head"],
+           "num_hues": dm.source.num_hues if is_synthetic(args) else 0,
+           "distances": FeatureDistances(real_b, net, args.inception_weights, device=args.device),
+           "real_key": hashlib.sha256(torch.cat([idx_a, idx_b]).numpy().tobytes()).hexdigest()[:16],
            "lpips": ev.make_lpips(args.lpips_weights), "val_tokens": ev.val_tokens(dm, args.nll_images),
            "sampler": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                        "cfg_scale": args.cfg_scale, "score": args.score},
-           "feature_name": ("Inception-v3 pool3 (2048-d, torch-fidelity weights)" if args.inception_weights else
-                            f"SmallConvNetFeatures (128-d penultimate layer of a CNN classifier trained for "
-                            f"{info['epochs']:.0f} epochs on {info['train_images']} real train images; val accuracy "
-                            f"{info['val_accuracy']:.3f})")}
-    if args.data == "synthetic":
-        from datamodules.sources import consistency_rate
-        ctx["consistency"] = lambda images: consistency_rate(images, dm.source.num_hues)
-    # The reference row: real validation images (FID/KID: M train vs M val images, the metric's floor here).
-    ref = {**ev.fid_kid(metrics, real, train_real),
-           "diversity": ev.diversity(real, real_labels, feature_net, ctx["lpips"])}
-    if "consistency" in ctx:
-        ref["consistency"] = ctx["consistency"](real)
-    ctx["reference"] = ref
+           "feature_name": ev.feature_name(info, bool(args.inception_weights))}
+    tokenizer = load_net(tokenizer_ckpt).to(args.device)
+    ctx["rows"] = {ev.CEILING: ev.image_metrics(ctx, ev.reconstruct(tokenizer, real_a), labels_a),
+                   ev.REFERENCE: ev.image_metrics(ctx, real_a, labels_a)}
+    for name, row in ctx["rows"].items():
+        print(f"[eval]  {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()), flush=True)
     return ctx
 
 
@@ -331,15 +341,15 @@ def write_report(args, dm, ctx: dict, per_seed: dict, samples: dict, stages: "St
     text = "\n".join([
         f"# Order comparison: {args.data}, {args.preset} preset", "",
         *(f"- **{k}**: {v}" for k, v in header.items()), "",
-        ev.markdown_table(summary, ctx["reference"], steps, args.seeds, consistency=args.data == "synthetic"), "",
+        ev.markdown_table(summary, ctx["rows"], steps, args.seeds), "",
         "## Sampler settings", "", *(f"- {arm}: {json.dumps(rec)}" for arm, rec in sampler.items()), "",
         f"![samples and order heatmaps]({args.data}_samples.png) (rows top to bottom: "
         + "; ".join(f"{short} = {arm}" for arm, _, _, short in ARMS) + "; then the mean order map per arm)", "",
-        ev.how_to_read(args.samples, args.nll_images, args.sample_batch, args.device, ctx["feature_name"],
-                       lpips=bool(args.lpips_weights), quick=args.quick)])
+        ev.how_to_read(args.samples, args.nll_images, args.sample_batch, args.device,
+                       inception=bool(args.inception_weights), lpips=bool(args.lpips_weights), quick=args.quick)])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.data}.md").write_text(text)
-    result = {"header": header, "summary": summary, "per_seed": per_seed, "reference": ctx["reference"],
+    result = {"header": header, "summary": summary, "per_seed": per_seed, "rows": ctx["rows"],
               "steps": steps, "feature_net": ctx["feature_info"], "stage_times": stages.times, "sampler": sampler}
     (args.out / f"{args.data}.json").write_text(json.dumps(result, indent=1, default=str))
     print(text, flush=True)
@@ -348,6 +358,7 @@ def write_report(args, dm, ctx: dict, per_seed: dict, samples: dict, stages: "St
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     clock = {"wall": time.perf_counter(), "cpu": time.process_time(), "machine": ev.machine(args.device)}
     torch.set_num_threads(pick_threads(args.threads))
     folder = args.out / args.data / args.preset
@@ -357,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
     dm = ev.build_datamodule(config_files("any_order", args, None),
                              {**stages.data, "data.init_args.tokenizer_ckpt": str(tok)})
     print("[eval]  preparing real images, feature network and held-out tokens", flush=True)
-    ctx = eval_context(args, folder, dm)
+    ctx = eval_context(args, folder, dm, tok)
     per_seed, samples = {arm: [] for arm, *_ in ARMS}, None
     for seed, ckpts in enumerate(all_ckpts):
         metrics, seed_samples = evaluate_seed(args, ckpts, ctx, seed)

@@ -1,45 +1,17 @@
-"""The four-arm comparison script: its feature network with torchmetrics' FID/KID (fast), and the
-whole script in --smoke mode (tiny presets, 64 synthetic images; slow).
+"""The four-arm comparison script in --smoke mode (tiny presets, 64 synthetic images; slow).
 
-The end-to-end test checks the plumbing, not the numbers: the table has the four arms with numeric FID
-and NLL columns, the JSON and the figure are written, and a second run reuses every finished stage.
+The end-to-end tests check the plumbing, not the numbers: the table has the four arms with numeric FID
+and NLL columns and the two real-image rows (tokenizer ceiling, held-out reference), the JSON and the
+figure are written, a second run reuses every finished stage, and the untinted unconditional variant
+runs with the analyser's columns but without class accuracy. The feature network and the metrics are
+tested in tests/test_evaluation.py.
 """
 
 import json
 
 import pytest
-import torch
 
-from benchmarks import compare_orders
-from benchmarks.compare_eval import build_fid_kid, fid_kid
-from models.feature_net import SmallConvNetFeatures, accuracy, train_classifier
-
-
-def two_class_images(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dark images (class 0) and bright images (class 1) with noise: uint8 (n,3,32,32), labels (n,)."""
-    labels = torch.arange(n) % 2
-    base = (60 + 120 * labels).view(n, 1, 1, 1).float()
-    noise = torch.randn(n, 3, 32, 32, generator=generator) * 20
-    return (base + noise).clamp(0, 255).to(torch.uint8), labels
-
-
-def test_feature_net_trains_and_serves_torchmetrics_fid_kid():
-    gen = torch.Generator().manual_seed(0)
-    images, labels = two_class_images(64, gen)
-    net = SmallConvNetFeatures(num_classes=2, width=8, feature_dim=16)
-    info = train_classifier(net, images, labels, max_epochs=10, batch_size=16)
-    assert info["steps"] == 40 and not info["capped"] and not net.training  # BatchNorm running stats settle
-    assert accuracy(net, images, labels) > 0.9
-    assert net(images[:5]).shape == (5, 16)
-    with pytest.raises(TypeError):
-        net(images.float())  # uint8 in [0, 255] only: the convention of FID/KID with normalize=False
-
-    metrics = build_fid_kid(net, None, m=16)
-    dark, bright = images[labels == 0], images[labels == 1]
-    same = fid_kid(metrics, dark[:16], dark[16:])
-    different = fid_kid(metrics, dark, bright)
-    assert different["fid"] > 10 * max(same["fid"], 1e-3) and different["kid"] > same["kid"]
-    assert not net.training  # the metrics keep the network's BatchNorm in eval mode
+from benchmarks import compare_eval, compare_orders
 
 
 def table_rows(markdown: str) -> dict[str, dict[str, str]]:
@@ -62,13 +34,19 @@ def test_smoke_comparison_writes_table_json_png_and_reuses_stages(tmp_path, monk
     arms = [arm for arm, *_ in compare_orders.ARMS]
     assert len(arms) == 4 and set(arms) <= set(rows)
     for arm in arms:
-        for column in ("FID ↓", "KID ↓", "NLL raster", "NLL random", "NLL inferred"):
+        for column in ("FID ↓", "KID ↓", "class acc. ↑", "NLL raster", "NLL random", "NLL inferred",
+                       "consistency ↑", "sun found", "clouds found"):
             float(rows[arm][column])  # numeric (one seed: no ± part)
     assert rows["any-order AR, random order"]["NLL inferred"] == rows[arms[2]]["NLL inferred"]  # one model
-    assert "real images (reference)" in rows
+    for row in (compare_eval.CEILING, compare_eval.REFERENCE):  # real held-out images: image columns, no NLL
+        assert float(rows[row]["FID ↓"]) >= 0 and float(rows[row]["class acc. ↑"]) >= 0
+        assert rows[row]["NLL raster"] == "–"
+    assert float(rows[compare_eval.REFERENCE]["consistency ↑"]) == 1.0  # the analyser reads real sunsets
 
     payload = json.loads((tmp_path / "results" / "synthetic.json").read_text())
     assert set(payload["summary"]) == set(arms)
+    assert set(payload["rows"]) == {compare_eval.CEILING, compare_eval.REFERENCE}
+    assert payload["feature_net"]["label_head"] == "hue" and "sun_x" in payload["feature_net"]["scores"]
     assert payload["sampler"][arms[0]]["policy"] == "raster"
     assert payload["sampler"][arms[3]]["num_samples"] == 16
     assert (tmp_path / "results" / "synthetic_samples.png").stat().st_size > 0
@@ -80,3 +58,16 @@ def test_smoke_comparison_writes_table_json_png_and_reuses_stages(tmp_path, monk
     assert all(t["reused"] for t in second["stage_times"].values())
     assert "seed 0: reused" in capsys.readouterr().out  # the evaluation is cached too
     assert second["summary"] == first["summary"]
+
+
+@pytest.mark.slow  # ~15-30 s: the same pipeline on the untinted, unconditional sunsets
+def test_smoke_comparison_on_the_untinted_unconditional_variant(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = compare_orders.main(["--smoke", "--threads", "1", "--data", "synthetic_untinted"])
+    text = (tmp_path / "results" / "synthetic_untinted.md").read_text()
+    rows = table_rows(text)
+    assert "0 classes" in text and "class acc. ↑" not in rows[compare_eval.REFERENCE]  # unconditional
+    for column in ("consistency ↑", "sun found", "clouds found"):  # treated as synthetic
+        float(rows[compare_orders.ARMS[0][0]][column])
+    assert float(rows[compare_eval.REFERENCE]["consistency ↑"]) == 1.0
+    assert result["feature_net"]["label_head"] is None and "cloud_tint" in result["feature_net"]["heads"]

@@ -2,6 +2,7 @@
 
 import dataclasses
 import gzip
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -12,7 +13,15 @@ import torch
 from PIL import Image
 
 from datamodules.sources import FashionMNISTSource, ImageFolderSource, SunsetSource, analyse_sunset
-from datamodules.sources.synthetic import consistency_rate, expected_tint, num_cloud_tints
+from datamodules.sources.synthetic import (
+    RENDER_VERSION,
+    consistency_rate,
+    expected_tint,
+    num_cloud_tints,
+    render_sunset,
+    sample_params,
+    scene_rates,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic sunsets
@@ -38,8 +47,63 @@ def test_sunset_fingerprint_tracks_parameters():
         SunsetSource(num_images=10, seed=1),
         SunsetSource(num_images=10, image_size=64),
         SunsetSource(num_images=10, num_hues=6),
+        SunsetSource(num_images=10, tint_sky=False),
+        SunsetSource(num_images=10, conditional=False),  # same images, other labels
+        SunsetSource(num_images=10, tint_sky=False, conditional=False),
     ]
     assert len({base, *(v.fingerprint() for v in variants)}) == 1 + len(variants)
+    # The default's fingerprint is the formula of before the variant keys existed (no cache is invalidated).
+    old = hashlib.sha256(f"sunset|v{RENDER_VERSION}|10|32|8|0".encode())
+    old.update(SunsetSource(num_images=10)[0][0].numpy().tobytes())
+    assert base == old.hexdigest()[:16]
+
+
+def test_untinted_sky_carries_no_hue_and_unconditional_has_no_labels():
+    params = sample_params(4, seed=0)
+    other_hue = dataclasses.replace(params, hue=(params.hue + 3) % 8, cloud_tint=params.cloud_tint)
+    plain = [render_sunset(p, tint_sky=False).float() for p in (params, other_hue)]
+    tinted = [render_sunset(p).float() for p in (params, other_hue)]
+    # Away from the sun disc, the untinted images are identical whatever the sun's hue; tinted ones are not.
+    x, y = ((torch.arange(32) + 0.5) / 32)[None, :], ((torch.arange(32) + 0.5) / 32)[:, None]
+    far = ((x - params.sun_x) ** 2 + (y - params.sun_y) ** 2).sqrt() > params.sun_radius + 0.05
+    assert torch.equal(plain[0][:, far], plain[1][:, far])
+    assert (tinted[0][:, far] - tinted[1][:, far]).abs().amax() > 20
+    # The default rendering is untouched by the variant's code path.
+    assert torch.equal(SunsetSource(num_images=5, seed=0).render(params), render_sunset(params))
+
+    source = SunsetSource(num_images=30, seed=2, tint_sky=False, conditional=False)
+    assert source.num_classes == 0 and {source[i][1] for i in range(30)} == {0}
+    assert source.label_head is None and SunsetSource(num_images=1).label_head == "hue"
+    assert torch.equal(source[3][0], SunsetSource(num_images=30, seed=2, tint_sky=False)[3][0])
+    fresh = source.with_seed(9, 4)
+    assert len(fresh) == 4 and fresh.seed == 9 and not fresh.tint_sky and not fresh.conditional
+
+
+def test_analyser_reads_the_untinted_variant():
+    source = SunsetSource(num_images=500, seed=404, tint_sky=False, conditional=False)
+    images = torch.stack([source[i][0] for i in range(len(source))])
+    results = analyse_sunset(images)
+    assert all(r.sun_hue == source.sample_params(i).hue for i, r in enumerate(results))
+    assert scene_rates(images) == {"consistency": 1.0, "sun_share": 1.0, "cloud_share": 1.0}
+    rng = np.random.default_rng(1)
+    tints = num_cloud_tints(source.num_hues)
+    wrong = []
+    for i in range(len(source)):
+        params = source.sample_params(i)
+        bad_tint = (params.cloud_tint + int(rng.integers(1, tints))) % tints
+        wrong.append(source.render(dataclasses.replace(params, cloud_tint=bad_tint)))
+    assert consistency_rate(torch.stack(wrong)) <= 0.05  # recoloured clouds are flagged
+
+
+def test_scene_rates_count_missing_suns_and_clouds():
+    source = SunsetSource(num_images=40, seed=505)
+    no_clouds = torch.stack([source.render(dataclasses.replace(source.sample_params(i), clouds=()))
+                             for i in range(20)])
+    rates = scene_rates(no_clouds)
+    assert rates["sun_share"] >= 0.95 and rates["cloud_share"] == 0.0 and rates["consistency"] == 0.0
+    black = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    assert scene_rates(black) == {"consistency": 0.0, "sun_share": 0.0, "cloud_share": 0.0}
+    assert set(source.scene_heads) == set(source.scene_targets(0))
 
 
 def test_sunset_shapes_labels_and_causal_rule():

@@ -3,7 +3,13 @@
 
 from datamodules.sources.fashion_mnist import FashionMNISTSource
 from datamodules.sources.folder import ImageFolderSource
-from datamodules.sources.synthetic import SunsetAnalysis, SunsetSource, analyse_sunset, consistency_rate
+from datamodules.sources.synthetic import (
+    SunsetAnalysis,
+    SunsetSource,
+    analyse_sunset,
+    consistency_rate,
+    scene_rates,
+)
 
 __all__ = [
     "FashionMNISTSource",
@@ -12,4 +18,5 @@ __all__ = [
     "SunsetSource",
     "analyse_sunset",
     "consistency_rate",
+    "scene_rates",
 ]

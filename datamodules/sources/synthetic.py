@@ -6,10 +6,14 @@ clouds do not determine the sun. A raster-order model meets the clouds (top rows
 the sun and must guess, while an order-aware model can draw the sun first and read the tint off it.
 `analyse_sunset` measures from pixels alone whether generated images keep that rule.
 
+A variant where the order matters more (`tint_sky=False`, `conditional=False`): the sky is a neutral
+dusk gradient and the source is unconditional, so the hue exists only in the sun disc and the clouds'
+tint; a model that writes a cloud before the sun must commit to a tint first.
+
 Colours: the sun is a saturated, full-brightness hue from a palette of `num_hues` evenly spaced hues;
-the sky is the same hue at lower brightness; clouds are pastel (low saturation) tints whose hues sit
-between the palette hues; the ground is near black. Those choices make the parts separable by
-brightness and saturation, which is what the analyser relies on.
+the sky is the same hue at lower brightness (untinted: a dim grey-blue); clouds are pastel (low
+saturation) tints whose hues sit between the palette hues; the ground is near black. Those choices
+make the parts separable by brightness and saturation, which is what the analyser relies on.
 
 Geometry is stored in fractions of the image side, so one `SunsetParams` renders at any size.
 """
@@ -30,6 +34,8 @@ RENDER_VERSION = 1
 _SUN_SATURATION = 0.85
 _SKY_SATURATION = 0.8
 _SKY_MAX_VALUE = 0.62  # well below the sun's 1.0, so the sun is the only bright saturated region
+# The untinted sky: a fixed grey-blue, dim enough (value below _CLOUD_MIN_VALUE) to never read as cloud.
+_DUSK_HUE, _DUSK_SATURATION, _DUSK_MAX_VALUE = 0.62, 0.3, 0.36
 _CLOUD_SATURATION = 0.35
 _CLOUD_EDGE = 0.3  # soft edge width, as a fraction of the cloud's radius
 _GROUND_RGB = np.array([0.05, 0.04, 0.07])
@@ -37,6 +43,7 @@ _GROUND_RGB = np.array([0.05, 0.04, 0.07])
 # Analyser thresholds (on HSV value / saturation in [0, 1]), set between the levels above.
 _SUN_MIN_VALUE, _SUN_MIN_SAT = 0.85, 0.6
 _CLOUD_MIN_VALUE, _CLOUD_MAX_SAT = 0.4, 0.5
+MAX_CLOUDS = 3
 
 
 def num_cloud_tints(num_hues: int) -> int:
@@ -109,7 +116,7 @@ def sample_params(index: int, seed: int = 0, num_hues: int = 8) -> SunsetParams:
     rings = np.array([0.0, 0.5 * radius, radius + 0.03])[:, None]
     probe_x, probe_y = (sun_x + rings * np.cos(angles)).ravel(), (sun_y + rings * np.sin(angles)).ravel()
     clouds: list[Cloud] = []
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(1, MAX_CLOUDS + 1))):
         # Rejection sampling keeps the sun visible: a cloud may not touch the disc or its rim.
         for _attempt in range(50):
             rx, ry = float(rng.uniform(0.12, 0.22)), float(rng.uniform(0.06, 0.09))
@@ -129,6 +136,31 @@ def sample_params(index: int, seed: int = 0, num_hues: int = 8) -> SunsetParams:
     )
 
 
+def scene_heads(num_hues: int = 8) -> dict[str, int]:
+    """The scene factors a feature network can learn: classes per factor, or 1 for a regressed number."""
+    return {"hue": num_hues, "sun_x": 1, "sun_y": 1, "sun_radius": 1, "clouds": MAX_CLOUDS + 1,
+            "cloud_tint": num_cloud_tints(num_hues), "cloud_cover": 1, "cloud_x": 1, "cloud_y": 1,
+            "ground_height": 1}
+
+
+def scene_targets(params: SunsetParams) -> dict[str, float]:
+    """The values of `scene_heads` for one scene (class indices as whole numbers).
+
+    Besides the parameters: the share of the image the clouds cover and their centre of mass
+    (coverage-weighted, fractions of the side), which tell where the clouds are when they overlap.
+    """
+    coords = (np.arange(32) + 0.5) / 32
+    y, x = coords[:, None], coords[None, :]
+    cover = np.zeros((32, 32))
+    for cloud in params.clouds:
+        cover = np.maximum(cover, _cloud_alpha(cloud, x, y))
+    mass = max(float(cover.sum()), 1e-6)
+    return {"hue": params.hue, "sun_x": params.sun_x, "sun_y": params.sun_y, "sun_radius": params.sun_radius,
+            "clouds": len(params.clouds), "cloud_tint": params.cloud_tint, "cloud_cover": float(cover.mean()),
+            "cloud_x": float((cover * x).sum()) / mass, "cloud_y": float((cover * y).sum()) / mass,
+            "ground_height": params.ground_height}
+
+
 def _cloud_alpha(cloud: Cloud, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Soft coverage of a cloud: a flat ellipse plus two round puffs on its upper edge."""
     parts = [
@@ -143,13 +175,16 @@ def _cloud_alpha(cloud: Cloud, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return alpha
 
 
-def render_sunset(params: SunsetParams, image_size: int = 32, num_hues: int = 8) -> torch.Tensor:
+def render_sunset(
+    params: SunsetParams, image_size: int = 32, num_hues: int = 8, tint_sky: bool = True
+) -> torch.Tensor:
     """Render a scene.
 
     Args:
         params: The scene; its `cloud_tint` is used as given, so a wrong tint can be rendered.
         image_size: Side of the square image in pixels.
         num_hues: Size of the sun palette (sets the colours of both palettes).
+        tint_sky: The sky takes the sun's hue; False: a dim grey-blue, the same for every sun.
 
     Returns:
         uint8 image of shape (3, H, W).
@@ -157,12 +192,16 @@ def render_sunset(params: SunsetParams, image_size: int = 32, num_hues: int = 8)
     coords = (np.arange(image_size) + 0.5) / image_size  # pixel centres
     y, x = coords[:, None], coords[None, :]
     sun_rgb = sun_palette(num_hues)[params.hue]
-    sky_rgb = np.array(colorsys.hsv_to_rgb(params.hue / num_hues, _SKY_SATURATION, 1.0))
+    if tint_sky:
+        sky_rgb, sky_max = np.array(colorsys.hsv_to_rgb(params.hue / num_hues, _SKY_SATURATION, 1.0)), _SKY_MAX_VALUE
+    else:
+        sky_rgb, sky_max = np.array(colorsys.hsv_to_rgb(_DUSK_HUE, _DUSK_SATURATION, 1.0)), _DUSK_MAX_VALUE
 
-    # Sky: the sun's hue, brightest in the rows around the sun plus a faint halo.
+    # Sky: brightest in the rows around the sun plus a faint halo (the untinted sky is a dimmer copy).
     sun_dist = np.sqrt((x - params.sun_x) ** 2 + (y - params.sun_y) ** 2)
     light = 0.15 + 0.35 * np.exp(-(((y - params.sun_y) / 0.3) ** 2)) + 0.12 * np.exp(-((sun_dist / 0.2) ** 2))
-    img = np.minimum(light, _SKY_MAX_VALUE)[..., None] * sky_rgb  # (H, W, 3)
+    light = light * (sky_max / _SKY_MAX_VALUE)
+    img = np.minimum(light, sky_max)[..., None] * sky_rgb  # (H, W, 3)
 
     # Sun: a disc with a one-pixel anti-aliased rim.
     sun_alpha = np.clip((params.sun_radius - sun_dist) * image_size + 0.5, 0.0, 1.0)[..., None]
@@ -195,16 +234,24 @@ class SunsetSource(Dataset):
         image_size: Side of the square images in pixels.
         num_hues: Number of sun hues, which are also the classes.
         seed: Base seed; item i is drawn from a generator seeded with (seed, i).
+        tint_sky: The sky takes the sun's hue (the default). False: a neutral dusk sky, so the hue is
+            only in the sun disc and the clouds' tint.
+        conditional: The label is the sun's hue (the default). False: no classes (`num_classes` 0,
+            every label 0), so the AR models train unconditionally.
     """
 
-    def __init__(self, num_images: int = 10000, image_size: int = 32, num_hues: int = 8, seed: int = 0):
+    def __init__(self, num_images: int = 10000, image_size: int = 32, num_hues: int = 8, seed: int = 0,
+                 tint_sky: bool = True, conditional: bool = True):
         if num_hues < 2:
             raise ValueError(f"num_hues must be at least 2, got {num_hues}")
         self.num_images = num_images
         self.image_size = image_size
         self.num_hues = num_hues
-        self.num_classes = num_hues
+        self.num_classes = num_hues if conditional else 0
         self.seed = seed
+        self.tint_sky, self.conditional = tint_sky, conditional
+        self.scene_heads = scene_heads(num_hues)  # what a feature network can learn about each image
+        self.label_head = "hue" if conditional else None  # the scene factor the label is
 
     def __len__(self) -> int:
         return self.num_images
@@ -213,22 +260,33 @@ class SunsetSource(Dataset):
         """The scene parameters of item `index`."""
         return sample_params(index, self.seed, self.num_hues)
 
+    def scene_targets(self, index: int) -> dict[str, float]:
+        """The `scene_heads` values of item `index` (from its parameters; nothing is rendered)."""
+        return scene_targets(self.sample_params(index))
+
     def render(self, params: SunsetParams) -> torch.Tensor:
-        """Render `params` at this source's size and palette; uint8 (3, H, W)."""
-        return render_sunset(params, self.image_size, self.num_hues)
+        """Render `params` at this source's size, palette and sky; uint8 (3, H, W)."""
+        return render_sunset(params, self.image_size, self.num_hues, self.tint_sky)
+
+    def with_seed(self, seed: int, num_images: int) -> SunsetSource:
+        """The same kind of scenes (size, palette, sky, labels) from another seed: fresh images."""
+        return SunsetSource(num_images, self.image_size, self.num_hues, seed, self.tint_sky, self.conditional)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if not -self.num_images <= index < self.num_images:
             raise IndexError(f"index {index} out of range for {self.num_images} images")
         params = self.sample_params(index % self.num_images)
-        return self.render(params), params.hue
+        return self.render(params), params.hue if self.conditional else 0
 
     def fingerprint(self) -> str:
         """Hash of the parameters, the renderer version and the first image's bytes.
 
-        The image bytes catch renderer edits made without bumping `RENDER_VERSION`.
+        The image bytes catch renderer edits made without bumping `RENDER_VERSION`. The variant keys
+        enter the hash only when they differ from the default, so default fingerprints stay as they were.
         """
         key = f"sunset|v{RENDER_VERSION}|{self.num_images}|{self.image_size}|{self.num_hues}|{self.seed}"
+        key += "" if self.tint_sky else "|untinted-sky"
+        key += "" if self.conditional else "|unconditional"
         digest = hashlib.sha256(key.encode())
         if self.num_images:
             digest.update(self[0][0].numpy().tobytes())
@@ -313,12 +371,25 @@ def analyse_sunset(images: torch.Tensor, num_hues: int = 8) -> list[SunsetAnalys
 
 def consistency_rate(images: torch.Tensor, num_hues: int = 8) -> float:
     """Fraction of images whose clouds have the tint their sun causes (missing parts count as not)."""
+    return scene_rates(images, num_hues)["consistency"]
+
+
+def scene_rates(images: torch.Tensor, num_hues: int = 8) -> dict[str, float]:
+    """Shares of images that are consistent, in which a sun is found, and in which clouds are found.
+
+    Returns:
+        {"consistency": float, "sun_share": float, "cloud_share": float}.
+    """
     results = analyse_sunset(images, num_hues)
-    return sum(r.consistent for r in results) / max(len(results), 1)
+    n = max(len(results), 1)
+    return {"consistency": sum(r.consistent for r in results) / n,
+            "sun_share": sum(r.sun_hue is not None for r in results) / n,
+            "cloud_share": sum(r.cloud_tint is not None for r in results) / n}
 
 
 __all__ = [
     "Cloud",
+    "MAX_CLOUDS",
     "RENDER_VERSION",
     "SunsetAnalysis",
     "SunsetParams",
@@ -330,5 +401,8 @@ __all__ = [
     "num_cloud_tints",
     "render_sunset",
     "sample_params",
+    "scene_heads",
+    "scene_rates",
+    "scene_targets",
     "sun_palette",
 ]
