@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-FIX = "lower model.init_args.optimizer.init_args.lr or set trainer.gradient_clip_val (e.g. 1.0), then rerun"
+LR = "model.init_args.optimizer.init_args.lr"
 
 
 class NonFiniteError(ValueError):
@@ -40,12 +40,18 @@ class StopOnNonFinite(Callback):
         if bad.any():
             what = "the loss" if bad[0] else "the weights after the optimizer step"
             raise NonFiniteError(f"training diverged at step {trainer.global_step}: {what} became nan/inf; "
-                                 f"{FIX}. No checkpoint of this step was written{_last_saved(trainer)}")
+                                 f"{_fix(pl_module)}. No checkpoint of this step was written{_last_saved(trainer)}")
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         if not all_finite(checkpoint["state_dict"].values()):
             raise NonFiniteError(f"refusing to save a checkpoint at step {trainer.global_step}: the weights are "
-                                 f"nan/inf (training diverged); {FIX}")
+                                 f"nan/inf (training diverged); {_fix(pl_module)}")
+
+
+def _fix(pl_module: LightningModule) -> str:
+    # Lightning clips gradients under automatic optimization only (the GAN tokenizer steps by hand).
+    clip = " or set trainer.gradient_clip_val (e.g. 1.0)" if pl_module.automatic_optimization else ""
+    return f"lower {LR}{clip}, then rerun"
 
 
 def _last_saved(trainer: Trainer) -> str:

@@ -2,6 +2,7 @@
 run stops with a one-line error naming the step, leaving every checkpoint it found as it was.
 """
 
+import json
 import math
 import os
 import re
@@ -108,7 +109,8 @@ def test_resume_after_a_mid_epoch_stop_continues_at_the_next_step(stage, request
 def test_last_ckpt_is_written_every_n_steps(tmp_path, monkeypatch):
     """Periodic saves (one in the middle of an epoch), then the final one; a second run replaces the file."""
     monkeypatch.chdir(tmp_path)
-    every_2 = '[{"class_path": "callbacks.checkpointing.LastCheckpoint", "init_args": {"every_n_train_steps": 2}}]'
+    every_2 = json.dumps([{"class_path": "callbacks.checkpointing.LastCheckpoint",
+                           "init_args": {"every_n_train_steps": 2}}])
     seen = "--trainer.callbacks+=tests.test_checkpointing.LastStepSeen"
     cli = stage_fit("tokenizer", *MID_EPOCH, "--trainer.max_steps", "5", "--trainer.callbacks", every_2, seen)
     assert next(c for c in cli.trainer.callbacks if isinstance(c, LastStepSeen)).steps == [None, None, 2, 2, 4]
@@ -180,11 +182,12 @@ class PoisonAt(Callback):
 def test_nan_at_step_3_keeps_last_ckpt_at_step_2(where, tmp_path, monkeypatch):
     """last.ckpt is saved at every step; the on-exception save of a ModelCheckpoint is refused too."""
     monkeypatch.chdir(tmp_path)
-    callbacks = ('[{"class_path": "tests.test_checkpointing.PoisonAt", "init_args": {"where": "%s"}},'
-                 ' {"class_path": "callbacks.finite.StopOnNonFinite"},'
-                 ' {"class_path": "callbacks.checkpointing.LastCheckpoint", "init_args": {"every_n_train_steps": 1}},'
-                 ' {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",'
-                 '  "init_args": {"save_on_exception": true, "monitor": "val/psnr", "mode": "max"}}]' % where)
+    callbacks = json.dumps([
+        {"class_path": "tests.test_checkpointing.PoisonAt", "init_args": {"where": where}},
+        {"class_path": "callbacks.finite.StopOnNonFinite"},
+        {"class_path": "callbacks.checkpointing.LastCheckpoint", "init_args": {"every_n_train_steps": 1}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"save_on_exception": True, "monitor": "val/psnr", "mode": "max"}}])
     with pytest.raises(NonFiniteError) as err:
         stage_fit("tokenizer", *MID_EPOCH, "--trainer.max_steps", "6", "--trainer.callbacks", callbacks)
     message = one_line(err)

@@ -9,6 +9,7 @@ step and optimizer state restored, then max_steps reached), the extraction equal
 run's, and no half-written file remains (no temp files; every .pt and .ckpt loads).
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -24,20 +25,24 @@ from tests.conftest import ORDERS, QUIET, REPO, SMALL_DATA, STAGE1_CKPT, config,
 from tests.test_pipeline import RECORD, adam_step, load_ckpt, recorder
 
 NEEDS = {"tokenizer": None, "any_order": "stage1_run", "distill": "orders_run"}
-# last.ckpt at every step (the stage configs save every 200), the NaN stop, the best checkpoint.
-CALLBACKS = ('[{"class_path": "callbacks.checkpointing.LastCheckpoint", "init_args": {"every_n_train_steps": 1}},'
-             ' {"class_path": "callbacks.finite.StopOnNonFinite"},'
-             ' {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",'
-             '  "init_args": {"monitor": "%s", "mode": "%s", "filename": "best-{epoch}"}}]')
 ENDLESS = ("--trainer.max_epochs", "100000", "--trainer.max_time", "null", "--trainer.limit_val_batches", "1")
 EXTRACT = ("--data.init_args.batch_size", "2")  # 30 shards: the kill lands long before the end
 TIMEOUT_S = 900  # a loaded 2-core machine; never a bound on speed, only on a hang
 
 
+def callbacks(stage: str) -> str:
+    """last.ckpt at every step (the stage configs save every 200), the NaN stop and the best checkpoint."""
+    monitor, mode = ("val/psnr", "max") if stage == "tokenizer" else ("val/loss", "min")
+    return json.dumps([
+        {"class_path": "callbacks.checkpointing.LastCheckpoint", "init_args": {"every_n_train_steps": 1}},
+        {"class_path": "callbacks.finite.StopOnNonFinite"},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"monitor": monitor, "mode": mode, "filename": "best-{epoch}"}}])
+
+
 def fit_args(stage: str) -> tuple[str, ...]:
-    monitor = ("val/psnr", "max") if stage == "tokenizer" else ("val/loss", "min")
     return ("fit", "--config", config(stage), *tiny_preset(stage), *SMALL_DATA, *QUIET, *ENDLESS,
-            "--trainer.callbacks", CALLBACKS % monitor)
+            "--trainer.callbacks", callbacks(stage))
 
 
 def run_and_kill(args: tuple, cwd: Path, ready: Callable[[], bool]) -> None:
