@@ -31,21 +31,25 @@ class StopOnNonFinite(Callback):
     weights are not finite (an end-of-training or on-exception save, `trainer.save_checkpoint`) is refused.
     """
 
+    def __init__(self) -> None:
+        self._error = ""  # the message of the divergence being raised, repeated if a save is then attempted
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs  # None under manual optimization
         loss_ok = not torch.is_tensor(loss) or bool(torch.isfinite(loss).all())
-        weights_ok = all_finite(pl_module.parameters())
+        weights_ok = all_finite(p for p in pl_module.parameters() if p.requires_grad)  # frozen ones never change
         bad = torch.tensor([not loss_ok, not weights_ok], dtype=torch.float32, device=pl_module.device)
         bad = trainer.strategy.reduce(bad, reduce_op="max")  # any rank
         if bad.any():
             what = "the loss" if bad[0] else "the weights after the optimizer step"
-            raise NonFiniteError(f"training diverged at step {trainer.global_step}: {what} became nan/inf; "
-                                 f"{_fix(pl_module)}. No checkpoint of this step was written{_last_saved(trainer)}")
+            self._error = (f"training diverged at step {trainer.global_step}: {what} became nan/inf; "
+                           f"{_fix(pl_module)}. No checkpoint of this step was written{_last_saved(trainer)}")
+            raise NonFiniteError(self._error)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
-        if not all_finite(checkpoint["state_dict"].values()):
-            raise NonFiniteError(f"refusing to save a checkpoint at step {trainer.global_step}: the weights are "
-                                 f"nan/inf (training diverged); {_fix(pl_module)}")
+        if not all_finite(checkpoint["state_dict"].values()):  # e.g. a ModelCheckpoint(save_on_exception=True)
+            raise NonFiniteError(self._error or f"refusing to save a checkpoint at step {trainer.global_step}: the "
+                                 f"weights are nan/inf (training diverged); {_fix(pl_module)}")
 
 
 def _fix(pl_module: LightningModule) -> str:
