@@ -15,7 +15,7 @@ its tokens) and the reference (half A of the validation images against half B, t
 Every stage runs in-process through `run.main` with the repository's stage configs, the data overlay
 `configs/data/<data>.yaml` and the size presets, in its own folder under `results/<data>/<preset>/`
 (the tokenizer and token cache are shared by all seeds). A stage counts as finished when its product
-(checkpoints/final.ckpt, the weights after the last step; orders.pt) exists and its `done.json`
+(checkpoints/last.ckpt, the weights after the last step; orders.pt) exists and its `done.json`
 matches this run's settings; finished stages are reused on a rerun, others run again from scratch.
 Writes `results/<data>.md` (table), `<data>.json` (raw numbers) and `<data>_samples.png` (samples
 beside their order heatmaps, mean order maps).
@@ -176,7 +176,8 @@ class Stages:
         argv = [subcommand, *(a for f in config_files(stage_config, self.args, kind) for a in ("--config", f))]
         argv += [a for k, v in overrides.items() for a in (f"--{k}", cli_value(v))]
         argv += ["--ckpt_path", str(ckpt_path)] if ckpt_path is not None else []
-        record = {"stage": name, "data": self.args.data, "preset": self.args.preset, **settings, "argv": argv}
+        record = {"stage": name, "data": self.args.data, "preset": self.args.preset, **settings, "argv": argv,
+                  "product": product.name}  # runs that wrote final.ckpt (a stale last.ckpt beside it) are redone
         marker = out / "done.json"
         state = json.loads(marker.read_text()) if marker.is_file() else {}
         if state.get("settings") == record and state.get("finished") and product.is_file():
@@ -190,9 +191,7 @@ class Stages:
         print(f"[stage] {name:<22} running ...", flush=True)
         wall, cpu = time.perf_counter(), time.process_time()
         with patch.object(sys, "argv", sys.argv[:1]):  # the CLI parses `argv` only, not this script's flags
-            cli = run.main(args=argv)
-        if subcommand == "fit":  # the final weights: last.ckpt is only rewritten when val/loss improves
-            cli.trainer.save_checkpoint(product)
+            run.main(args=argv)
         if not product.is_file():
             raise RuntimeError(f"stage {name} finished without writing {product}")
         took = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
@@ -206,7 +205,7 @@ class Stages:
         """A fit stage for `steps` optimiser steps (max_time dropped); short runs get a shorter warm-up.
 
         Validation runs a few times (every `steps / k` steps, across epochs), the last time on the final
-        step, whatever the epoch length; `run` then saves the final weights as checkpoints/final.ckpt.
+        step, whatever the epoch length; checkpoints/last.ckpt holds the weights after the last step.
         """
         every = next(steps // k for k in (5, 4, 3, 2, 1) if steps % k == 0)
         overrides = {"trainer.max_steps": steps, "trainer.max_time": None, "trainer.check_val_every_n_epoch": None,
@@ -214,7 +213,7 @@ class Stages:
         warmup = config_value(stage_config, "model.init_args.warmup_steps")
         if warmup is not None and warmup > steps // 10:
             overrides["model.init_args.warmup_steps"] = max(1, steps // 10)
-        return self.run(name, stage_config, kind, out, out / "checkpoints" / "final.ckpt",
+        return self.run(name, stage_config, kind, out, out / "checkpoints" / "last.ckpt",
                         {"steps": steps, "seed": seed, **upstream}, {**overrides, **(extra or {})})
 
 

@@ -184,7 +184,7 @@ def _check_permutations(rows: Tensor, where: str) -> None:
 
 
 def consolidate(path: str | Path, expected_keys: Iterable[tuple[int, int]]) -> Path:
-    """Gather all shards into `orders.pt` (atomically); returns its path.
+    """Gather all shards into `orders.pt` (atomically) and remove a killed run's temp files; returns its path.
 
     A key written twice with the same order is fine (a resumed or padded run may repeat items); two
     different orders for one key, a missing key or a key outside `expected_keys` are errors.
@@ -238,6 +238,8 @@ def consolidate(path: str | Path, expected_keys: Iterable[tuple[int, int]]) -> P
     atomic_save(
         {"orders": orders.view(num, views, h * w), "done": done.view(num, views), "manifest": manifest}, out
     )
+    for stale in path.glob(".shard-*.tmp"):  # half shards of a killed run: every writer has finished by now
+        stale.unlink(missing_ok=True)
     return out
 
 
