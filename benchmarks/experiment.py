@@ -16,7 +16,8 @@ evaluated *arms* (a model plus sampler settings):
 Every stage is `python run.py ...` in a subprocess (one torch thread, its own log file), in its own
 folder under `runs/experiments/<name>/`; up to `--jobs` independent stages run at once (raster and
 any-order training side by side on two cores). A stage is finished when its `done.json` records the
-settings it ran with (its command line, which names every upstream checkpoint) and its product exists;
+settings it ran with (its command line, which names every upstream checkpoint, and the content of the
+config files it reads) and its product exists;
 a rerun reuses finished stages, resumes an interrupted fit from its `last.ckpt` and an interrupted
 extraction from its shards, and starts a stage with other settings from scratch.
 
@@ -38,6 +39,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 CONFIGS = ROOT / "configs"
 RUN_PY = ROOT / "run.py"
 STAGE_KIND = {"tokenizer": "tokenizer", "any_order": "ar", "raster": "ar", "distill": "ar", "extract_orders": "ar"}
@@ -46,17 +48,21 @@ STAGE_KIND = {"tokenizer": "tokenizer", "any_order": "ar", "raster": "ar", "dist
 # ------------------------------------------------------------------------------------ stage jobs
 @dataclass
 class Job:
-    """One CLI invocation: `python run.py <argv>` in `folder`, finished when `product` exists."""
+    """One invocation `python <script> <argv>` (the CLI by default), in `folder`, finished when `product` exists."""
 
     name: str
     folder: Path
     argv: list[str]
     product: Path
-    deps: list[str] = field(default_factory=list)
+    deps: list["Job"] = field(default_factory=list)
     resumable_fit: bool = False
+    script: Path = RUN_PY
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.argv).encode()).hexdigest()[:16]
+        """Hash of the command line, the content of every config file it names and the keys of its inputs."""
+        configs = [(ROOT / a).read_text() for a in self.argv if a.startswith("configs/") and (ROOT / a).is_file()]
+        upstream = [d.key() for d in self.deps]
+        return hashlib.sha256(json.dumps([self.argv, configs, upstream]).encode()).hexdigest()[:16]
 
     def finished(self) -> bool:
         marker = self.folder / "done.json"
@@ -75,7 +81,7 @@ class Job:
         self.folder.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"key": self.key(), "argv": self.argv, "finished": False}, indent=1))
         resume = ["--ckpt_path", str(last)] if self.resumable_fit and same and last.is_file() else []
-        return [sys.executable, str(RUN_PY), *self.argv, *resume]
+        return [sys.executable, str(self.script), *self.argv, *resume]
 
     def mark_finished(self, seconds: float) -> None:
         (self.folder / "done.json").write_text(json.dumps(
@@ -92,7 +98,7 @@ def run_jobs(jobs: list[Job], max_parallel: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     while pending or running:
         for name, job in list(pending.items()):
-            blocked = any(d in pending or d in running for d in job.deps)
+            blocked = any(d.name in pending or d.name in running for d in job.deps)
             if len(running) < max_parallel and not blocked:
                 command = job.command()
                 log = open(job.folder.parent / f"{job.folder.name}.log", "a")  # noqa: SIM115 - closed with the process
@@ -120,6 +126,7 @@ def load_experiment(path: Path, overrides: list[str]) -> dict:
     cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
     exp = OmegaConf.to_container(cfg, resolve=True)
     exp.setdefault("name", path.stem)
+    exp.setdefault("seeds", [0])
     return exp
 
 
@@ -180,30 +187,62 @@ def plan(exp: dict, root: Path, seeds: list[int]) -> tuple[list[Job], dict]:
     argv = [a if a != "." else str(tok_folder) for a in argv]  # the run folder, once its name is known
     tok = Job("tokenizer", tok_folder, argv, tok_folder / "checkpoints" / "last.ckpt", resumable_fit=True)
     jobs, ckpts = [tok], {}
+    exp["tokenizer_ckpt"] = str(tok.product)
     token_data = {**data, "data.init_args.tokenizer_ckpt": str(tok.product)}
     for seed in seeds:
         seed_ckpts, folder = {}, root / f"seed{seed}"
         for name, spec in exp["models"].items():
-            jobs += model_jobs(exp, name, spec, folder, seed, token_data, seed_ckpts)
+            jobs += model_jobs(exp, name, spec, folder, seed, token_data, seed_ckpts, tok)
         ckpts[seed] = seed_ckpts
+    jobs += eval_jobs(exp, root, seeds, ckpts, tok)
     return jobs, ckpts
 
 
-def model_jobs(exp: dict, name: str, spec: dict, folder: Path, seed: int, data: dict, ckpts: dict) -> list[Job]:
-    """The jobs of one model: a fit, preceded by an order extraction when it is distilled from another."""
-    stage, budget, jobs, deps = spec["stage"], exp["budget"], [], ["tokenizer"]
-    steps = spec.get("steps", budget["finetune_steps"] if stage == "distill" else budget["steps"])
+def eval_jobs(exp: dict, root: Path, seeds: list[int], ckpts: dict, tokenizer: Job) -> list[Job]:
+    """The real-image rows, then per seed and model with arms: its final weights and its kept steps."""
+    script, budget = ROOT / "benchmarks" / "experiment_eval.py", exp["budget"]
+    rows = Job("rows", root / "rows", [str(root), "rows"], root / "rows.json", deps=[tokenizer],
+               script=script)
+    jobs = [rows]
+    models = [m for m in exp["models"] if any(a["model"] == m for a in exp.get("arms", []))]
+    for seed in seeds:
+        for model in models:
+            stage, _ = ckpts[seed][model]
+            steps = [None]
+            if budget.get("keep_every") and budget.get("curve_samples"):
+                steps += list(range(budget["keep_every"], model_steps(exp, model) + 1, budget["keep_every"]))
+            for step in steps:
+                name = f"{model}@{step}" if step else model
+                argv = [str(root), "model", str(seed), model, *(["--step", str(step)] if step else [])]
+                jobs.append(Job(f"eval {name} (seed {seed})", root / f"seed{seed}" / "eval" / name, argv,
+                                root / f"seed{seed}" / "eval" / f"{name}.json", deps=[stage, rows], script=script))
+    return jobs
+
+
+def model_steps(exp: dict, model: str) -> int:
+    spec, budget = exp["models"][model], exp["budget"]
+    return spec.get("steps", budget["finetune_steps"] if spec["stage"] == "distill" else budget["steps"])
+
+
+def model_jobs(exp: dict, name: str, spec: dict, folder: Path, seed: int, data: dict, ckpts: dict,
+               tokenizer: Job) -> list[Job]:
+    """The jobs of one model: a fit, preceded by an order extraction when it is distilled from another.
+
+    `ckpts` maps the models planned so far to (their fit job, its checkpoint) and receives this one.
+    """
+    stage, budget, jobs, deps = spec["stage"], exp["budget"], [], [tokenizer]
+    steps = model_steps(exp, name)
     overrides = {**data, **fit_overrides(exp, steps, folder / name, seed)}
     if stage == "distill":
-        parent, (parent_job, parent_ckpt) = spec["init_from"], ckpts[spec["init_from"]]
+        parent_job, parent_ckpt = ckpts[spec["init_from"]]
         orders = folder / f"{name}_orders"
         extract = {**data, "data.init_args.orders_path": str(orders / "orders"), "seed_everything": seed,
                    "trainer.logger.init_args.save_dir": str(orders), "trainer.enable_progress_bar": False,
                    **{f"model.init_args.extraction.{k}": v for k, v in spec.get("extract", {}).items()},
                    "ckpt_path": str(parent_ckpt)}
         jobs.append(Job(f"{name}_orders (seed {seed})", orders, stage_argv(exp, "predict", "extract_orders", extract),
-                        orders / "orders" / "orders.pt", deps=[parent_job]))
-        deps = [jobs[-1].name]
+                        orders / "orders" / "orders.pt", deps=[tokenizer, parent_job]))
+        deps = [tokenizer, jobs[-1]]
         overrides.update({"data.init_args.orders_path": str(orders / "orders"),
                           "model.init_args.init_from": str(parent_ckpt)})
     overrides.update(spec.get("overrides", {}))
@@ -211,7 +250,7 @@ def model_jobs(exp: dict, name: str, spec: dict, folder: Path, seed: int, data: 
         overrides.update(keep_every(budget["keep_every"]))
     job = Job(f"{name} (seed {seed})", folder / name, stage_argv(exp, "fit", stage, overrides),
               folder / name / "checkpoints" / "last.ckpt", deps=deps, resumable_fit=True)
-    ckpts[name] = (job.name, job.product)
+    ckpts[name] = (job, job.product)
     return [*jobs, job]
 
 
@@ -223,15 +262,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", nargs="*", default=[], help="dotted overrides of the experiment file")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "experiments")
     p.add_argument("--only", choices=["train", "eval", "report"], default=None)
+    p.add_argument("--publish", type=Path, default=None, help="also write the report into this folder (results/...)")
     args = p.parse_args(argv)
     exp = load_experiment(args.experiment, args.set)
-    seeds = args.seeds if args.seeds is not None else exp.get("seeds", [0])
+    if args.seeds is not None:
+        exp["seeds"] = args.seeds
+    seeds = exp["seeds"]
     root = args.out / exp["name"]
     root.mkdir(parents=True, exist_ok=True)
-    (root / "experiment.json").write_text(json.dumps(exp, indent=1))
     jobs, ckpts = plan(exp, root, seeds)
+    (root / "experiment.json").write_text(json.dumps(exp, indent=1))
+    evaluation = [j for j in jobs if j.script != RUN_PY]
     if args.only in (None, "train"):
-        run_jobs(jobs, args.jobs)
+        run_jobs([j for j in jobs if j.script == RUN_PY], args.jobs)
+    if args.only in (None, "eval"):
+        run_jobs(evaluation, args.jobs)
+    if args.only in (None, "report"):
+        from benchmarks.experiment_report import write_report
+
+        command = "python benchmarks/experiment.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_report(root, command, args.publish)
+        print(f"[report] {(args.publish or root) / 'report.md'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,145 @@
+"""The report of an experiment run (`benchmarks/experiment.py ... --only report`): tables, curves, figures.
+
+Reads `RUN_FOLDER/experiment.json`, `rows.json`, every `seed<k>/eval/*.json` and the stages' `done.json`
+and TensorBoard logs, and writes into RUN_FOLDER (or `--publish DIR`):
+- `report.md`: the experiment's own prose (`notes:` in its YAML), the settings, the table of arms
+  (mean ± std over seeds) with the real-image rows, the sampler settings of every arm, and how to read it;
+- `report.json`: every number;
+- `samples.png`: per arm the first seed's samples beside their order heatmaps, and the mean order maps;
+- `curves.png` (when checkpoints were kept): metrics of every arm against training steps, and the
+  validation NLL the training logged.
+"""
+
+import datetime
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from benchmarks import compare_eval as ev
+
+CURVE_METRICS = [("fid", "FID ↓"), ("consistency", "consistency ↑"), ("class_accuracy", "class accuracy ↑"),
+                 ("nll_random", "NLL random order (bits)"), ("nll_inferred", "NLL inferred order (bits)")]
+VAL_SCALARS = ["val/nll_raster", "val/nll_random", "val/nll_inferred"]
+
+
+def load_evals(root: Path, seeds: list[int]) -> tuple[dict, dict]:
+    """({arm: [metrics per seed]} of the final weights, {(arm, step): [metrics per seed]} of kept steps)."""
+    final, steps = {}, {}
+    for seed in seeds:
+        for path in sorted((root / f"seed{seed}" / "eval").glob("*.json")):
+            data = json.loads(path.read_text())
+            for arm, metrics in data["metrics"].items():
+                if data.get("step"):
+                    steps.setdefault((arm, data["step"]), []).append(metrics)
+                else:
+                    final.setdefault(arm, []).append(metrics)
+    return final, steps
+
+
+def stage_times(root: Path) -> dict[str, float]:
+    """Wall seconds of every finished stage (from its done.json), by folder."""
+    times = {}
+    for marker in sorted(root.rglob("done.json")):
+        state = json.loads(marker.read_text())
+        if state.get("finished") and "wall_s" in state:
+            times[str(marker.parent.relative_to(root))] = state["wall_s"]
+    return times
+
+
+def val_curves(root: Path, seed: int, models: list[str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """TensorBoard validation scalars of each model of one seed: {model: {tag: [(step, value)]}}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves = {}
+    for model in models:
+        events = EventAccumulator(str(root / f"seed{seed}" / model), size_guidance={"scalars": 0}).Reload()
+        tags = set(events.Tags().get("scalars", []))
+        curves[model] = {t: [(e.step, e.value) for e in events.Scalars(t)] for t in VAL_SCALARS if t in tags}
+    return curves
+
+
+def curves_figure(steps: dict, val: dict, path: Path) -> None:
+    """One panel per metric (arms against training steps, mean over seeds), then the validation NLLs."""
+    metrics = [(k, t) for k, t in CURVE_METRICS if any(k in m for ms in steps.values() for m in ms)]
+    panels = len(metrics) + len(VAL_SCALARS)
+    fig = Figure(figsize=(4.2 * min(panels, 4), 3.4 * ((panels + 3) // 4)), dpi=100)
+    arms = sorted({arm for arm, _ in steps})
+    for i, (key, title) in enumerate(metrics):
+        ax = fig.add_subplot((panels + 3) // 4, min(panels, 4), i + 1)
+        for arm in arms:
+            points = sorted((s, sum(m[key] for m in ms) / len(ms)) for (a, s), ms in steps.items()
+                            if a == arm and key in ms[0])
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=arm)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step")
+    for j, tag in enumerate(VAL_SCALARS):
+        ax = fig.add_subplot((panels + 3) // 4, min(panels, 4), len(metrics) + j + 1)
+        for model, tags in val.items():
+            if tags.get(tag):
+                ax.plot(*zip(*tags[tag], strict=True), label=model)
+        ax.set_title(f"{tag} (bits/token)", fontsize=10)
+        ax.set_xlabel("training step")
+        ax.legend(fontsize=7)
+    if metrics:
+        fig.axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    FigureCanvasAgg(fig).print_png(str(path))
+
+
+def write_report(root: Path, command: str, publish: Path | None = None) -> dict:
+    """Write report.md / report.json / samples.png / curves.png for the run in `root`; returns the numbers."""
+    exp = json.loads((root / "experiment.json").read_text())
+    seeds, budget = exp["seeds"], exp["budget"]
+    final, steps = load_evals(root, seeds)
+    rows = json.loads((root / "rows.json").read_text())
+    arms = [a for a in exp["arms"] if a["name"] in final]
+    summary = {a["name"]: ev.summarise(final[a["name"]]) for a in arms}
+    train_steps = {a["name"]: describe_steps(exp, a["model"]) for a in arms}
+    out = publish or root
+    out.mkdir(parents=True, exist_ok=True)
+    figures = []
+    shown = {a["name"]: torch.load(root / f"seed{seeds[0]}" / "eval" / f"{a['model']}.samples.pt")[a["name"]]
+             for a in arms if (root / f"seed{seeds[0]}" / "eval" / f"{a['model']}.samples.pt").is_file()}
+    if shown:
+        n_steps = int(next(iter(shown.values()))["step_maps"][0].numel())
+        ev.samples_figure(shown, n_steps, out / "samples.png")
+        figures.append("![samples beside their order heatmaps, then the mean order map of each arm](samples.png)")
+    val = {}
+    if steps:
+        models = sorted({a["model"] for a in exp["arms"]})
+        val = val_curves(root, seeds[0], models)
+        curves_figure(steps, val, out / "curves.png")
+        figures.append(f"![learning curves: every arm against training steps ({budget.get('curve_samples')} samples "
+                       "a point), and the validation NLL logged in training](curves.png)")
+    text = "\n".join([
+        f"# {exp.get('title', exp['name'])}", "", exp.get("notes", "").strip(), "",
+        f"- **command**: `{command}`", f"- **date**: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"- **machine**: {ev.machine('cpu')}", f"- **data**: {exp['data']} {exp.get('data_overrides', {})}",
+        f"- **preset**: {exp['preset']}; **budget**: {budget}", f"- **seeds**: {seeds}",
+        f"- **feature network**: {rows['feature_name']}",
+        f"- **stage wall times (s)**: {json.dumps({k: round(v) for k, v in stage_times(root).items()})}", "",
+        ev.markdown_table(summary, rows["rows"], train_steps, len(seeds)), "",
+        "## Sampler settings", "", *(f"- {a['name']}: {json.dumps(a.get('sampler', {}))}" for a in arms), "",
+        *figures, "",
+        ev.how_to_read(budget["samples"], budget.get("nll_images", 500), budget.get("sample_batch", 100), "cpu",
+                       bool(exp.get("inception_weights")), False, False)])
+    (out / "report.md").write_text(text)
+    result = {"experiment": exp, "summary": summary, "per_seed": final, "rows": rows,
+              "curves": {f"{arm}@{step}": ms for (arm, step), ms in steps.items()}, "val_curves": val,
+              "stage_times": stage_times(root)}
+    (out / "report.json").write_text(json.dumps(result, indent=1, default=str))
+    if publish and (root / "experiment.json").is_file():
+        shutil.copy(root / "experiment.json", out / "experiment.json")
+    return result
+
+
+def describe_steps(exp: dict, model: str) -> str:
+    """Training steps of a model, with those of the models it was distilled from."""
+    spec, budget = exp["models"][model], exp["budget"]
+    own = spec.get("steps", budget["finetune_steps"] if spec["stage"] == "distill" else budget["steps"])
+    return f"{describe_steps(exp, spec['init_from'])} + {own}" if spec.get("init_from") else str(own)

@@ -1,0 +1,58 @@
+"""The experiment runner: stage keys tie every stage to its inputs, interrupted fits resume, and the smoke
+experiment runs end to end into a report (slow)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import experiment
+from tests.test_compare_orders import table_rows
+
+SMOKE = experiment.ROOT / "benchmarks" / "experiments" / "smoke.yaml"
+
+
+def jobs_of(tmp_path: Path, *overrides: str) -> dict[str, experiment.Job]:
+    exp = experiment.load_experiment(SMOKE, list(overrides))
+    jobs, _ = experiment.plan(exp, tmp_path / exp["name"], exp["seeds"])
+    return {j.name: j for j in jobs}
+
+
+def test_a_changed_model_changes_its_own_key_and_its_dependents_only(tmp_path):
+    before = jobs_of(tmp_path)
+    after = jobs_of(tmp_path, "models.any_order.overrides={model.init_args.curriculum_steps: 3}")
+    changed = {name for name in before if before[name].key() != after[name].key()}
+    assert "any_order (seed 0)" in changed and "distill_orders (seed 0)" in changed and "distill (seed 0)" in changed
+    assert "eval any_order (seed 0)" in changed and "eval distill@2 (seed 0)" in changed
+    assert not changed & {"tokenizer", "raster (seed 0)", "eval raster (seed 0)", "rows"}
+    other_tokenizer = jobs_of(tmp_path, "budget.tokenizer_steps=5")
+    assert all(other_tokenizer[n].key() != before[n].key() for n in before)  # everything hangs on the tokenizer
+
+
+def test_an_interrupted_fit_resumes_from_its_last_checkpoint(tmp_path):
+    job = jobs_of(tmp_path)["raster (seed 0)"]
+    first = job.command()  # writes done.json (unfinished) for this key
+    assert "--ckpt_path" not in first
+    (job.folder / "checkpoints").mkdir(parents=True)
+    (job.folder / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    assert job.command()[-2:] == ["--ckpt_path", str(job.folder / "checkpoints" / "last.ckpt")]
+    other = jobs_of(tmp_path, "budget.steps=5")["raster (seed 0)"]  # other settings: from scratch
+    assert "--ckpt_path" not in other.command() and not (job.folder / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_smoke_experiment_runs_into_a_report_and_reuses_every_stage(tmp_path, capsys):
+    experiment.main([str(SMOKE), "--out", str(tmp_path)])
+    run = tmp_path / "smoke"
+    rows = table_rows((run / "report.md").read_text())
+    arms = ["raster AR", "any-order AR, random order", "any-order AR, confidence order",
+            "OAR distilled, confidence order", "real images (reference)", "tokenizer reconstruction (ceiling)"]
+    assert list(rows) == arms
+    assert all(float(rows[a]["FID ↓"]) >= 0 for a in arms) and rows["OAR distilled, confidence order"]["train steps"] == "4 + 2"
+    assert (run / "samples.png").stat().st_size > 0 and (run / "curves.png").stat().st_size > 0
+    report = json.loads((run / "report.json").read_text())
+    assert {"raster AR@2", "raster AR@4", "OAR distilled, confidence order@2"} <= set(report["curves"])
+    capsys.readouterr()
+    experiment.main([str(SMOKE), "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "running" not in printed and printed.count("reused") == 14
