@@ -117,14 +117,14 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint", fix: str = "pass
         raise UnreadableFileError(f"{what} {path} is truncated or corrupt: {fix}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
-    except pickle.UnpicklingError as err:
-        if "GLOBAL" not in str(err):
-            raise UnreadableFileError(f"{what} {path} is not a readable checkpoint (corrupt, or not made by "
-                                      f"torch.save): {fix}") from err
-        raise UnreadableFileError(f"{what} {path} holds Python objects other than tensors and plain data, so it "
-                                  f"is refused unread (unpickling them could run code): {fix}") from err
-    except Exception as err:  # torch raises RuntimeError, EOFError, KeyError, ... on damaged files
-        state = "is a text file, not a checkpoint" if _looks_like_text(path) else "is truncated or corrupt"
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...
+        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err):
+            state = ("holds Python objects other than tensors and plain data, so it is refused unread "
+                     "(unpickling them could run code)")
+        elif _looks_like_text(path):
+            state = "is a text file, not a checkpoint"
+        else:
+            state = "is truncated or corrupt" if is_zip else "is not a checkpoint made by torch.save (or is corrupt)"
         raise UnreadableFileError(f"{what} {path} {state}: {fix}") from err
     if not isinstance(ckpt, dict):
         raise UnreadableFileError(f"{what} {path} is not a checkpoint (it holds a {type(ckpt).__name__}): {fix}")
