@@ -59,9 +59,10 @@ class DistillModule(AnyOrderModule):
     def _load_init_from(self) -> None:
         """The stage-1 weights, refused when unsafe, damaged, non-finite, or made for other tokens or sizes."""
         ckpt = read_checkpoint(self.init_from, INIT_WHAT, STAGE1_HINT)
-        if "net_spec" not in ckpt:
-            raise ValueError(f"{INIT_WHAT} {self.init_from} has no 'net_spec': it was not written by this "
-                             f"project's LightningModules: {STAGE1_HINT}")
+        held, wanted = ckpt.get("net_spec", {}).get("class_path", "none"), net_spec(self.net)["class_path"]
+        if held != wanted:
+            raise ValueError(f"{INIT_WHAT} {self.init_from} holds a network of class {held.rpartition('.')[2]}, "
+                             f"not {wanted.rpartition('.')[2]}: {STAGE1_HINT}")
         check_trained_tokenizer(ckpt, self.init_from, getattr(self.trainer, "datamodule", None))
         state = net_weights(ckpt)
         check_finite(state, self.init_from, INIT_WHAT)

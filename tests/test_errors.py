@@ -203,6 +203,13 @@ CASES = {
     "stage-1 checkpoint as tokenizer_ckpt": fixed(
         fit_args("any_order", "--data.init_args.tokenizer_ckpt", str(STAGE1_CKPT)),
         ("data.init_args.tokenizer_ckpt", "not a tokenizer", TOKENIZER_FIX)),
+    "missing init_from": fixed(fit_args("distill", "--model.init_args.init_from", "runs/nowhere.ckpt"),
+                               ("model.init_args.init_from", "runs/nowhere.ckpt", "not found", STAGE1_FIX)),
+    "missing --ckpt_path": fixed(predict_args("sample", "runs/nowhere.ckpt"),
+                                 ("--ckpt_path", "runs/nowhere.ckpt", "not found", CKPT_FIX)),
+    "tokenizer checkpoint as init_from": fixed(
+        fit_args("distill", "--model.init_args.init_from", str(TOKENIZER_CKPT)),
+        ("model.init_args.init_from", "VQAutoencoder", "not OrderedTransformer", STAGE1_FIX)),
     "tokenizer checkpoint as --ckpt_path of sampling": fixed(
         predict_args("sample", TOKENIZER_CKPT), ("--ckpt_path", str(TOKENIZER_CKPT), "VQAutoencoder", CKPT_FIX)),
     "--weights_only false": fixed(fit_args("tokenizer", "--weights_only", "false"), ("--weights_only", "drop")),
