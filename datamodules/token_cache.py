@@ -120,8 +120,8 @@ def tokenizer_facts(tokenizer_ckpt: str | Path, image_size: int) -> tuple[int, t
     with torch.device("meta"):
         net = build_net(ckpt["net_spec"])
     if not all(hasattr(net, fact) for fact in ("vocab_size", "downsample", "grid_size", "encode")):
-        raise ValueError(f"{TOKENIZER_WHAT} {tokenizer_ckpt} holds a {type(net).__name__}, not a tokenizer: "
-                         f"{TOKENIZER_FIX}")
+        raise ValueError(f"{TOKENIZER_WHAT} {tokenizer_ckpt} holds a network of class {type(net).__name__}, "
+                         f"not a tokenizer: {TOKENIZER_FIX}")
     check_image_size(image_size, net.downsample, f"tokenizer {tokenizer_ckpt}")
     return net.vocab_size, tuple(net.grid_size(image_size))
 

@@ -61,8 +61,10 @@ def tokenizer_record(datamodule) -> dict | None:
     return {"path": str(datamodule.tokenizer_ckpt), "sha256": datamodule.token_manifest()["tokenizer_sha256"]}
 
 
-def check_trained_tokenizer(checkpoint: dict, ckpt_path, datamodule) -> None:
+def check_trained_tokenizer(checkpoint: dict, ckpt_path: str, datamodule) -> None:
     """Refuse an AR checkpoint trained on the tokens of another tokenizer than `data.init_args.tokenizer_ckpt`.
+
+    `ckpt_path` names the checkpoint in messages (its path and the option that gave it).
 
     Checks the tokenizer record (its file's sha256), then the vocabulary and grid of the network, which
     also covers checkpoints written before records existed (those load with a warning).
@@ -86,10 +88,10 @@ def check_trained_tokenizer(checkpoint: dict, ckpt_path, datamodule) -> None:
     trained = (spec.get("vocab_size"), tuple(spec.get("grid_size") or ()))
     given = (datamodule.vocab_size, tuple(datamodule.grid_size))
     if None not in trained and trained != given:
-        raise ValueError(f"{ckpt_path} was trained on {trained[0]} tokens on a {trained[1][0]}x{trained[1][1]} "
-                         f"grid, but tokenizer {now['path']} (data.init_args.tokenizer_ckpt) gives {given[0]} tokens "
-                         f"on a {given[1][0]}x{given[1][1]} grid at image_size {datamodule.image_size}: {fix} "
-                         "(and the image_size it was trained at)")
+        raise ValueError(f"{ckpt_path} was trained on {trained[0]} tokens and a grid of {trained[1][0]}x"
+                         f"{trained[1][1]}, but tokenizer {now['path']} (data.init_args.tokenizer_ckpt) gives "
+                         f"{given[0]} tokens and a grid of {given[1][0]}x{given[1][1]} at image_size "
+                         f"{datamodule.image_size}: {fix} (and the image_size it was trained at)")
 
 
 class AnyOrderModule(LightningModule):
@@ -231,7 +233,8 @@ class AnyOrderModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """`--ckpt_path` (resume, sample, extract): refuse a checkpoint trained on another tokenizer."""
         if self._trainer is not None:  # not under `load_from_checkpoint`: no data to compare with
-            check_trained_tokenizer(checkpoint, self._trainer.ckpt_path, getattr(self._trainer, "datamodule", None))
+            check_trained_tokenizer(checkpoint, f"{self._trainer.ckpt_path} (--ckpt_path)",
+                                    getattr(self._trainer, "datamodule", None))
 
     # ---- generation and orders -------------------------------------------------------------------
     @torch.no_grad()

@@ -63,7 +63,8 @@ class DistillModule(AnyOrderModule):
         if held != wanted:
             raise ValueError(f"{INIT_WHAT} {self.init_from} holds a network of class {held.rpartition('.')[2]}, "
                              f"not {wanted.rpartition('.')[2]}: {STAGE1_HINT}")
-        check_trained_tokenizer(ckpt, self.init_from, getattr(self.trainer, "datamodule", None))
+        check_trained_tokenizer(ckpt, f"{self.init_from} (model.init_args.init_from)",
+                                getattr(self.trainer, "datamodule", None))
         state = net_weights(ckpt)
         check_finite(state, self.init_from, INIT_WHAT)
         theirs, ours = ckpt["net_spec"]["init_args"], net_spec(self.net)["init_args"]

@@ -161,7 +161,8 @@ def other_tokenizer_case(command: str):
             "resume": fit_args("any_order", *tok, "--trainer.max_epochs", "2", "--ckpt_path", str(STAGE1_CKPT)),
             "init_from": fit_args("distill", *tok, "--data.init_args.orders_path", "null"),
         }[command]
-        return args, (str(STAGE1_CKPT), str(TOKENIZER_CKPT), "other.ckpt", "data.init_args.tokenizer_ckpt",
+        option = "model.init_args.init_from" if command == "init_from" else "--ckpt_path"
+        return args, (f"{STAGE1_CKPT} ({option})", str(TOKENIZER_CKPT), "other.ckpt", "data.init_args.tokenizer_ckpt",
                       "the tokenizer the model was trained with")
     return prepare
 
@@ -171,7 +172,7 @@ def other_vocabulary_case():
     write_without_tokenizer_record(STAGE1_CKPT, Path("old.ckpt"))
     write_other_vocab_tokenizer(Path("vocab32.ckpt"))
     return (predict_args("sample", "old.ckpt", "--data.init_args.tokenizer_ckpt", "vocab32.ckpt"),
-            ("old.ckpt", "vocab32.ckpt", "64 tokens", "32 tokens", "data.init_args.tokenizer_ckpt",
+            ("old.ckpt (--ckpt_path)", "vocab32.ckpt", "64 tokens", "32 tokens", "data.init_args.tokenizer_ckpt",
              "the tokenizer the model was trained with"))
 
 
@@ -351,7 +352,7 @@ def test_checkpoint_without_tokenizer_record_loads_with_a_warning(stage1_run, tm
     write_without_tokenizer_record(STAGE1_CKPT, Path("old.ckpt"))
     with caplog.at_level(logging.WARNING, logger="oar.train"):
         run_cli(*predict_args("sample", "old.ckpt", "--data.init_args.num_samples", "4"))
-    assert "old.ckpt records no tokenizer" in caplog.text
+    assert "old.ckpt (--ckpt_path) records no tokenizer" in caplog.text
     assert Path("runs/sample/samples.npz").is_file()
 
 
