@@ -2,6 +2,12 @@
 
 Vocabulary size, token grid and number of classes are read by the DataModule (from the tokenizer
 checkpoint and the data source) and linked into the network, so no config repeats them.
+
+`--ckpt_path` is read as tensors and plain data only (`weights_only=True`), here and by the Trainer:
+Lightning 2.6 reads the checkpoint's hyper-parameters with `weights_only=True` but hands the Trainer
+`weights_only=None` (torch's default, which the TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD variable can turn off),
+so this CLI passes True. The file is checked first: a damaged, unsafe or diverged (NaN) checkpoint
+stops with one line naming it.
 """
 
 import logging
@@ -12,9 +18,15 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.fid import FIDCallback
+from datamodules.token_cache import check_image_size
+from models.checkpoint import check_finite, read_checkpoint
 
 # Model arguments that describe a run, not the network: a config's values win over the checkpoint's.
 RUN_SETTINGS = ("sampler", "extraction")
+# `--ckpt_path` values that Lightning resolves itself (not a file path).
+CKPT_ALIASES = ("last", "best", "hpc", "registry")
+CKPT_WHAT = "checkpoint (--ckpt_path)"
+CKPT_FIX = "pass a checkpoint written by `python run.py fit` of this stage (runs/<stage>/checkpoints/*.ckpt)"
 
 
 class OARCLI(LightningCLI):
@@ -34,19 +46,56 @@ class OARCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except ValueError as err:
-            cause = err
-            while cause.__cause__ is not None or cause.__context__ is not None:
+            ours, cause = None, err.__cause__ or err.__context__
+            while cause is not None:  # the deepest FileNotFoundError/ValueError under jsonargparse's wrapper
+                if isinstance(cause, (FileNotFoundError, ValueError)):
+                    ours = cause
                 cause = cause.__cause__ or cause.__context__
-            if isinstance(cause, (FileNotFoundError, ValueError)) and cause is not err:
-                raise type(cause)(str(cause)) from None  # a fresh copy: re-raising `cause` would make a cycle
+            if ours is not None:
+                raise type(ours)(str(ours)) from None  # a fresh copy: re-raising `ours` would make a cycle
             raise
+
+    def after_instantiate_classes(self) -> None:
+        """A tokenizer network must cut the images into whole tokens."""
+        net, size = getattr(self.model, "net", None), getattr(self.datamodule, "image_size", None)
+        if size is not None and isinstance(getattr(net, "downsample", None), int):
+            check_image_size(size, net.downsample, "the tokenizer network (model.init_args.net)")
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("weights_only") is False:
+            raise ValueError("--weights_only false is refused: checkpoints are read as tensors and plain data only; "
+                             "drop the option")
+        if "weights_only" in kwargs:
+            kwargs["weights_only"] = True
+        return kwargs
+
+    def _check_ckpt_path(self, sub: str) -> None:
+        """Read `--ckpt_path` safely once (mapped, not copied): one-line errors for damaged or NaN files."""
+        path = self.config[sub].get("ckpt_path")
+        if not path or str(path) in CKPT_ALIASES or "://" in str(path):
+            return
+        ckpt = read_checkpoint(path, CKPT_WHAT, CKPT_FIX, mmap=True)
+        check_finite(ckpt.get("state_dict", {}), path, CKPT_WHAT)
+        held = ckpt.get("net_spec", {}).get("class_path")
+        wanted = self.config[sub].get("model", {}).get("init_args", {}).get("net", {}).get("class_path")
+        if held and wanted and held != wanted:
+            raise ValueError(f"{CKPT_WHAT} {path} holds a network of class {held.rpartition('.')[2]}, but this "
+                             f"config's network is {wanted.rpartition('.')[2]}: {CKPT_FIX}")
 
     def _parse_ckpt_path(self) -> None:
         """Rebuild the model from the checkpoint's config, but keep this run's sampling/extraction settings."""
         sub = self.config.get("subcommand")
+        if sub:
+            self._check_ckpt_path(sub)
         init_args = self.config[sub].get("model", {}).get("init_args", {}) if sub else {}
         kept = {k: init_args.get(k) for k in RUN_SETTINGS if init_args.get(k) is not None}
-        super()._parse_ckpt_path()
+        try:
+            super()._parse_ckpt_path()
+        except SystemExit as err:  # jsonargparse rejected the checkpoint's hyper-parameters
+            path = self.config[sub].get("ckpt_path")
+            raise ValueError(f"{CKPT_WHAT} {path} was not written for this config's model (its hyper-parameters "
+                             f"do not parse): {CKPT_FIX}") from err
         for key, value in kept.items():
             self.config[sub].model.init_args[key] = value
 

@@ -7,6 +7,7 @@ exposed as attributes so the CLI links them into the networks (they are never ty
 """
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -15,12 +16,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.orders_file import finished_keys, load_orders
 from datamodules.token_cache import (
+    IMAGE_SIZE_KEY,
     cache_path,
     ensure_token_cache,
     load_token_cache,
     manifest_for,
     tokenizer_facts,
 )
+from models.checkpoint import UnreadableFileError
 
 log = logging.getLogger("oar.data")
 
@@ -136,6 +139,12 @@ class OARDataModule(LightningDataModule):
         self.tokenizer_ckpt, self.cache_dir, self.tokenize_batch_size = tokenizer_ckpt, cache_dir, tokenize_batch_size
         self.num_classes: int = source.num_classes
         self.image_size: int = source.image_size
+        if self.image_size < 1:
+            raise ValueError(f"{IMAGE_SIZE_KEY} = {self.image_size} is impossible: set it to a positive multiple of "
+                             "the tokenizer's downsampling factor, e.g. 32")
+        if num_samples < 1:
+            raise ValueError(f"data.init_args.num_samples = {num_samples} is impossible: set it to the number of "
+                             "images to sample (>= 1)")
         self.vocab_size: int | None = None
         self.grid_size: tuple[int, int] | None = None
         if tokenizer_ckpt is not None:
@@ -183,10 +192,12 @@ class OARDataModule(LightningDataModule):
         """The token cache (tokens (N,F,h,w), labels, manifest); built first if missing, read once."""
         if not hasattr(self, "_token_cache"):
             path = cache_path(self.cache_dir, self._manifest())
-            if not path.exists():
+            try:
+                self._token_cache = load_token_cache(path, self._manifest())
+            except (FileNotFoundError, UnreadableFileError):  # missing or damaged: (re)build it
                 ensure_token_cache(self.source, self.tokenizer_ckpt, self._manifest(), self.cache_dir,
                                    self.tokenize_batch_size)
-            self._token_cache = load_token_cache(path, self._manifest())
+                self._token_cache = load_token_cache(path, self._manifest())
         return self._token_cache
 
     def labels_of(self, indices: torch.Tensor) -> torch.Tensor:
@@ -222,7 +233,23 @@ class OARDataModule(LightningDataModule):
                           num_workers=workers, persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:
+        self._check_one_batch()
         return self._loader(self.train_set, shuffle=True)
+
+    def _check_one_batch(self) -> None:
+        """Refuse a training split smaller than one batch (training would run no step and save nothing)."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_process = math.ceil(len(self.train_set) / world)
+        if per_process >= self.batch_size:
+            return
+        where = f"image folder {self.source.root}" if hasattr(self.source, "root") else type(self.source).__name__
+        each = f", {per_process} per process on {world} processes" if world > 1 else ""
+        fix = f"set data.init_args.batch_size to {per_process} or less, or add images" if per_process else \
+            "add images or lower data.init_args.val_fraction"
+        raise ValueError(
+            f"{where} has {len(self.source)} usable images ({len(self.train_set)} for training after "
+            f"data.init_args.val_fraction = {self.val_fraction}{each}), fewer than one training batch "
+            f"(data.init_args.batch_size = {self.batch_size}): {fix}")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

@@ -10,12 +10,14 @@ Layout of `<orders_path>/`:
   with -1 rows for images outside the extracted split.
 
 Every file is written to a temp file in the folder and renamed, so a crash never leaves half a shard:
-what `finished_keys` sees is finished, and a rerun extracts only the rest. Pure IO (torch, no
+what `finished_keys` sees is finished, and a rerun extracts only the rest. A shard damaged later (a
+truncated copy, a bad disk) is deleted with a warning, so the rerun extracts its keys again. Pure IO (torch, no
 Lightning): the prediction writer `callbacks/order_writer.py` and the DataModule both use it.
 """
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable
@@ -25,6 +27,9 @@ import torch
 from torch import Tensor
 
 from datamodules.token_cache import atomic_save
+from models.checkpoint import UnreadableFileError, read_checkpoint
+
+log = logging.getLogger("oar.extract")
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -87,9 +92,13 @@ def _atomic_write_json(obj: dict, path: Path) -> None:
 
 
 def read_manifest(path: str | Path) -> dict:
-    """The manifest of an orders folder (FileNotFoundError if there is none)."""
+    """The manifest of an orders folder (FileNotFoundError if there is none, ValueError if damaged)."""
     with open(Path(path) / MANIFEST) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"orders manifest {Path(path) / MANIFEST} is corrupt: delete the folder {path} and "
+                             f"rerun `{EXTRACT_CMD}`") from err
 
 
 def open_for_writing(path: str | Path, manifest: dict) -> Path:
@@ -133,17 +142,31 @@ def _shards(path: Path) -> list[Path]:
 
 
 def _load(file: Path) -> dict:
-    return torch.load(file, map_location="cpu", weights_only=True)
+    return read_checkpoint(file, "orders shard", f"rerun `{EXTRACT_CMD}`: it extracts that shard's orders again")
+
+
+def _drop(file: Path) -> None:
+    log.warning("orders shard %s is unreadable (truncated or corrupt): deleted, its orders are extracted again", file)
+    file.unlink(missing_ok=True)  # every process may find it: the first one deletes it
 
 
 def finished_keys(path: str | Path) -> set[tuple[int, int]]:
-    """The (index, flip) pairs whose orders are already written; empty when there is no folder."""
+    """The (index, flip) pairs whose orders are already written; empty when there is no folder.
+
+    Unreadable shards are deleted (with a warning), so their keys count as not written.
+    """
     keys: set[tuple[int, int]] = set()
     path = Path(path)
     if not path.is_dir():
         return keys
     for file in _shards(path):
-        shard = _load(file)
+        try:
+            shard = _load(file)
+        except FileNotFoundError:  # another process dropped it meanwhile
+            continue
+        except UnreadableFileError:
+            _drop(file)
+            continue
         keys.update(zip(shard["index"].tolist(), shard["flip"].tolist(), strict=True))
     return keys
 
@@ -202,7 +225,11 @@ def consolidate(path: str | Path, expected_keys: Iterable[tuple[int, int]]) -> P
     orders = torch.full((num * views, h * w), -1, dtype=torch.int16)
     done = torch.zeros(num * views, dtype=torch.bool)
     for file in _shards(path):
-        shard = _load(file)
+        try:
+            shard = _load(file)
+        except UnreadableFileError as err:
+            _drop(file)
+            raise ValueError(f"{err} (it is deleted now)") from err
         index, flip, order = shard["index"], shard["flip"], shard["order"]
         if ((index < 0) | (index >= num) | (flip < 0) | (flip >= views)).any() or order.shape[1] != h * w:
             raise ValueError(
@@ -262,7 +289,9 @@ def load_orders(path: str | Path, token_manifest: dict, indices: Tensor | None =
     if not (path / ORDERS).is_file():
         state = "is incomplete (extraction did not finish)" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"orders file {path} {state}: make it with `{EXTRACT_CMD}`")
-    data = torch.load(path / ORDERS, map_location="cpu", weights_only=True)
+    data = read_checkpoint(path / ORDERS, "orders file",
+                           f"rerun `{EXTRACT_CMD}` with data.init_args.orders_path={path}: it rebuilds {ORDERS} from "
+                           "the shards")
     manifest, orders, done = data["manifest"], data["orders"], data["done"]
     made_from = (manifest.get("format"), manifest.get("dataset_fingerprint"), manifest.get("token_cache"))
     if made_from != (FORMAT_VERSION, token_manifest["dataset_fingerprint"], _normalise(token_manifest)):

@@ -2,7 +2,8 @@
 
 The file name carries a key hashed from the dataset fingerprint, the tokenizer checkpoint's hash and
 the flip setting, so a cache made from anything else is never picked up: a stale cache is rebuilt,
-not reused. Files are written to a temp file and renamed, so an interrupted build leaves no cache.
+not reused. Files are written to a temp file and renamed, so an interrupted build leaves no cache; a
+cache damaged later (truncated copy, bad disk) is rebuilt with a warning.
 """
 
 import hashlib
@@ -16,9 +17,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from models.checkpoint import UnreadableFileError, build_net, load_net, read_checkpoint
+
 log = logging.getLogger("oar.data")
 
 FORMAT_VERSION = 1
+TOKENIZER_WHAT = "tokenizer checkpoint (data.init_args.tokenizer_ckpt)"
+TOKENIZER_FIX = ("make it with `python run.py fit --config configs/tokenizer.yaml` or point "
+                 "data.init_args.tokenizer_ckpt at another tokenizer checkpoint")
+IMAGE_SIZE_KEY = "data.init_args.source.init_args.image_size"
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -84,20 +91,38 @@ def tokenize_dataset(source: Dataset, tokenizer: nn.Module, flip: bool, batch_si
 
 
 def load_token_cache(path: Path, manifest: dict) -> dict:
-    """Read a cache and check it was made from what `manifest` says; raises ValueError if not."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    """Read a cache and check it was made from what `manifest` says.
+
+    Raises:
+        UnreadableFileError: the file is damaged (`ensure_token_cache` rebuilds it).
+        ValueError: it was made from something else.
+    """
+    data = read_checkpoint(path, "token cache", "delete it and rerun: it is rebuilt")
     if data.get("manifest") != manifest:
         raise ValueError(f"token cache {path} does not match its manifest; delete it and rerun")
     return data
 
 
-def tokenizer_facts(tokenizer_ckpt: str | Path, image_size: int) -> tuple[int, tuple[int, int]]:
-    """Vocabulary size and token grid of a tokenizer checkpoint, without loading its weights."""
-    from models.checkpoint import build_net
+def check_image_size(image_size: int, downsample: int, tokenizer: str) -> None:
+    """Refuse an image size the tokenizer cannot cut into whole tokens (ValueError naming the key)."""
+    if image_size < 1 or image_size % downsample:
+        nearest = max(downsample, round(image_size / downsample) * downsample)
+        raise ValueError(f"{IMAGE_SIZE_KEY} = {image_size} is not a positive multiple of the downsampling factor "
+                         f"{downsample} of {tokenizer}: set it to a multiple of {downsample}, e.g. {nearest}")
 
-    spec = torch.load(tokenizer_ckpt, map_location="cpu", weights_only=False)["net_spec"]
+
+def tokenizer_facts(tokenizer_ckpt: str | Path, image_size: int) -> tuple[int, tuple[int, int]]:
+    """Vocabulary size and token grid of a tokenizer checkpoint, without building its weights."""
+    ckpt = read_checkpoint(tokenizer_ckpt, TOKENIZER_WHAT, TOKENIZER_FIX, mmap=True)
+    if "net_spec" not in ckpt:
+        raise ValueError(f"{TOKENIZER_WHAT} {tokenizer_ckpt} has no 'net_spec': it was not written by this "
+                         f"project's LightningModules: {TOKENIZER_FIX}")
     with torch.device("meta"):
-        net = build_net(spec)
+        net = build_net(ckpt["net_spec"])
+    if not all(hasattr(net, fact) for fact in ("vocab_size", "downsample", "grid_size", "encode")):
+        raise ValueError(f"{TOKENIZER_WHAT} {tokenizer_ckpt} holds a network of class {type(net).__name__}, "
+                         f"not a tokenizer: {TOKENIZER_FIX}")
+    check_image_size(image_size, net.downsample, f"tokenizer {tokenizer_ckpt}")
     return net.vocab_size, tuple(net.grid_size(image_size))
 
 
@@ -108,16 +133,18 @@ def manifest_for(source: Dataset, tokenizer_ckpt: str | Path, flip: bool) -> dic
 
 def ensure_token_cache(source: Dataset, tokenizer_ckpt: str | Path, manifest: dict,
                        cache_dir: str | Path, batch_size: int = 256) -> Path:
-    """Make the cache for `manifest` unless a matching one exists; returns its path."""
-    from models.checkpoint import load_net  # lazy: only the AR stages need a tokenizer
-
+    """Make the cache for `manifest` unless a matching one exists (a damaged one is rebuilt); returns its path."""
     path = cache_path(cache_dir, manifest)
     if path.exists():
-        load_token_cache(path, manifest)
-        log.info("token cache %s is up to date", path)
-        return path
+        try:
+            load_token_cache(path, manifest)
+            log.info("token cache %s is up to date", path)
+            return path
+        except UnreadableFileError:
+            log.warning("token cache %s is unreadable (truncated or corrupt): rebuilding it", path)
     log.info("building token cache %s from %s", path, tokenizer_ckpt)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokens, labels = tokenize_dataset(source, load_net(tokenizer_ckpt), manifest["flip"], batch_size, device)
+    tokenizer = load_net(tokenizer_ckpt, what=TOKENIZER_WHAT, fix=TOKENIZER_FIX)
+    tokens, labels = tokenize_dataset(source, tokenizer, manifest["flip"], batch_size, device)
     atomic_save({"tokens": tokens, "labels": labels, "manifest": manifest}, path)
     return path

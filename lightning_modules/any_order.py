@@ -13,13 +13,16 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 
-from models.checkpoint import load_net, net_spec
-from models.extraction import extract_orders, nll_under_order, noise_seeds
+from models.checkpoint import load_net, net_spec, plain_data
+from models.extraction import SCORES, extract_orders, nll_under_order, noise_seeds
 from models.orders import mixed_order, order_to_step_map, random_order, raster_order
 from models.sampling import SamplerSettings, choice_generator, sample
 from models.transformer import OrderedTransformer
 
 log = logging.getLogger("oar.train")
+
+TOKENIZER_WHAT = "tokenizer checkpoint (data.init_args.tokenizer_ckpt)"
+TOKENIZER_FIX = "make it with `python run.py fit --config configs/tokenizer.yaml`"
 
 
 @dataclass
@@ -38,6 +41,57 @@ class ExtractionSettings:
     positions_per_step: int = 1
     gumbel_temperature: float = 0.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        where = "model.init_args.extraction."
+        if self.score not in SCORES:
+            raise ValueError(f"{where}score = {self.score!r} is unknown: choose one of {', '.join(SCORES)}")
+        if self.positions_per_step < 1:
+            raise ValueError(f"{where}positions_per_step = {self.positions_per_step} is impossible: set it to "
+                             "an integer >= 1 (1 = exact greedy)")
+        if not (math.isfinite(self.gumbel_temperature) and self.gumbel_temperature >= 0):
+            raise ValueError(f"{where}gumbel_temperature = {self.gumbel_temperature} is impossible: set it to a "
+                             "number >= 0 (0 = greedy)")
+
+
+def tokenizer_record(datamodule) -> dict | None:
+    """What an AR checkpoint records of the tokenizer its tokens came from (None outside token mode)."""
+    if not getattr(datamodule, "tokenizer_ckpt", None):
+        return None
+    return {"path": str(datamodule.tokenizer_ckpt), "sha256": datamodule.token_manifest()["tokenizer_sha256"]}
+
+
+def check_trained_tokenizer(checkpoint: dict, ckpt_path: str, datamodule) -> None:
+    """Refuse an AR checkpoint trained on the tokens of another tokenizer than `data.init_args.tokenizer_ckpt`.
+
+    `ckpt_path` names the checkpoint in messages (its path and the option that gave it).
+
+    Checks the tokenizer record (its file's sha256), then the vocabulary and grid of the network, which
+    also covers checkpoints written before records existed (those load with a warning).
+
+    Raises:
+        ValueError: naming both checkpoints and the fix.
+    """
+    now = tokenizer_record(datamodule)
+    if now is None:
+        return
+    was = checkpoint.get("tokenizer")
+    fix = "set data.init_args.tokenizer_ckpt to the tokenizer the model was trained with"
+    if was is None:
+        log.warning("%s records no tokenizer (written before tokenizer records): cannot check that it was "
+                    "trained on %s (data.init_args.tokenizer_ckpt)", ckpt_path, now["path"])
+    elif was["sha256"] != now["sha256"]:
+        raise ValueError(f"{ckpt_path} was trained on the tokens of tokenizer {was['path']} (sha256 "
+                         f"{was['sha256'][:12]}), but data.init_args.tokenizer_ckpt is {now['path']} (sha256 "
+                         f"{now['sha256'][:12]}): {fix}, or retrain the model on the new tokenizer")
+    spec = checkpoint.get("net_spec", {}).get("init_args", {})
+    trained = (spec.get("vocab_size"), tuple(spec.get("grid_size") or ()))
+    given = (datamodule.vocab_size, tuple(datamodule.grid_size))
+    if None not in trained and trained != given:
+        raise ValueError(f"{ckpt_path} was trained on {trained[0]} tokens and a grid of {trained[1][0]}x"
+                         f"{trained[1][1]}, but tokenizer {now['path']} (data.init_args.tokenizer_ckpt) gives "
+                         f"{given[0]} tokens and a grid of {given[1][0]}x{given[1][1]} at image_size "
+                         f"{datamodule.image_size}: {fix} (and the image_size it was trained at)")
 
 
 class AnyOrderModule(LightningModule):
@@ -98,7 +152,7 @@ class AnyOrderModule(LightningModule):
         """Load the frozen tokenizer that decodes samples (kept in checkpoints: they stay self-contained)."""
         dm = getattr(self.trainer, "datamodule", None)
         if self.tokenizer is None and dm is not None and getattr(dm, "tokenizer_ckpt", None):
-            self.tokenizer = load_net(dm.tokenizer_ckpt).requires_grad_(False)
+            self.tokenizer = load_net(dm.tokenizer_ckpt, what=TOKENIZER_WHAT, fix=TOKENIZER_FIX).requires_grad_(False)
 
     # ---- training ---------------------------------------------------------------------------------
     def orders_for(self, batch: dict, stage: str) -> torch.Tensor:
@@ -132,19 +186,27 @@ class AnyOrderModule(LightningModule):
         return self._step(batch, "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "val")
+        every = self.inferred_nll_every_n_epochs
+        self._eval_step(batch, batch_idx, "val", inferred=bool(every) and (self.current_epoch + 1) % every == 0)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """The validation metrics on the DataModule's test split (its validation images), as test/..."""
+        self._eval_step(batch, batch_idx, "test", inferred=self.inferred_nll_every_n_epochs > 0)
+
+    def _eval_step(self, batch: dict, batch_idx: int, stage: str, inferred: bool) -> None:
+        """Loss and bits per token under raster, random (seeded: the same every epoch) and inferred orders."""
+        self._step(batch, stage)
         tokens, cond = batch["tokens"].flatten(1), batch["label"]
         b, n = tokens.shape
         gen = torch.Generator(device=self.device).manual_seed(self.val_order_seed + batch_idx)
         for name, order in (("raster", raster_order(b, n, device=self.device)),
                             ("random", random_order(b, n, generator=gen, device=self.device))):
             bits = nll_under_order(self.net, tokens, order, cond).mean()
-            self.log(f"val/nll_{name}", bits, sync_dist=True, batch_size=b)
-        every = self.inferred_nll_every_n_epochs
-        if every and (self.current_epoch + 1) % every == 0 and batch_idx < self.inferred_nll_batches:
+            self.log(f"{stage}/nll_{name}", bits, sync_dist=True, batch_size=b)
+        if inferred and batch_idx < self.inferred_nll_batches:
             order = extract_orders(self.net, tokens, cond, score=self.extraction.score)
             bits = nll_under_order(self.net, tokens, order, cond).mean()
-            self.log("val/nll_inferred", bits, sync_dist=True, batch_size=b)
+            self.log(f"{stage}/nll_inferred", bits, sync_dist=True, batch_size=b)
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.net.parameters())
@@ -160,7 +222,19 @@ class AnyOrderModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record the network's spec and the tokenizer; keep hyper-parameters plain data (weights_only loads)."""
         checkpoint["net_spec"] = net_spec(self.net)
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = plain_data(checkpoint["hyper_parameters"])
+        record = tokenizer_record(getattr(self._trainer, "datamodule", None))
+        if record is not None:
+            checkpoint["tokenizer"] = record
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """`--ckpt_path` (resume, sample, extract): refuse a checkpoint trained on another tokenizer."""
+        if self._trainer is not None:  # not under `load_from_checkpoint`: no data to compare with
+            check_trained_tokenizer(checkpoint, f"{self._trainer.ckpt_path} (--ckpt_path)",
+                                    getattr(self._trainer, "datamodule", None))
 
     # ---- generation and orders -------------------------------------------------------------------
     @torch.no_grad()

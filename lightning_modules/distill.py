@@ -11,14 +11,19 @@ import logging
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from lightning_modules.any_order import AnyOrderModule, ExtractionSettings, SamplerSettings
-from models.checkpoint import load_net
+from lightning_modules.any_order import AnyOrderModule, ExtractionSettings, SamplerSettings, check_trained_tokenizer
+from models.checkpoint import check_finite, net_spec, net_weights, read_checkpoint
 from models.orders import random_order
 from models.transformer import OrderedTransformer
 
 log = logging.getLogger("oar.train")
 
 STAGE1_HINT = "train it with `python run.py fit --config configs/any_order.yaml`"
+INIT_WHAT = "stage-1 checkpoint (model.init_args.init_from)"
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 class DistillModule(AnyOrderModule):
@@ -48,14 +53,30 @@ class DistillModule(AnyOrderModule):
         super().setup(stage)
         if stage == "fit" and self.init_from is not None:
             # When resuming (--ckpt_path), Lightning restores the checkpoint after this and replaces these weights.
-            try:
-                self.net.load_state_dict(load_net(self.init_from).state_dict())
-            except FileNotFoundError as err:
-                raise FileNotFoundError(f"stage-1 checkpoint {self.init_from!r} (model.init_args.init_from) "
-                                        f"not found: {STAGE1_HINT}") from err
+            self._load_init_from()
             log.info("loaded the stage-1 weights of %s (when resuming, the checkpoint replaces them)", self.init_from)
 
+    def _load_init_from(self) -> None:
+        """The stage-1 weights, refused when unsafe, damaged, non-finite, or made for other tokens or sizes."""
+        ckpt = read_checkpoint(self.init_from, INIT_WHAT, STAGE1_HINT)
+        held, wanted = ckpt.get("net_spec", {}).get("class_path", "none"), net_spec(self.net)["class_path"]
+        if held != wanted:
+            raise ValueError(f"{INIT_WHAT} {self.init_from} holds a network of class {held.rpartition('.')[2]}, "
+                             f"not {wanted.rpartition('.')[2]}: {STAGE1_HINT}")
+        check_trained_tokenizer(ckpt, f"{self.init_from} (model.init_args.init_from)",
+                                getattr(self.trainer, "datamodule", None))
+        state = net_weights(ckpt)
+        check_finite(state, self.init_from, INIT_WHAT)
+        theirs, ours = ckpt["net_spec"]["init_args"], net_spec(self.net)["init_args"]
+        differ = sorted(k for k in set(theirs) | set(ours) if _plain(theirs.get(k)) != _plain(ours.get(k)))
+        if differ:
+            raise ValueError(f"{INIT_WHAT} {self.init_from} has another network ({', '.join(differ)} "
+                             "differ from model.init_args.net): set model.init_args.net.init_args to the stage-1 "
+                             "ones (or use the same --config size preset)")
+        self.net.load_state_dict(state)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         if self.init_from is not None:
             log.info("resuming from a checkpoint: init_from (%s) is ignored, weights and optimizer come from "
                      "the checkpoint", self.init_from)

@@ -20,7 +20,7 @@ from models.discriminator import PatchDiscriminator, g_loss, hinge_d_loss
 from models.tokenizer import VQAutoencoder, VQOutput
 from models.weights import build_lpips as load_lpips
 
-STAGES = ("train", "val")
+STAGES = ("train", "val", "test")
 
 
 class CodebookUsage(Metric):
@@ -168,6 +168,10 @@ class TokenizerModule(LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
         return self._step(batch, "val")[0]
+
+    def test_step(self, batch: dict, batch_idx: int) -> Tensor:
+        """The validation metrics on the DataModule's test split (its validation images), as test/..."""
+        return self._step(batch, "test")[0]
 
     def configure_optimizers(self):
         opt_g = self.optimizer(self.net.parameters())

@@ -1,14 +1,34 @@
-"""Rebuild a network from a Lightning checkpoint without Lightning.
+"""Read checkpoints safely and rebuild a network from one without Lightning.
 
 Each network records its constructor arguments (`record_init`); the LightningModule stores
 `net_spec(net)` in the checkpoint, and `load_net` imports the class and loads the `net.` weights.
+
+Every file is read with `torch.load(weights_only=True)`: only tensors and plain data are unpickled, so a
+file crafted to run code when unpickled is refused before anything runs. Whatever goes wrong (missing,
+truncated, a text file, code inside, NaN weights) becomes a one-line error naming the file and the fix.
 """
 
+import dataclasses
 import importlib
+import os
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+_DROP = object()  # what `plain_data` leaves out
+
+
+class UnreadableFileError(ValueError):
+    """A file `read_checkpoint` refuses: truncated, corrupt, not a checkpoint, or holding code."""
+
+
+RETRAIN_HINT = (
+    "training diverged: retrain with a lower learning rate (model.init_args.optimizer.init_args.lr) "
+    "or use an earlier checkpoint"
+)
 
 
 def record_init(module: nn.Module, args: dict) -> None:
@@ -28,15 +48,117 @@ def build_net(spec: dict) -> nn.Module:
     return cls(**spec["init_args"])
 
 
-def load_net(path: str | Path, prefix: str = "net.", map_location: str = "cpu") -> nn.Module:
-    """Load the network stored under `prefix` in a checkpoint written by one of our LightningModules."""
+def plain_data(obj):
+    """`obj` as data that `torch.load(weights_only=True)` reads back (for a checkpoint's hyper-parameters).
+
+    Dataclasses and mappings (jsonargparse Namespaces included) become dicts, paths strings, a recorded
+    network its `net_spec`; other objects (an optimizer factory given in Python) are left out, so a
+    config merged with these values keeps its own.
+    """
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return plain_data(dataclasses.asdict(obj))
+    if isinstance(obj, nn.Module):
+        return net_spec(obj) if hasattr(obj, "init_args") else _DROP
+    if hasattr(obj, "items"):  # dict, Namespace, AttributeDict
+        return {str(k): v for k, v in ((k, plain_data(v)) for k, v in obj.items()) if v is not _DROP}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(v for v in map(plain_data, obj) if v is not _DROP)
+    return _DROP
+
+
+def _is_zip(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"PK\x03\x04"  # torch.save's format is a zip archive
+
+
+def _damaged_zip(path: Path) -> bool:
+    """True when the archive is cut short or a record fails its CRC (torch.load checks neither)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is not None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return True
+
+
+def _looks_like_text(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(512)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return len(head) > 0 and b"\0" not in head
+
+
+def read_checkpoint(path: str | Path, what: str = "checkpoint", fix: str = "pass another checkpoint",
+                    mmap: bool = False) -> dict:
+    """`torch.load(path, weights_only=True)` with one-line errors.
+
+    Args:
+        path: the file.
+        what: how the error names it, e.g. "tokenizer checkpoint (data.init_args.tokenizer_ckpt)".
+        fix: what the user should do, ending the error line.
+        mmap: map the tensors instead of reading them (cheap checks of large files).
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnreadableFileError (a ValueError): truncated, corrupt, a text file, or holding objects that are
+            not plain data.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    if "net_spec" not in ckpt:
-        raise ValueError(f"{path} has no 'net_spec': it was not written by this project's LightningModules")
+        raise FileNotFoundError(f"{what} {path} not found: {fix}")
+    is_zip = _is_zip(path)
+    if is_zip and _damaged_zip(path):
+        raise UnreadableFileError(f"{what} {path} is truncated or corrupt: {fix}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...
+        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err):
+            state = ("holds Python objects other than tensors and plain data, so it is refused unread "
+                     "(unpickling them could run code)")
+        elif _looks_like_text(path):
+            state = "is a text file, not a checkpoint"
+        else:
+            state = "is truncated or corrupt" if is_zip else "is not a checkpoint made by torch.save (or is corrupt)"
+        raise UnreadableFileError(f"{what} {path} {state}: {fix}") from err
+    if not isinstance(ckpt, dict):
+        raise UnreadableFileError(f"{what} {path} is not a checkpoint (it holds a {type(ckpt).__name__}): {fix}")
+    return ckpt
+
+
+def check_finite(state_dict: dict, path: str | Path, what: str = "checkpoint") -> None:
+    """Refuse weights holding NaN or inf (a diverged run): ValueError naming the file and the fix."""
+    bad = [k for k, v in state_dict.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise ValueError(f"{what} {path} holds NaN/inf weights ({bad[0]}{more}): {RETRAIN_HINT}")
+
+
+def net_weights(ckpt: dict, prefix: str = "net.") -> dict:
+    """The state dict of the network stored under `prefix` of a Lightning checkpoint's `state_dict`."""
+    return {k[len(prefix):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
+
+
+def net_from_checkpoint(ckpt: dict, path: str | Path, what: str = "checkpoint", fix: str = "pass another checkpoint",
+                        prefix: str = "net.") -> nn.Module:
+    """Rebuild the network of a checkpoint read by `read_checkpoint` (checks its weights are finite)."""
+    if "net_spec" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{what} {path} has no 'net_spec': it was not written by this project's "
+                         f"LightningModules: {fix}")
+    state = net_weights(ckpt, prefix)
+    check_finite(state, path, what)
     net = build_net(ckpt["net_spec"])
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     net.load_state_dict(state)
     return net.eval()
+
+
+def load_net(path: str | Path, prefix: str = "net.", what: str = "checkpoint",
+             fix: str = "pass another checkpoint") -> nn.Module:
+    """Load the network stored under `prefix` in a checkpoint written by one of our LightningModules."""
+    return net_from_checkpoint(read_checkpoint(path, what, fix), path, what, fix, prefix)

@@ -123,6 +123,9 @@ class TokenSampler:
     top_k: int = 0
     top_p: float = 1.0
 
+    def __post_init__(self) -> None:
+        SamplerSettings(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)  # the same checks
+
     def __call__(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
         logits = top_k_filter(apply_temperature(logits, self.temperature), self.top_k)
         logits = top_p_filter(logits, self.top_p)

@@ -1,0 +1,376 @@
+"""Bad inputs stop with one line naming the file or key and the fix; untrusted files never run (issue 8).
+
+Every case runs the real CLI (in-process; a few also as `python run.py` subprocesses) in a copy of the
+fixture pipeline folder (tokenizer, stage-1 model, token cache, extracted orders).
+"""
+
+import logging
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.orders_file import EXTRACT_CMD
+from datamodules.token_cache import file_sha256
+from lightning_modules.any_order import AnyOrderModule
+from models.checkpoint import build_net, plain_data
+from models.sampling import SamplerSettings, TokenSampler
+from tests.conftest import (
+    ORDERS,
+    QUIET,
+    REPO,
+    SHORT_FIT,
+    SMALL_DATA,
+    STAGE1_CKPT,
+    TOKENIZER_CKPT,
+    config,
+    copy_run,
+    resave_with_one_weight_changed,
+    run_cli,
+    tiny_preset,
+)
+
+MARKER = "payload_ran"  # created by unpickling a payload file: must never exist
+BAD = "bad.ckpt"
+TOKENIZER_FIX = "python run.py fit --config configs/tokenizer.yaml"
+STAGE1_FIX = "python run.py fit --config configs/any_order.yaml"
+CKPT_FIX = "python run.py fit"
+
+
+def fit_args(stage: str, *extra, data=SMALL_DATA) -> list[str]:
+    return ["fit", "--config", config(stage), *tiny_preset(stage), *data, *QUIET, *SHORT_FIT, *extra]
+
+
+def predict_args(stage: str, ckpt: str | Path, *extra) -> list[str]:
+    return ["predict", "--config", config(stage), *SMALL_DATA, *QUIET, "--ckpt_path", str(ckpt), *extra]
+
+
+# ---- bad files -----------------------------------------------------------------------------------------------------
+class Payload:
+    """Unpickling it creates the file `path`: a stand-in for code hidden in a checkpoint."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def write_payload(src: Path, dst: Path) -> None:
+    torch.save({"state_dict": {}, "net_spec": Payload(str(Path(MARKER).resolve()))}, dst)
+
+
+def write_truncated(src: Path, dst: Path) -> None:
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 2])
+
+
+def write_corrupt(src: Path, dst: Path) -> None:
+    """Same length, 64 bytes in the middle flipped (torch.load alone would not notice)."""
+    data = bytearray(src.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    dst.write_bytes(bytes(data))
+
+
+def write_text(src: Path, dst: Path) -> None:
+    dst.write_text("model:\n  class_path: lightning_modules.any_order.AnyOrderModule\n")
+
+
+def write_nan(src: Path, dst: Path) -> None:
+    """The checkpoint of a diverged run: one network weight is NaN."""
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    name = next(k for k, v in ckpt["state_dict"].items() if k.startswith("net.") and v.is_floating_point())
+    ckpt["state_dict"][name] = torch.full_like(ckpt["state_dict"][name], float("nan"))
+    torch.save(ckpt, dst)
+
+
+def write_other_vocab_tokenizer(dst: Path, codebook_size: int = 32) -> None:
+    """A tokenizer checkpoint like the fixture's, with another vocabulary."""
+    spec = torch.load(TOKENIZER_CKPT, map_location="cpu", weights_only=True)["net_spec"]
+    spec["init_args"]["codebook_size"] = codebook_size
+    state = {f"net.{k}": v for k, v in build_net(spec).state_dict().items()}
+    torch.save({"net_spec": spec, "state_dict": state}, dst)
+
+
+def write_without_tokenizer_record(src: Path, dst: Path) -> None:
+    """An AR checkpoint as written before tokenizer records existed."""
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    del ckpt["tokenizer"]
+    torch.save(ckpt, dst)
+
+
+KINDS = {  # kind: (writer, words the message must hold)
+    "payload": (write_payload, ("could run code",)),
+    "truncated": (write_truncated, ("truncated or corrupt",)),
+    "corrupt": (write_corrupt, ("truncated or corrupt",)),
+    "text": (write_text, ("text file",)),
+    "nan": (write_nan, ("NaN", "lower learning rate", "model.init_args.optimizer.init_args.lr")),
+}
+TARGETS = {  # where the file goes: (good file it is made from, CLI arguments, words naming the key and the fix)
+    "tokenizer_ckpt": (TOKENIZER_CKPT, lambda: fit_args("any_order", "--data.init_args.tokenizer_ckpt", BAD),
+                       ("data.init_args.tokenizer_ckpt", TOKENIZER_FIX)),
+    "init_from": (STAGE1_CKPT, lambda: fit_args("distill", "--model.init_args.init_from", BAD),
+                  ("model.init_args.init_from", STAGE1_FIX)),
+    "ckpt_path": (STAGE1_CKPT, lambda: predict_args("sample", BAD), ("--ckpt_path", CKPT_FIX)),
+}
+
+
+def bad_checkpoint_case(target: str, kind: str):
+    src, args, words = TARGETS[target]
+    write, kind_words = KINDS[kind]
+
+    def prepare() -> tuple[list[str], tuple[str, ...]]:
+        write(Path(src), Path(BAD))
+        fix = words[1:] if kind != "nan" else ()  # a diverged run's fix is the learning rate
+        return args(), (BAD, words[0], *fix, *kind_words)
+
+    return prepare
+
+
+# ---- every other case: prepare() runs in the run folder and returns (CLI arguments, words of the message) -----------
+def sampler_case(key: str, value: str, fix: str):
+    def prepare():
+        return (predict_args("sample", STAGE1_CKPT, f"--model.init_args.sampler.{key}", value),
+                (f"model.init_args.sampler.{key} must be {fix}", value))
+    return prepare
+
+
+def extraction_case(key: str, value: str):
+    def prepare():
+        return (predict_args("extract_orders", STAGE1_CKPT, f"--model.init_args.extraction.{key}", value,
+                             "--data.init_args.orders_path", "runs/new_orders"),
+                (f"model.init_args.extraction.{key} = ", "set it to"))
+    return prepare
+
+
+def other_tokenizer_case(command: str):
+    """The stage-1 model with a tokenizer of the same vocabulary and grid but other weights."""
+    def prepare():
+        resave_with_one_weight_changed(TOKENIZER_CKPT, "other.ckpt")
+        tok = ("--data.init_args.tokenizer_ckpt", "other.ckpt")
+        args = {
+            "sample": predict_args("sample", STAGE1_CKPT, *tok),
+            "extract": predict_args("extract_orders", STAGE1_CKPT, *tok, "--data.init_args.orders_path", "runs/o2"),
+            "resume": fit_args("any_order", *tok, "--trainer.max_epochs", "2", "--ckpt_path", str(STAGE1_CKPT)),
+            "init_from": fit_args("distill", *tok, "--data.init_args.orders_path", "null"),
+        }[command]
+        option = "model.init_args.init_from" if command == "init_from" else "--ckpt_path"
+        return args, (f"{STAGE1_CKPT} ({option})", str(TOKENIZER_CKPT), "other.ckpt", "data.init_args.tokenizer_ckpt",
+                      "the tokenizer the model was trained with")
+    return prepare
+
+
+def other_vocabulary_case():
+    """A checkpoint without a tokenizer record (older) and a tokenizer of another vocabulary."""
+    write_without_tokenizer_record(STAGE1_CKPT, Path("old.ckpt"))
+    write_other_vocab_tokenizer(Path("vocab32.ckpt"))
+    return (predict_args("sample", "old.ckpt", "--data.init_args.tokenizer_ckpt", "vocab32.ckpt"),
+            ("old.ckpt (--ckpt_path)", "vocab32.ckpt", "64 tokens", "32 tokens", "data.init_args.tokenizer_ckpt",
+             "the tokenizer the model was trained with"))
+
+
+def small_folder_case():
+    """Six images, a batch of 16."""
+    folder = Path("six_images")
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    data = ("--config", config("data/folder"), "--data.init_args.source.init_args.root", str(folder),
+            "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "16")
+    return fit_args("tokenizer", data=data), ("six_images", "6 usable images", "data.init_args.batch_size = 16",
+                                              "set data.init_args.batch_size to 5 or less")
+
+
+def corrupt_orders_file_case():
+    write_truncated(ORDERS / "orders.pt", ORDERS / "orders.pt")
+    return fit_args("distill"), (str(ORDERS / "orders.pt"), "truncated or corrupt", EXTRACT_CMD)
+
+
+def fixed(args: list[str], words: tuple[str, ...]):
+    return lambda: (args, words)
+
+
+IMAGE_SIZE = "--data.init_args.source.init_args.image_size"
+CASES = {
+    **{f"{kind} as {target}": bad_checkpoint_case(target, kind) for target in TARGETS for kind in KINDS},
+    "stage-1 checkpoint as tokenizer_ckpt": fixed(
+        fit_args("any_order", "--data.init_args.tokenizer_ckpt", str(STAGE1_CKPT)),
+        ("data.init_args.tokenizer_ckpt", "not a tokenizer", TOKENIZER_FIX)),
+    "missing init_from": fixed(fit_args("distill", "--model.init_args.init_from", "runs/nowhere.ckpt"),
+                               ("model.init_args.init_from", "runs/nowhere.ckpt", "not found", STAGE1_FIX)),
+    "missing --ckpt_path": fixed(predict_args("sample", "runs/nowhere.ckpt"),
+                                 ("--ckpt_path", "runs/nowhere.ckpt", "not found", CKPT_FIX)),
+    "tokenizer checkpoint as init_from": fixed(
+        fit_args("distill", "--model.init_args.init_from", str(TOKENIZER_CKPT)),
+        ("model.init_args.init_from", "VQAutoencoder", "not OrderedTransformer", STAGE1_FIX)),
+    "tokenizer checkpoint as --ckpt_path of sampling": fixed(
+        predict_args("sample", TOKENIZER_CKPT), ("--ckpt_path", str(TOKENIZER_CKPT), "VQAutoencoder", CKPT_FIX)),
+    "--weights_only false": fixed(fit_args("tokenizer", "--weights_only", "false"), ("--weights_only", "drop")),
+    "another tokenizer, sampling": other_tokenizer_case("sample"),
+    "another tokenizer, extraction": other_tokenizer_case("extract"),
+    "another tokenizer, resumed fit": other_tokenizer_case("resume"),
+    "another tokenizer, distillation init_from": other_tokenizer_case("init_from"),
+    "another vocabulary, checkpoint without record": other_vocabulary_case,
+    "image_size not a multiple, AR stage": fixed(
+        fit_args("any_order", IMAGE_SIZE, "30"), (IMAGE_SIZE[2:] + " = 30", "multiple of 4", str(TOKENIZER_CKPT))),
+    "image_size not a multiple, tokenizer stage": fixed(
+        fit_args("tokenizer", IMAGE_SIZE, "30"), (IMAGE_SIZE[2:] + " = 30", "multiple of 4", "model.init_args.net")),
+    "image_size 0": fixed(fit_args("tokenizer", IMAGE_SIZE, "0"), (IMAGE_SIZE[2:] + " = 0", "positive multiple")),
+    "temperature 0": sampler_case("temperature", "0", "> 0"),
+    "temperature -1": sampler_case("temperature", "-1", "> 0"),
+    "top_p 0": sampler_case("top_p", "0", "in (0, 1]"),
+    "top_p 1.5": sampler_case("top_p", "1.5", "in (0, 1]"),
+    "top_k -1": sampler_case("top_k", "-1", ">= 0"),
+    "cfg_scale -1": sampler_case("cfg_scale", "-1", ">= 0"),
+    "unknown policy": sampler_case("policy", "zigzag", "one of"),
+    "positions_per_step 0": extraction_case("positions_per_step", "0"),
+    "gumbel_temperature -1": extraction_case("gumbel_temperature", "-1"),
+    "num_samples 0": fixed(predict_args("sample", STAGE1_CKPT, "--data.init_args.num_samples", "0"),
+                           ("data.init_args.num_samples = 0", ">= 1")),
+    "num_samples -3": fixed(predict_args("sample", STAGE1_CKPT, "--data.init_args.num_samples", "-3"),
+                            ("data.init_args.num_samples = -3", ">= 1")),
+    "folder smaller than one batch": small_folder_case,
+    "corrupt orders.pt": corrupt_orders_file_case,
+}
+
+
+# One case per kind of error runs in the fast subset; the variants run with `-m slow` (CI).
+FAST = ("payload as tokenizer_ckpt", "payload as init_from", "payload as ckpt_path", "truncated as ckpt_path",
+        "corrupt as tokenizer_ckpt", "text as ckpt_path", "nan as tokenizer_ckpt", "nan as init_from",
+        "nan as ckpt_path", "another tokenizer, sampling", "another vocabulary, checkpoint without record",
+        "image_size not a multiple, AR stage", "image_size 0", "temperature 0", "num_samples 0",
+        "folder smaller than one batch", "corrupt orders.pt")
+
+
+@pytest.mark.parametrize("case", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
+def test_bad_input_stops_with_one_line(case, orders_run, tmp_path, monkeypatch):
+    """Each case ends in the ValueError/FileNotFoundError that run.py prints as one `error:` line."""
+    monkeypatch.chdir(copy_run(orders_run, tmp_path))
+    args, words = CASES[case]()
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
+        run_cli(*args)
+    message = str(err.value)
+    assert "\n" not in message, message
+    assert all(word in message for word in words), (words, message)
+    assert "weights_only=False" not in message and "weights_only` set to `False" not in message
+    assert not Path(MARKER).exists()  # nothing was unpickled that could run code
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["payload as ckpt_path", "payload as tokenizer_ckpt", "temperature 0",
+                                  "folder smaller than one batch"])
+def test_bad_input_stops_the_script_with_one_error_line(case, orders_run, tmp_path):
+    """The same through `python run.py`: exit code 1, one `error:` line, no traceback."""
+    folder = copy_run(orders_run, tmp_path)
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        args, words = CASES[case]()
+    finally:
+        os.chdir(cwd)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("OAR_TRACEBACK", None)
+    result = subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=folder, env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert all(word in errors[0] for word in words), errors[0]
+    assert not (folder / MARKER).exists()
+
+
+# ---- damaged derived files are rebuilt, not fatal --------------------------------------------------------------------
+def test_corrupt_token_cache_is_rebuilt(stage1_run, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(copy_run(stage1_run, tmp_path))
+    [cache] = Path("cache").glob("tokens-*.pt")
+    good = torch.load(cache, weights_only=True)
+    write_truncated(cache, cache)
+    with caplog.at_level(logging.WARNING, logger="oar.data"):
+        run_cli(*fit_args("any_order"))
+    assert f"token cache {cache} is unreadable" in caplog.text and "rebuilding" in caplog.text
+    rebuilt = torch.load(cache, weights_only=True)
+    assert torch.equal(rebuilt["tokens"], good["tokens"]) and rebuilt["manifest"] == good["manifest"]
+
+
+def test_corrupt_orders_shard_is_extracted_again(orders_run, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(copy_run(orders_run, tmp_path))
+    whole = torch.load(ORDERS / "orders.pt", weights_only=True)
+    shard = sorted(ORDERS.glob("shard-*.pt"))[0]
+    write_truncated(shard, shard)
+    (ORDERS / "orders.pt").unlink()
+    with caplog.at_level(logging.WARNING, logger="oar.extract"):
+        run_cli(*predict_args("extract_orders", STAGE1_CKPT))
+    assert f"orders shard {shard} is unreadable" in caplog.text and not shard.exists()
+    again = torch.load(ORDERS / "orders.pt", weights_only=True)
+    assert torch.equal(again["done"], whole["done"]) and torch.equal(again["orders"], whole["orders"])
+
+
+def test_corrupt_orders_file_is_rebuilt_by_the_command_the_error_names(orders_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(copy_run(orders_run, tmp_path))
+    whole = torch.load(ORDERS / "orders.pt", weights_only=True)
+    write_corrupt(ORDERS / "orders.pt", ORDERS / "orders.pt")
+    with pytest.raises(ValueError, match="rebuilds orders.pt"):
+        run_cli(*fit_args("distill"))
+    run_cli(*predict_args("extract_orders", STAGE1_CKPT))  # nothing left to extract: it only consolidates
+    assert torch.equal(torch.load(ORDERS / "orders.pt", weights_only=True)["orders"], whole["orders"])
+
+
+# ---- checkpoints: plain data, tokenizer records -------------------------------------------------------------------
+def test_checkpoints_load_as_plain_data_and_record_their_tokenizer(stage1_run):
+    tokenizer = torch.load(stage1_run / TOKENIZER_CKPT, weights_only=True)
+    stage1 = torch.load(stage1_run / STAGE1_CKPT, weights_only=True)
+    assert "net_spec" in tokenizer and "net_spec" in stage1
+    assert stage1["tokenizer"] == {"path": str(TOKENIZER_CKPT), "sha256": file_sha256(stage1_run / TOKENIZER_CKPT)}
+
+
+def test_hyper_parameters_given_in_python_are_saved_as_plain_data(tmp_path):
+    """Outside the CLI, save_hyperparameters holds a dataclass, a network and a factory: saved as plain data."""
+    net = build_net({"class_path": "models.transformer.OrderedTransformer",
+                     "init_args": {"vocab_size": 16, "grid_size": (2, 2), "num_classes": 2, "width": 8, "depth": 1,
+                                   "heads": 2}})
+    module = AnyOrderModule(net, sampler=SamplerSettings(policy="raster", temperature=0.5),
+                            optimizer=partial(torch.optim.SGD, lr=0.1))
+    checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "python.ckpt")
+    hparams = torch.load(tmp_path / "python.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["sampler"]["temperature"] == 0.5 and hparams["net"]["init_args"]["vocab_size"] == 16
+    assert "optimizer" not in hparams  # a factory is not data: left out, so a config keeps its own
+    assert plain_data({"path": tmp_path, "pair": (1, [SamplerSettings()])})["pair"][1][0]["policy"] == "confidence"
+
+
+def test_checkpoint_without_tokenizer_record_loads_with_a_warning(stage1_run, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(copy_run(stage1_run, tmp_path))
+    write_without_tokenizer_record(STAGE1_CKPT, Path("old.ckpt"))
+    with caplog.at_level(logging.WARNING, logger="oar.train"):
+        run_cli(*predict_args("sample", "old.ckpt", "--data.init_args.num_samples", "4"))
+    assert "old.ckpt (--ckpt_path) records no tokenizer" in caplog.text
+    assert Path("runs/sample/samples.npz").is_file()
+
+
+# ---- settings checked where they are made ---------------------------------------------------------------------------
+@pytest.mark.parametrize("settings", [{"temperature": 0.0}, {"temperature": -1.0}, {"temperature": float("nan")},
+                                      {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.01}])
+def test_token_sampler_refuses_impossible_settings(settings):
+    """Built directly (not from SamplerSettings), the token sampler applies the same checks."""
+    with pytest.raises(ValueError, match=f"sampler.{next(iter(settings))} must be"):
+        TokenSampler(**settings)
+
+
+# ---- `test` runs every stage's validation metrics ----------------------------------------------------------------
+@pytest.mark.parametrize("stage,ckpt,metric", [("tokenizer", TOKENIZER_CKPT, "test/psnr"),
+                                               ("any_order", STAGE1_CKPT, "test/nll_random")])
+def test_test_subcommand_reports_the_validation_metrics(stage, ckpt, metric, stage1_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(copy_run(stage1_run, tmp_path))
+    cli = run_cli("test", "--config", config(stage), *tiny_preset(stage), *SMALL_DATA, *QUIET,
+                  "--trainer.limit_test_batches", "1", "--ckpt_path", ckpt)
+    metrics = cli.trainer.callback_metrics
+    assert metric in metrics and "test/loss" in metrics and bool(torch.isfinite(metrics["test/loss"]))
