@@ -8,7 +8,6 @@ import logging
 import os
 import platform
 import statistics
-import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -20,17 +19,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from callbacks.heatmaps import labelled_maps_image, mean_step_map, samples_with_heatmaps_grid
-from callbacks.lpips import MIN_LPIPS_PX
-from callbacks.order_dump import cycle_labels
-from datamodules.sources import scene_rates
-from evaluation import SmallConvNetFeatures, features, head_scores, label_accuracy, targets_for, train_feature_net
+from callbacks.heatmaps import labelled_maps_image, samples_with_heatmaps_grid
+from evaluation import SmallConvNetFeatures, head_scores, label_accuracy, targets_for, train_feature_net
+from evaluation.diversity import diversity
+from evaluation.lpips import build_lpips
+from evaluation.nll import mean_nll_bits
+from evaluation.order_stats import mean_step_map
+from evaluation.sampling import sample_set
+from evaluation.scene import scene_rates
+from fileio import save_torch
 from lightning_modules.any_order import AnyOrderModule, SamplerSettings
 from models.checkpoint import build_net, load_net, net_spec
-from models.extraction import extract_orders, nll_under_order
-from models.orders import random_order, raster_order
-from models.sampling import choice_generator
-from models.weights import build_lpips
 
 log = logging.getLogger("oar.compare")
 
@@ -122,10 +121,7 @@ def feature_net_for(dm, path: Path, epochs: int, feature_images: int, check: tor
     check_x, check_y = images_of(dm.source, check)
     info.update(trained_on=trained_on, label_head=label_head, heads=heads,
                 scores=head_scores(net, check_x, targets_for(dm.source, check, check_y)[1]), check_images=len(check))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"key": key, "state_dict": net.state_dict(), "info": info}, tmp)
-    tmp.replace(path)
+    save_torch({"key": key, "state_dict": net.state_dict(), "info": info}, path)
     log.info("feature net: %s after %.1f epochs (%.0f s)", scores_text(info["scores"]), info["epochs"], info["seconds"])
     return net, info
 
@@ -178,71 +174,15 @@ def load_arm(ckpt: str | Path, tokenizer_ckpt: str | Path, settings: SamplerSett
     return module.eval()
 
 
-@torch.no_grad()
 def sample_arm(module: AnyOrderModule, m: int, batch_size: int, seed: int) -> dict:
-    """M samples with labels cycling over the classes and one generator seeded `seed`, timed.
-
-    Returns:
-        {"images": uint8 (M,3,H,W), "step_maps": (M,h,w), "labels": (M,), "seconds": float}.
-    """
-    labels = cycle_labels(m, module.num_classes)
-    generator = torch.Generator(device=module.device).manual_seed(seed)
-    choices = choice_generator(seed, module.device)
-    outs, start = [], time.perf_counter()
-    for chunk in labels.split(batch_size):
-        outs.append(module.generate(chunk, generator=generator, choice_generator=choices))
-    seconds = time.perf_counter() - start
-    return {"images": torch.cat([o["images"] for o in outs]), "step_maps": torch.cat([o["step_map"] for o in outs]),
-            "labels": labels, "seconds": seconds}
+    """M samples with labels cycling over the classes (`evaluation.sampling.sample_set`), timed."""
+    return sample_set(module, m, batch_size, seed)
 
 
 # ---------------------------------------------------------------------------------------- metrics
-@torch.no_grad()
 def nll_bits(net, tokens: torch.Tensor, labels: torch.Tensor, seed: int, batch_size: int = 64) -> dict:
     """Mean NLL (bits/token) of held-out sequences under raster, random and the model's inferred order."""
-    net.eval()
-    generator = torch.Generator().manual_seed(seed)
-    sums = {"raster": 0.0, "random": 0.0, "inferred": 0.0}
-    for x, y in zip(tokens.split(batch_size), labels.split(batch_size), strict=True):
-        b, n = x.shape
-        orders = {"raster": raster_order(b, n, device=x.device),
-                  "random": random_order(b, n, generator=generator).to(x.device),
-                  "inferred": extract_orders(net, x, y)}
-        for name, order in orders.items():
-            sums[name] += float(nll_under_order(net, x, order, y).sum())
-    return {f"nll_{k}": v / len(tokens) for k, v in sums.items()}
-
-
-def _pairwise_mean(x: torch.Tensor) -> float:
-    """Mean Euclidean distance over all pairs i < j of rows of x (k, d)."""
-    i, j = torch.triu_indices(len(x), len(x), offset=1)
-    return float((x[i] - x[j]).norm(dim=1).mean())
-
-
-@torch.no_grad()
-def diversity(images: torch.Tensor, labels: torch.Tensor, feature_net, lpips=None, per_class: int = 16) -> float:
-    """Mean pairwise distance among samples of one class, averaged over classes.
-
-    With `lpips`: LPIPS over the first `per_class` samples of each class (upsampled to MIN_LPIPS_PX);
-    else: Euclidean distance of L2-normalised feature-network features over all samples of each class.
-    """
-    values = []
-    for c in labels.unique():
-        group = images[labels == c]
-        if len(group) < 2:
-            continue
-        if lpips is None:
-            feats = features(feature_net, group.to(next(feature_net.parameters()).device))
-            values.append(_pairwise_mean(torch.nn.functional.normalize(feats, dim=1)))
-            continue
-        x = group[:per_class].float() / 255
-        if min(x.shape[-2:]) < MIN_LPIPS_PX:
-            x = torch.nn.functional.interpolate(x, size=MIN_LPIPS_PX, mode="bilinear").clamp(0, 1)
-        i, j = torch.triu_indices(len(x), len(x), offset=1)
-        lpips.reset()
-        lpips.update(x[i], x[j])
-        values.append(float(lpips.compute()))
-    return sum(values) / max(len(values), 1)
+    return mean_nll_bits(net, tokens, labels, seed, batch_size)
 
 
 def make_lpips(weights_path: str | None):

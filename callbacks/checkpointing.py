@@ -12,6 +12,8 @@ import os
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from fileio import atomic_write
+
 
 class LastCheckpoint(ModelCheckpoint):
     """Writes `<run>/checkpoints/last.ckpt` every `every_n_train_steps` steps and at the end of training.
@@ -50,9 +52,11 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
-        partial = os.path.join(os.path.dirname(filepath), f".{os.path.basename(filepath)}.tmp")
-        super()._save_checkpoint(trainer, partial)  # every rank dumps, rank 0 writes, then a barrier
+        # Every rank takes part in the save (rank 0 writes); one fixed temp name, so a rerun replaces a killed save's.
         if trainer.is_global_zero:
-            os.replace(partial, filepath)
+            temp = os.path.join(os.path.dirname(filepath), f".{os.path.basename(filepath)}.tmp")
+            atomic_write(filepath, lambda tmp: super(LastCheckpoint, self)._save_checkpoint(trainer, str(tmp)), temp)
+        else:
+            super()._save_checkpoint(trainer, filepath)
         trainer.strategy.barrier("LastCheckpoint.rename")
         self._last_checkpoint_saved = filepath

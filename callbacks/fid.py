@@ -1,6 +1,7 @@
 """FID (and optionally KID) of generated samples against real validation images, during training.
 
-The metric and its feature network live in the callback, never in the LightningModule, so Inception's
+The metric is `evaluation.fid.FidKid` (torchmetrics on a pluggable feature network); it and its feature
+network live in the callback, never in the LightningModule, so Inception's
 ~95 MB of weights stay out of every checkpoint (a callback's `state_dict()` is empty by default). They
 are built lazily, on the module's device, at first use.
 
@@ -12,40 +13,22 @@ Inception weights, in order of preference:
 When neither works (offline, no file) the callback warns once, skips the metric and training goes on.
 
 Distributed runs: every process generates its share of the samples (chunks of `batch_size`, or fewer
-per chunk so that each process gets one; chunk j seeded `seed + j`, see `callbacks.order_dump`) and
+per chunk so that each process gets one; chunk j seeded `seed + j`, see `evaluation.sampling`) and
 of the real images; the metrics' states (feature sums and covariances) are summed over processes by
 torchmetrics when they compute (`sync_on_compute=True`). Every process then holds the same value and
 logs it (`sync_dist=True`), so "val/fid" can be a `ModelCheckpoint`/`EarlyStopping` monitor under DDP
 too. The processes first agree that the metric is available (if one cannot load it, all skip it).
 """
 
-import os
-from pathlib import Path
-
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-from torchmetrics import Metric
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
-from torchmetrics.utilities import dim_zero_cat
 
-from callbacks.order_dump import (
-    all_ranks_agree,
-    cycle_labels,
-    eval_mode,
-    final_evaluation_due,
-    generate_batches,
-    is_due,
-    log_at_train_end,
-    process_share,
-    share_chunk_size,
-)
-from models.weights import download_timeout, hub_checkpoint_dir
-
-INCEPTION_URL = URL_INCEPTION_V3
-INCEPTION_FILE = os.path.basename(URL_INCEPTION_V3)
+from callbacks.schedule import final_evaluation_due, is_due, log_at_train_end
+from evaluation.distributed import all_ranks_agree, process_share, share_chunk_size
+from evaluation.fid import INCEPTION_FILE, INCEPTION_URL, FidKid
+from evaluation.sampling import cycle_labels, eval_mode, generate_batches
+from evaluation.weights import hub_checkpoint_dir
 
 
 class FIDCallback(pl.Callback):
@@ -94,7 +77,7 @@ class FIDCallback(pl.Callback):
         self.feature_dim = feature_dim
         self.kid = kid
         self.seed = seed
-        self._metrics: dict[str, Metric] | None = None
+        self._metric: FidKid | None = None
         self._disabled = False
         self._real_done = False
         self._evaluated_at: int | None = None  # global step of the last training-time evaluation
@@ -134,63 +117,33 @@ class FIDCallback(pl.Callback):
             self._disable(f"FIDCallback: {len(real)} images cannot be shared by {world} processes; FID is skipped "
                           f"(set num_samples >= {world} in the FIDCallback's init_args).")
             return {}
-        metrics = self._get_metrics(device, tuple(real.shape[1:]), len(real))
-        if not all_ranks_agree(metrics is not None, device):
-            if metrics is not None:
+        metric = self._get_metric(device, tuple(real.shape[1:]))
+        if not all_ranks_agree(metric is not None, device):
+            if metric is not None:
                 self._disable("FIDCallback: the metric failed to load in another process; FID is skipped.")
             return {}
         chunk = share_chunk_size(len(real), self.batch_size, world)
-        if not self._real_done:  # the metrics keep real features across reset()
+        if not self._real_done:  # the metric keeps the real features across compute()
             for batch in real.split(chunk)[rank::world]:
-                for metric in metrics.values():
-                    metric.update(batch.to(device), real=True)
+                metric.update(batch, real=True)
             self._real_done = True
         labels = cycle_labels(len(real), pl_module.num_classes)
         with eval_mode(pl_module):
             for out in generate_batches(pl_module, labels, chunk, self.seed, rank=rank, world_size=world):
-                for metric in metrics.values():
-                    metric.update(out["images"].to(device), real=False)
-        scores = {"fid": float(metrics["fid"].compute())}
-        if "kid" in metrics:
-            kid = metrics["kid"]
-            # KID keeps lists of feature tensors and gathers them one by one: one tensor per process, or
-            # processes with different numbers of chunks would pair up mismatched collectives.
-            kid.real_features, kid.fake_features = [dim_zero_cat(kid.real_features)], [dim_zero_cat(kid.fake_features)]
-            scores["kid"] = float(kid.compute()[0])  # (mean, std) over subsets
-        for metric in metrics.values():
-            metric.reset()
-        return scores
+                metric.update(out["images"], real=False)
+        return metric.compute(kid_subset_size=min(1000, len(real)))
 
-    def _get_metrics(self, device: torch.device, image_shape: tuple, n: int) -> dict[str, Metric] | None:
-        if self._metrics is None and not self._disabled:
+    def _get_metric(self, device: torch.device, image_shape: tuple) -> FidKid | None:
+        if self._metric is None and not self._disabled:
             try:
-                with download_timeout():
-                    self._metrics = self._build_metrics(image_shape, n)
+                self._metric = FidKid(self.feature_extractor, self.weights_path, self.feature_dim, kid=self.kid,
+                                      input_img_size=image_shape, sync_on_compute=True)  # states summed over processes
             except Exception as err:  # any failure: a missing metric must never stop training
                 self._disable(self._failure_message(err))
                 return None
-        if self._metrics is not None:
-            self._metrics = {k: m.to(device) for k, m in self._metrics.items()}
-        return self._metrics
-
-    def _build_metrics(self, image_shape: tuple, n: int) -> dict[str, Metric]:
-        common = {"reset_real_features": False, "sync_on_compute": True}  # states summed over processes
-        if self.feature_extractor is not None:
-            fid = FrechetInceptionDistance(
-                feature=self.feature_extractor, input_img_size=image_shape, **common
-            )
-        else:
-            if self.weights_path is not None and not Path(self.weights_path).is_file():
-                raise FileNotFoundError(f"weights_path {self.weights_path!r} does not exist")
-            fid = FrechetInceptionDistance(
-                feature=self.feature_dim, feature_extractor_weights_path=self.weights_path, **common
-            )
-        metrics: dict[str, Metric] = {"fid": fid}
-        if self.kid:
-            # Handing KID the FID's network shares the weights (KID itself cannot take a weights path).
-            kid = KernelInceptionDistance(feature=fid.inception, subset_size=min(1000, n), **common)
-            metrics["kid"] = kid
-        return metrics
+        if self._metric is not None:
+            self._metric = self._metric.to(device)
+        return self._metric
 
     def _failure_message(self, err: Exception) -> str:
         if self.feature_extractor is not None:

@@ -1,9 +1,10 @@
 """Order heatmaps: pictures of the step at which each token cell was written.
 
 Pure functions (torch, torchvision, matplotlib; no Lightning), shared by the order-dump callback, the
-benchmark scripts and the prediction writer. Colours always use a FIXED scale: step 0 is the first
-colour of the colormap and step n_steps-1 the last, whatever the data's own min/max, so maps from
-different epochs, models and classes compare directly.
+benchmark scripts and the prediction writers; the mean maps they draw are computed by
+`evaluation.order_stats`. Colours always use a FIXED scale: step 0 is the first colour of the colormap
+and step n_steps-1 the last, whatever the data's own min/max, so maps from different epochs, models
+and classes compare directly.
 
 Shapes: b batch, h/w token-grid height/width, H/W image size, C classes.
 Inputs may be torch tensors or numpy arrays (as read back from an `orders/epoch_<N>.npz` dump).
@@ -21,7 +22,7 @@ from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 
-from models import order_stats
+from evaluation.order_stats import mean_step_map, per_class_mean_maps
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -130,25 +131,6 @@ def samples_with_heatmaps_grid(
     return torch.cat([grid, colorbar_image(n_steps, grid.shape[1], cmap)], dim=-1)
 
 
-def mean_step_map(step_maps: ArrayLike) -> torch.Tensor:
-    """Mean step of each cell over a batch: (b,h,w) -> float (h,w) (see `models.order_stats`)."""
-    maps = torch.as_tensor(step_maps).detach().cpu()
-    return order_stats.mean_step_map(maps, *maps.shape[1:])
-
-
-def per_class_mean_maps(step_maps: ArrayLike, labels: ArrayLike, num_classes: int) -> torch.Tensor:
-    """Mean step map of each class: (b,h,w), (b,) -> float (C,h,w), nan for classes without samples.
-
-    Args:
-        step_maps: (b,h,w) step maps.
-        labels: (b,) class labels in [0, C).
-        num_classes: C; 0 (unconditional) is treated as one class, label 0.
-    """
-    maps = torch.as_tensor(step_maps).detach().cpu()
-    labels = torch.as_tensor(labels).detach().cpu()
-    return order_stats.per_class_mean_maps(maps, labels, num_classes, *maps.shape[1:])
-
-
 def labelled_maps_image(
     maps: ArrayLike,
     n_steps: int,
@@ -160,7 +142,7 @@ def labelled_maps_image(
     """Several (mean) step maps as titled panels sharing one fixed colour scale and legend.
 
     Args:
-        maps: (k,h,w) or (h,w) step maps, e.g. `mean_step_map` or `per_class_mean_maps`; nan is grey.
+        maps: (k,h,w) or (h,w) step maps, e.g. mean maps of `evaluation.order_stats`; nan is grey.
         n_steps: number of generation steps (fixes the colour scale).
         titles: one title per map (e.g. "class 3 (n=4)").
         ncols: panels per row; default ceil(sqrt(k)).
@@ -194,3 +176,32 @@ def labelled_maps_image(
     bar.set_ticks([0, last], labels=[f"first ({0})", f"last ({last})"])
     bar.ax.tick_params(labelsize=8)
     return _figure_to_image(fig)
+
+
+def order_map_images(step_maps: ArrayLike, labels: ArrayLike, num_classes: int, n_steps: int,
+                     cmap: str = "viridis") -> dict[str, torch.Tensor]:
+    """The TensorBoard images of a set of orders: "orders/mean_map", and "orders/class_mean_maps" (C > 1).
+
+    The one way both are drawn (order dumps during training, extracted orders): titled panels on the
+    fixed colour scale with its legend; one panel per class that occurs, titled with its count.
+
+    Args:
+        step_maps: (b,h,w) step maps.
+        labels: (b,) class labels.
+        num_classes: C (0 = unconditional: no class panels).
+        n_steps: number of generation steps (fixes the colour scale).
+        cmap: matplotlib colormap name.
+
+    Returns:
+        tag -> uint8 (3,H,W).
+    """
+    step_maps, labels = torch.as_tensor(step_maps).cpu(), torch.as_tensor(labels).cpu().long()
+    title = [f"mean over {len(step_maps)} orders"]
+    images = {"orders/mean_map": labelled_maps_image(mean_step_map(step_maps), n_steps, title, cmap=cmap,
+                                                     tile_px=192)}
+    if num_classes > 1:
+        present = torch.unique(labels).tolist()  # only classes that occur: ImageNet has 1000
+        maps = per_class_mean_maps(step_maps, labels, num_classes)[present]
+        titles = [f"class {k} (n={int((labels == k).sum())})" for k in present]
+        images["orders/class_mean_maps"] = labelled_maps_image(maps, n_steps, titles, cmap=cmap)
+    return images

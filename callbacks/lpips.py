@@ -1,40 +1,25 @@
 """Sample diversity: mean pairwise LPIPS among samples of the same class, during training.
 
-torchmetrics' LPIPS has two parts with different sources:
-- the linear heads ship inside torchmetrics (`torchmetrics/functional/image/lpips_models/<net>.pth`),
-  so they never need the network;
-- the backbone is torchvision's ImageNet AlexNet / VGG16 / SqueezeNet 1.1, downloaded through torch.hub
-  into `<torch hub dir>/checkpoints/<file>` (`BACKBONE_URLS`). torchmetrics offers no way to pass it a
-  file, so `weights_path:` points torch.hub at a temporary hub folder in which the expected file name
-  links to your file; torch.hub loads a cached file as is (the hash is only checked on download).
-When the backbone is neither cached, nor given, nor downloadable, the callback warns once and skips.
-Like `FIDCallback`, the metric lives in the callback (not in checkpoints); under torch.distributed each
-process generates its share of the classes (one chunk per class, seeded `seed + j`) and the pair scores
-are summed over processes, so every process logs the one-process value.
+LPIPS is `evaluation.lpips` (torchmetrics; the backbone from the torch hub cache or a local
+`weights_path`, see `evaluation.weights`). When the backbone is neither cached, nor given, nor
+downloadable, the callback warns once and skips. Like `FIDCallback`, the metric lives in the callback
+(not in checkpoints); under torch.distributed each process generates its share of the classes (one
+chunk per class, seeded `seed + j`) and the pair scores are summed over processes, so every process
+logs the one-process value.
 """
 
 import os
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-from callbacks.order_dump import (
-    all_ranks_agree,
-    all_sum,
-    eval_mode,
-    final_evaluation_due,
-    generate_batches,
-    is_due,
-    log_at_train_end,
-    process_share,
-)
-from models.weights import BACKBONE_URLS, build_lpips, hub_checkpoint_dir
-
-# AlexNet's stride-4 stem and pools shrink a 28-32 px image to nothing; LPIPS sees at least this size.
-MIN_LPIPS_PX = 64
+from callbacks.schedule import final_evaluation_due, is_due, log_at_train_end
+from evaluation.distributed import all_ranks_agree, all_sum, process_share
+from evaluation.lpips import BACKBONE_URLS, build_lpips, mean_pairwise_lpips
+from evaluation.sampling import eval_mode, generate_batches
+from evaluation.weights import hub_checkpoint_dir
 
 
 def classes_to_eval(num_classes: int, k: int) -> torch.Tensor:
@@ -114,23 +99,14 @@ class LPIPSDiversityCallback(pl.Callback):
         rank, world = process_share()
         classes = classes_to_eval(pl_module.num_classes, self.num_classes_to_eval)
         labels = classes.repeat_interleave(self.samples_per_class)
-        first, second = torch.triu_indices(self.samples_per_class, self.samples_per_class, offset=1)
-        pairs = 0
+        local = torch.zeros(2, dtype=torch.float64)  # (sum of pair scores, pairs) of this process
         with eval_mode(pl_module):
             # One class per chunk (batch_size = samples_per_class), so a process's share is whole classes.
             for out in generate_batches(pl_module, labels, self.samples_per_class, self.seed, rank=rank,
                                         world_size=world):
-                images = out["images"].to(metric.device).float() / 255
-                if min(images.shape[-2:]) < MIN_LPIPS_PX:
-                    # clamp: rounding may overshoot 1 by an ulp, and torchmetrics rejects that
-                    images = F.interpolate(images, size=MIN_LPIPS_PX, mode="bilinear").clamp(0, 1)
-                metric.update(images[first], images[second])
-                pairs += len(first)
-        local = torch.tensor([0.0, pairs], device=metric.device)  # (sum of pair scores, pairs) of this process
-        if pairs:
-            local[0] = metric.compute() * pairs
-        metric.reset()
-        total = all_sum(local)
+                mean, pairs = mean_pairwise_lpips(metric, out["images"])
+                local += torch.tensor([mean * pairs, pairs], dtype=torch.float64)
+        total = all_sum(local.to(metric.device))
         return float(total[0] / total[1])  # the mean over all pairs (same count per class)
 
     def _get_metric(self, pl_module: pl.LightningModule) -> LearnedPerceptualImagePatchSimilarity | None:

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.loggers import TensorBoardLogger
 
+from callbacks.heatmaps import order_map_images
+from callbacks.tensorboard import tensorboard_writer
 from datamodules.orders_file import (
     EXTRACT_CMD,
     consolidate,
@@ -35,7 +36,7 @@ from datamodules.orders_file import (
     write_statistics,
 )
 from datamodules.token_cache import file_sha256
-from models.order_stats import mean_step_map, order_statistics, per_class_mean_maps
+from evaluation.order_stats import as_step_maps, order_statistics
 
 log = logging.getLogger("oar.extract")
 
@@ -171,8 +172,7 @@ class OrderWriter(BasePredictionWriter):
             stats["adjacency_share"],
             stats["random"]["adjacency_share"],
         )
-        if isinstance(trainer.logger, TensorBoardLogger):
-            self._log_tensorboard(trainer, orders, labels, dm.num_classes, h, w, stats)
+        self._log_tensorboard(trainer, orders, labels, dm.num_classes, h, w, stats)
 
     def _log_tensorboard(
         self,
@@ -184,20 +184,11 @@ class OrderWriter(BasePredictionWriter):
         w: int,
         stats: dict,
     ) -> None:
-        from callbacks.heatmaps import colorbar_image, labelled_maps_image, step_map_to_rgb
-
-        writer, step, n = trainer.logger.experiment, trainer.global_step, h * w
-        # A float mean map is a step map with fractional steps: same fixed 0..n-1 colour scale.
-        mean = step_map_to_rgb(mean_step_map(orders, h, w)[None], n, self.cmap, out_size=192)[0]
-        writer.add_image(
-            "orders/mean_map", torch.cat([mean, colorbar_image(n, mean.shape[1], self.cmap)], -1), step
-        )
-        if num_classes > 1:
-            maps = per_class_mean_maps(orders, labels, num_classes, h, w)
-            titles = [f"class {c} (n={k})" for c, k in enumerate(stats["class_counts"])]
-            writer.add_image(
-                "orders/class_mean_maps", labelled_maps_image(maps, n, titles, cmap=self.cmap), step
-            )
+        writer, step = tensorboard_writer(trainer), trainer.global_step
+        if writer is None:
+            return
+        for tag, image in order_map_images(as_step_maps(orders, h, w), labels, num_classes, h * w, self.cmap).items():
+            writer.add_image(tag, image, step)
         for name, value in (
             ("agreement", stats["agreement"]),
             ("adjacency_share", stats["adjacency_share"]),

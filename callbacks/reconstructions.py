@@ -6,8 +6,9 @@ Modified from: https://github.com/Lightning-AI/pytorch-lightning/blob/master/exa
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import make_grid
+
+from callbacks.tensorboard import tensorboard_writer
 
 
 class ReconstructionGrid(Callback):
@@ -45,11 +46,11 @@ class ReconstructionGrid(Callback):
             return
         if trainer.current_epoch % self.every_n_epochs:
             return
-        logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if logger is None:
+        writer = tensorboard_writer(trainer)
+        if writer is None:
             return
         # encode/decode_indices never touch the codebook, so this is safe whatever the module's mode.
         with torch.no_grad():
             recon = pl_module.net.decode_indices(pl_module.net.encode(images))
         grid = make_grid(torch.cat([images, recon]), nrow=len(images), value_range=(-1, 1), normalize=True)
-        logger.experiment.add_image("val/reconstructions", grid, global_step=trainer.global_step)
+        writer.add_image("val/reconstructions", grid, global_step=trainer.global_step)

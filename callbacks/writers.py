@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torchvision.io import write_png
 
 from callbacks.heatmaps import samples_with_heatmaps_grid
-from callbacks.order_dump import save_npz_atomic
+from fileio import save_npz
 
 
 class SampleWriter(BasePredictionWriter):
@@ -38,7 +38,7 @@ class SampleWriter(BasePredictionWriter):
         settings = asdict(settings) if is_dataclass(settings) else dict(settings)
         suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         out_dir = Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
-        save_npz_atomic(out_dir / f"samples{suffix}.npz", {
+        save_npz(out_dir / f"samples{suffix}.npz", {
             "images": cat["images"].permute(0, 2, 3, 1).numpy(), "tokens": cat["tokens"].numpy(),
             "orders": cat["step_map"].numpy(), "labels": cat["labels"].numpy(),
             "sampler": np.array(json.dumps(settings))})

@@ -19,14 +19,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from datamodules.token_cache import atomic_save
+from fileio import save_json, save_torch
 from models.checkpoint import UnreadableFileError, read_checkpoint
 
 log = logging.getLogger("oar.extract")
@@ -80,17 +79,6 @@ def _normalise(manifest: dict) -> dict:
     return json.loads(json.dumps(manifest, sort_keys=True))
 
 
-def _atomic_write_json(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def read_manifest(path: str | Path) -> dict:
     """The manifest of an orders folder (FileNotFoundError if there is none, ValueError if damaged)."""
     with open(Path(path) / MANIFEST) as f:
@@ -113,7 +101,7 @@ def open_for_writing(path: str | Path, manifest: dict) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     manifest = _normalise(manifest)
     if not (path / MANIFEST).exists():
-        _atomic_write_json(manifest, path / MANIFEST)
+        save_json(manifest, path / MANIFEST, indent=1, sort_keys=True)
         return path
     existing = read_manifest(path)
     differ = sorted(
@@ -133,7 +121,7 @@ def write_statistics(path: str | Path, statistics: dict) -> None:
     """Add `statistics` to the manifest (atomically)."""
     manifest = read_manifest(path)
     manifest["statistics"] = statistics
-    _atomic_write_json(_normalise(manifest), Path(path) / MANIFEST)
+    save_json(_normalise(manifest), Path(path) / MANIFEST, indent=1, sort_keys=True)
 
 
 def _shards(path: Path) -> list[Path]:
@@ -191,7 +179,7 @@ def write_shard(path: str | Path, index: Tensor, flip: Tensor, order: Tensor, ta
         raise ValueError(f"orders of {order.shape[1]} cells do not fit int16")
     tag = tag or os.urandom(8).hex()
     file = Path(path) / f"shard-{tag}.pt"
-    atomic_save({"index": index.long(), "flip": flip.long(), "order": order.to(torch.int16)}, file)
+    save_torch({"index": index.long(), "flip": flip.long(), "order": order.to(torch.int16)}, file)
     return file
 
 
@@ -262,7 +250,7 @@ def consolidate(path: str | Path, expected_keys: Iterable[tuple[int, int]]) -> P
                 f"rerun `{EXTRACT_CMD}`" + (" (it resumes)" if name == "missing" else "")
             )
     out = path / ORDERS
-    atomic_save(
+    save_torch(
         {"orders": orders.view(num, views, h * w), "done": done.view(num, views), "manifest": manifest}, out
     )
     for stale in path.glob(".shard-*.tmp"):  # half shards of a killed run: every writer has finished by now

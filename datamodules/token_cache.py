@@ -8,8 +8,6 @@ cache damaged later (truncated copy, bad disk) is rebuilt with a warning.
 
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from fileio import save_torch
 from models.checkpoint import UnreadableFileError, build_net, load_net, read_checkpoint
 
 log = logging.getLogger("oar.data")
@@ -35,20 +34,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_save(obj, path: str | Path) -> None:
-    """`torch.save` to a temp file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def cache_manifest(fingerprint: str, tokenizer_hash: str, flip: bool, grid: tuple[int, int],
@@ -146,5 +131,5 @@ def ensure_token_cache(source: Dataset, tokenizer_ckpt: str | Path, manifest: di
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_net(tokenizer_ckpt, what=TOKENIZER_WHAT, fix=TOKENIZER_FIX)
     tokens, labels = tokenize_dataset(source, tokenizer, manifest["flip"], batch_size, device)
-    atomic_save({"tokens": tokens, "labels": labels, "manifest": manifest}, path)
+    save_torch({"tokens": tokens, "labels": labels, "manifest": manifest}, path)
     return path

@@ -1,24 +1,123 @@
-"""FID and KID of image sets against one fixed set of real images, in one feature space.
+# Shapes: b batch, H/W image size, d feature width.
+"""FID and KID (torchmetrics) on a pluggable feature network: the one place both metrics are built.
 
 torchmetrics computes both (`FrechetInceptionDistance`, `KernelInceptionDistance` with
-`normalize=False`: uint8 images in [0, 255]) on either Inception (a local torch-fidelity weights file)
-or any network that maps uint8 images (b, 3, H, W) to features (b, d), such as the domain network of
-`evaluation.feature_net`. The real features are computed once; KID's random subsets come from a fixed
-seed, so the same two sets always give the same numbers.
+`normalize=False`: uint8 images (b, 3, H, W) in [0, 255]) on either Inception (torch-fidelity's
+pt_inception weights: a local file, or the torch hub cache) or any network that maps uint8 images to
+features (b, d), such as the domain network of `evaluation.feature_net`. KID shares FID's network.
+
+- `FidKid`: real and generated images fed in batches; the real features are kept across `compute`
+  calls; with `sync_on_compute=True` the states are summed over torch.distributed processes when they
+  compute (every process then holds the one-process value). Used by `callbacks.fid.FIDCallback`.
+- `FeatureDistances`: the same against one fixed real set given at once (the comparison's set B).
+
+KID's random subsets come from a fixed seed, so the same two sets always give the same numbers.
 """
+
+import os
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics.utilities import dim_zero_cat
+
+from evaluation.weights import download_timeout
+
+INCEPTION_URL = URL_INCEPTION_V3
+INCEPTION_FILE = os.path.basename(URL_INCEPTION_V3)
+KID_SEED = 0
 
 
-class FeatureDistances(nn.Module):
+class FidKid(nn.Module):
+    """FID (and KID) of generated images against real images, both fed in batches.
+
+    The feature network is always used in eval mode (its BatchNorm keeps its running statistics).
+
+    Args:
+        feature_net: uint8 (b,3,H,W) -> features (b,d); give it a `num_features` attribute or it is
+            probed once with a dummy image of `input_img_size`. None: Inception.
+        inception_weights: torch-fidelity pt_inception file (`INCEPTION_FILE`); None: the torch hub cache
+            (downloaded from `INCEPTION_URL` when online, with a bounded socket timeout).
+        feature_dim: Inception feature layer: 64, 192, 768 or 2048 (the standard FID).
+        kid: also KID (mean over subsets).
+        kid_subsets: KID subsets.
+        input_img_size: (3, H, W) of the images, for probing a `feature_net` without `num_features`.
+        sync_on_compute: sum the states over torch.distributed processes when computing.
+    """
+
+    def __init__(self, feature_net: nn.Module | None = None, inception_weights: str | None = None,
+                 feature_dim: int = 2048, kid: bool = True, kid_subsets: int = 100,
+                 input_img_size: tuple[int, int, int] = (3, 299, 299), sync_on_compute: bool = False):
+        super().__init__()
+        common = {"reset_real_features": False, "sync_on_compute": sync_on_compute}
+        if feature_net is not None:
+            fid = FrechetInceptionDistance(feature=feature_net, input_img_size=input_img_size, **common)
+        else:
+            if inception_weights is not None and not Path(inception_weights).is_file():
+                raise FileNotFoundError(f"weights_path {inception_weights!r} does not exist")
+            with download_timeout():
+                fid = FrechetInceptionDistance(feature=feature_dim, feature_extractor_weights_path=inception_weights,
+                                               **common)
+        self.fid = fid
+        # Handing KID the FID's network shares the weights (KID itself cannot take a weights path).
+        self.kid = KernelInceptionDistance(feature=fid.inception, subsets=kid_subsets, **common) if kid else None
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FidKid":
+        """Stays in eval mode: features never depend on the batch they come in."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.fid.device
+
+    @torch.no_grad()
+    def update(self, images: Tensor, real: bool) -> None:
+        """Add uint8 images (b,3,H,W) to the real or the generated set."""
+        for metric in (self.fid, self.kid):
+            if metric is not None:
+                metric.update(images.to(self.device), real=real)
+
+    @torch.no_grad()
+    def compute(self, kid_subset_size: int | None = None) -> dict[str, float]:
+        """{"fid"} (and {"kid"}) of the generated images so far; then the generated set is emptied.
+
+        Under `sync_on_compute` every process must call it.
+
+        Args:
+            kid_subset_size: images per KID subset; default min(1000, real images, generated images)
+                of this process (give the total under torch.distributed).
+        """
+        try:
+            scores = {"fid": float(self.fid.compute())}
+            if self.kid is not None:
+                scores["kid"] = self._kid(kid_subset_size)
+        finally:
+            for metric in (self.fid, self.kid):
+                if metric is not None:
+                    metric.reset()  # keeps the real features (reset_real_features=False)
+        return scores
+
+    def _kid(self, subset_size: int | None) -> float:
+        kid = self.kid
+        # KID keeps lists of feature tensors and gathers them one by one: one tensor per process, or
+        # processes with different numbers of batches would pair up mismatched collectives.
+        kid.real_features, kid.fake_features = [dim_zero_cat(kid.real_features)], [dim_zero_cat(kid.fake_features)]
+        kid.subset_size = subset_size or min(1000, len(kid.real_features[0]), len(kid.fake_features[0]))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(KID_SEED)
+            return float(kid.compute()[0])  # (mean, std) over subsets
+
+
+class FeatureDistances(FidKid):
     """FID and KID (mean over subsets) of any image set against `real`.
 
     Args:
         real: uint8 (M, 3, H, W), the reference set every call compares with.
-        feature_net: the feature network (kept in eval mode: its BatchNorm uses running statistics).
+        feature_net: the feature network.
         inception_weights: a torch-fidelity pt_inception file: Inception pool3 (2048-d) instead.
         batch_size: images per feature-extraction batch.
         kid_subsets: KID subsets (of min(1000, set sizes) images each).
@@ -27,32 +126,16 @@ class FeatureDistances(nn.Module):
 
     def __init__(self, real: Tensor, feature_net: nn.Module | None = None, inception_weights: str | None = None,
                  batch_size: int = 256, kid_subsets: int = 50, device: str | torch.device = "cpu"):
-        super().__init__()
-        if inception_weights:
-            fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=inception_weights,
-                                           reset_real_features=False)
-        elif feature_net is not None:
-            fid = FrechetInceptionDistance(feature=feature_net.eval(), reset_real_features=False)
-        else:
+        if feature_net is None and not inception_weights:
             raise ValueError("FeatureDistances needs a feature_net or an inception_weights file")
-        kid = KernelInceptionDistance(feature=fid.inception, subset_size=min(1000, len(real)), subsets=kid_subsets,
-                                      reset_real_features=False)
-        self.fid, self.kid, self.batch_size, self.num_real = fid.to(device), kid.to(device), batch_size, len(real)
-        self.eval()
-        with torch.no_grad():
-            for x in real.split(batch_size):
-                for metric in (self.fid, self.kid):
-                    metric.update(x.to(self.fid.device), real=True)
+        super().__init__(None if inception_weights else feature_net, inception_weights, kid_subsets=kid_subsets)
+        self.batch_size = batch_size
+        self.to(device)
+        for x in real.split(batch_size):
+            self.update(x, real=True)
 
-    @torch.no_grad()
     def forward(self, fake: Tensor) -> dict[str, float]:
         """{"fid", "kid"} of uint8 images `fake` (N, 3, H, W) against the real set (N >= 2)."""
-        for metric in (self.fid, self.kid):
-            metric.reset()  # keeps the real features
-            for x in fake.split(self.batch_size):
-                metric.update(x.to(self.fid.device), real=False)
-        self.kid.subset_size = min(1000, self.num_real, len(fake))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            kid = float(self.kid.compute()[0])
-        return {"fid": float(self.fid.compute()), "kid": kid}
+        for x in fake.split(self.batch_size):
+            self.update(x, real=False)
+        return self.compute()

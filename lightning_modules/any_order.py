@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 
+from evaluation.nll import nll_under_orders
 from models.checkpoint import load_net, net_spec, plain_data
-from models.extraction import SCORES, extract_orders, nll_under_order, noise_seeds
+from models.extraction import SCORES, extract_orders, noise_seeds
 from models.orders import mixed_order, order_to_step_map, random_order, raster_order
 from models.sampling import SamplerSettings, choice_generator, sample
 from models.transformer import OrderedTransformer
@@ -197,16 +198,11 @@ class AnyOrderModule(LightningModule):
         """Loss and bits per token under raster, random (seeded: the same every epoch) and inferred orders."""
         self._step(batch, stage)
         tokens, cond = batch["tokens"].flatten(1), batch["label"]
-        b, n = tokens.shape
         gen = torch.Generator(device=self.device).manual_seed(self.val_order_seed + batch_idx)
-        for name, order in (("raster", raster_order(b, n, device=self.device)),
-                            ("random", random_order(b, n, generator=gen, device=self.device))):
-            bits = nll_under_order(self.net, tokens, order, cond).mean()
-            self.log(f"{stage}/nll_{name}", bits, sync_dist=True, batch_size=b)
-        if inferred and batch_idx < self.inferred_nll_batches:
-            order = extract_orders(self.net, tokens, cond, score=self.extraction.score)
-            bits = nll_under_order(self.net, tokens, order, cond).mean()
-            self.log(f"{stage}/nll_inferred", bits, sync_dist=True, batch_size=b)
+        inferred = inferred and batch_idx < self.inferred_nll_batches
+        bits = nll_under_orders(self.net, tokens, cond, gen, inferred=inferred, score=self.extraction.score)
+        for name, values in bits.items():
+            self.log(f"{stage}/nll_{name}", values.mean(), sync_dist=True, batch_size=len(tokens))
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.net.parameters())

@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.image import PeakSignalNoiseRatio
 
+from evaluation.lpips import build_lpips as load_lpips
 from models.checkpoint import net_spec
 from models.discriminator import PatchDiscriminator, g_loss, hinge_d_loss
 from models.tokenizer import VQAutoencoder, VQOutput
-from models.weights import build_lpips as load_lpips
 
 STAGES = ("train", "val", "test")
 

@@ -14,29 +14,27 @@ candidate keys/values, the rest via `extend`.
 Modified from: https://github.com/idiap/sigma-gpt (scoring all remaining positions against a cache).
 """
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from models.orders import unwritten_cells
 from models.positions import CLASS_CELL
+from models.sampling import log_max_prob
 
 
-def true_prob(logits: Tensor, true_tokens: Tensor) -> Tensor:
+def log_true_prob(logits: Tensor, true_tokens: Tensor) -> Tensor:
     """log p(true token) (b, m) from logits (b, m, v) and true tokens (b, m)."""
     logits = logits.float()
     return logits.gather(-1, true_tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
 
 
-def max_prob(logits: Tensor, true_tokens: Tensor) -> Tensor:
-    """log of the largest probability (b, m); the true tokens are not used."""
-    logits = logits.float()
-    return logits.amax(dim=-1) - logits.logsumexp(dim=-1)
+def log_max_prob_of_candidates(logits: Tensor, true_tokens: Tensor) -> Tensor:
+    """The sampler's confidence `log_max_prob` (b, m) of logits (b, m, v); the true tokens are not used."""
+    return log_max_prob(logits)
 
 
-SCORES = {"true_prob": true_prob, "max_prob": max_prob}
+# Log-scores of candidate cells, by the name the settings use (`ExtractionSettings.score`).
+SCORES = {"true_prob": log_true_prob, "max_prob": log_max_prob_of_candidates}
 
 
 MASK32 = 0xFFFFFFFF
@@ -169,13 +167,3 @@ def naive_extract_orders(
         written.scatter_(1, placed, True)
         t += k
     return order
-
-
-def nll_under_order(net, tokens: Tensor, order: Tensor, cond: Tensor) -> Tensor:
-    """Negative log-likelihood (b,) of each image written in `order`, in bits per token (one forward).
-
-    Gradients flow; wrap in `torch.no_grad()` for evaluation.
-    """
-    logits = net(tokens, order, cond)  # (b, n, v)
-    nats = F.cross_entropy(logits.transpose(1, 2).float(), tokens.gather(1, order), reduction="none")
-    return nats.mean(dim=1) / math.log(2)

@@ -25,13 +25,14 @@ from callbacks.fid import INCEPTION_FILE, FIDCallback
 from callbacks.heatmaps import (
     colorbar_image,
     labelled_maps_image,
-    mean_step_map,
-    per_class_mean_maps,
+    order_map_images,
     samples_with_heatmaps_grid,
     step_map_to_rgb,
 )
 from callbacks.lpips import LPIPSDiversityCallback
-from callbacks.order_dump import OrderDumpCallback, cycle_labels
+from callbacks.order_dump import OrderDumpCallback
+from evaluation.order_stats import mean_step_map, per_class_mean_maps
+from evaluation.sampling import cycle_labels
 
 IMAGE, GRID = 32, 4  # image size, token grid side
 
@@ -327,3 +328,14 @@ def test_grid_and_mean_maps():
     image = labelled_maps_image(maps, GRID * GRID, titles=["a", "b", "c"])
     assert image.shape[0] == 3 and image.dtype == torch.uint8
     assert cycle_labels(5, 0).tolist() == [0] * 5 and cycle_labels(5, 2).tolist() == [0, 1, 0, 1, 0]
+
+
+def test_order_map_images_draw_the_mean_map_one_way_and_class_maps_only_with_classes():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1, 0, 1])
+    steps = torch.argsort(torch.stack([class_order(int(c), g) for c in labels]), dim=1).view(4, GRID, GRID)
+    images = order_map_images(steps, labels, num_classes=3, n_steps=GRID * GRID)
+    assert set(images) == {"orders/mean_map", "orders/class_mean_maps"}
+    mean = labelled_maps_image(mean_step_map(steps), GRID * GRID, ["mean over 4 orders"], tile_px=192)
+    assert torch.equal(images["orders/mean_map"], mean)  # titled panel, fixed scale, legend
+    assert set(order_map_images(steps.numpy(), labels.numpy(), 0, GRID * GRID)) == {"orders/mean_map"}

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 
 from callbacks.fid import FIDCallback
 from callbacks.lpips import LPIPSDiversityCallback
-from callbacks.order_dump import OrderDumpCallback, share_chunk_size
+from callbacks.order_dump import OrderDumpCallback
+from evaluation.distributed import share_chunk_size
 from tests.conftest import CONFIGS, REPO, SMALL_DATA, copy_run, fit
 from tests.ddp import ATTEMPTS, TIMEOUT_S, free_port, is_infrastructure_failure
 from tests.test_eval_callbacks import ColourStats, FakeAR, FakeData, make_trainer, smooth_images

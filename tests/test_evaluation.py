@@ -1,11 +1,16 @@
-"""The evaluation package: the multi-task feature network, FID/KID against a fixed real set, and the
-ranking a trustworthy metric must give (real < blurred < shuffled patches < noise)."""
+"""The evaluation package: the multi-task feature network, FID/KID against a fixed real set, the ranking a
+trustworthy metric must give (real < blurred < shuffled patches < noise), diversity, scene rates, mean
+order maps and the seeded sampling loop."""
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
 from datamodules.sources import SunsetSource
 from datamodules.sources.synthetic import num_cloud_tints
+from models.orders import order_to_step_map, random_order
 from evaluation import (
     FeatureDistances,
     SmallConvNetFeatures,
@@ -16,6 +21,11 @@ from evaluation import (
     train_feature_net,
 )
 from evaluation.degrade import blur, shuffle_patches, uniform_noise
+from evaluation.diversity import diversity
+from evaluation.fid import FidKid
+from evaluation.order_stats import mean_step_map, per_class_mean_maps
+from evaluation.sampling import cycle_labels, eval_mode, generate_batches, sample_set
+from evaluation.scene import scene_rates
 
 
 def two_class_images(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,3 +126,82 @@ def test_fid_ranks_real_blurred_shuffled_noise_in_a_scene_feature_space():
         ("noise", uniform_noise(a, gen))]}
     assert fid["real"] < fid["blurred"] < fid["shuffled"] < fid["noise"], fid
     assert fid["blurred"] > 2 * fid["real"], fid  # measured: real 1.6, blurred 19.6, shuffled 27.7, noise 1480
+
+
+def test_scene_rates_count_missing_suns_and_clouds():
+    source = SunsetSource(num_images=40, seed=505)
+    no_clouds = torch.stack([source.render(dataclasses.replace(source.sample_params(i), clouds=()))
+                             for i in range(20)])
+    rates = scene_rates(no_clouds)
+    assert rates["sun_share"] >= 0.95 and rates["cloud_share"] == 0.0 and rates["consistency"] == 0.0
+    black = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    assert scene_rates(black) == {"consistency": 0.0, "sun_share": 0.0, "cloud_share": 0.0}
+
+
+def test_fid_kid_keeps_its_feature_network_in_eval_mode_and_its_real_features():
+    net = SmallConvNetFeatures(class_heads(2), width=4, feature_dim=8)
+    metric = FidKid(net, kid_subsets=5)
+    metric.train()  # e.g. a parent module switched to training
+    assert not metric.training and not net.training  # BatchNorm would otherwise use the batch's statistics
+    gen = torch.Generator().manual_seed(0)
+    real, _ = two_class_images(16, gen)
+    metric.update(real, real=True)
+    metric.update(real[:8], real=False)
+    first = metric.compute()
+    metric.update(real[:8], real=False)  # the generated set was emptied, the real one kept
+    assert metric.compute() == first and set(first) == {"fid", "kid"}
+
+
+def test_mean_maps_take_orders_with_their_grid_or_step_maps_as_arrays():
+    orders = random_order(6, 12, torch.Generator().manual_seed(0))
+    maps = order_to_step_map(orders, 3, 4)
+    assert torch.equal(mean_step_map(orders, 3, 4), mean_step_map(maps))
+    assert torch.equal(mean_step_map(maps.numpy()), maps.double().mean(0).float())  # an .npz dump read back
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    assert torch.equal(per_class_mean_maps(maps.numpy(), labels, 2), per_class_mean_maps(orders, labels, 2, 3, 4))
+    with pytest.raises(ValueError, match="grid"):
+        mean_step_map(orders)  # orders need their grid
+    assert torch.isnan(mean_step_map(orders[:0], 3, 4)).all()
+
+
+def test_diversity_is_zero_for_copies_and_larger_for_varied_images():
+    net = SmallConvNetFeatures(class_heads(2), width=4, feature_dim=8).eval()
+    varied, _ = two_class_images(8, torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2])  # class 2 has one image: left out
+    copies = varied[:1].expand(8, -1, -1, -1)
+    assert diversity(copies, labels, net) == pytest.approx(0.0, abs=1e-6)
+    assert diversity(varied, labels, net) > 0.01
+    with pytest.raises(ValueError, match="feature_net or an lpips"):
+        diversity(varied, labels)
+
+
+class Sampler(torch.nn.Module):
+    """The sampling interface of the AR module: images whose pixels are the generator's first draws."""
+
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+        self.calls = []
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def generate(self, labels, generator=None, policy=None, choice_generator=None) -> dict:
+        self.calls.append((len(labels), generator.initial_seed(), self.training, torch.is_grad_enabled()))
+        images = torch.randint(0, 256, (len(labels), 3, 4, 4), generator=generator, dtype=torch.uint8)
+        return {"images": images, "step_map": torch.zeros(len(labels), 2, 2, dtype=torch.long), "labels": labels}
+
+
+def test_sample_set_draws_chunk_j_with_seed_plus_j_in_eval_mode():
+    module = Sampler()
+    out = sample_set(module, 7, batch_size=3, seed=10)
+    assert module.training  # its mode comes back
+    assert module.calls == [(3, 10, False, False), (3, 11, False, False), (1, 12, False, False)]
+    assert out["labels"].tolist() == cycle_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert out["images"].shape == (7, 3, 4, 4) and out["seconds"] >= 0
+    with eval_mode(module):  # process 1 of 2 draws chunk 1 only: the same images as in the whole set
+        [share] = generate_batches(module, cycle_labels(7, 3), 3, 10, rank=1, world_size=2)
+    assert torch.equal(share["images"], out["images"][3:6])

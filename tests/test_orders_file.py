@@ -22,7 +22,7 @@ from datamodules.orders_file import (
     write_shard,
 )
 from datamodules.token_cache import cache_manifest, file_sha256
-from models.order_stats import (
+from evaluation.order_stats import (
     adjacency_share,
     mean_step_map,
     order_agreement,

@@ -7,8 +7,6 @@ from datamodules.sources.synthetic import (
     SunsetAnalysis,
     SunsetSource,
     analyse_sunset,
-    consistency_rate,
-    scene_rates,
 )
 
 __all__ = [
@@ -17,6 +15,4 @@ __all__ = [
     "SunsetAnalysis",
     "SunsetSource",
     "analyse_sunset",
-    "consistency_rate",
-    "scene_rates",
 ]

@@ -369,24 +369,6 @@ def analyse_sunset(images: torch.Tensor, num_hues: int = 8) -> list[SunsetAnalys
     return results
 
 
-def consistency_rate(images: torch.Tensor, num_hues: int = 8) -> float:
-    """Fraction of images whose clouds have the tint their sun causes (missing parts count as not)."""
-    return scene_rates(images, num_hues)["consistency"]
-
-
-def scene_rates(images: torch.Tensor, num_hues: int = 8) -> dict[str, float]:
-    """Shares of images that are consistent, in which a sun is found, and in which clouds are found.
-
-    Returns:
-        {"consistency": float, "sun_share": float, "cloud_share": float}.
-    """
-    results = analyse_sunset(images, num_hues)
-    n = max(len(results), 1)
-    return {"consistency": sum(r.consistent for r in results) / n,
-            "sun_share": sum(r.sun_hue is not None for r in results) / n,
-            "cloud_share": sum(r.cloud_tint is not None for r in results) / n}
-
-
 __all__ = [
     "Cloud",
     "MAX_CLOUDS",
@@ -396,13 +378,11 @@ __all__ = [
     "SunsetSource",
     "analyse_sunset",
     "cloud_palette",
-    "consistency_rate",
     "expected_tint",
     "num_cloud_tints",
     "render_sunset",
     "sample_params",
     "scene_heads",
-    "scene_rates",
     "scene_targets",
     "sun_palette",
 ]

@@ -1,53 +1,58 @@
 # Shapes: m orders, n tokens = h*w, C classes; an order (m, n) lists raster cell indices by step.
 """Statistics of a set of generation orders: where they start, how much they agree, how local they are.
 
-Every function takes either orders (m, n) (order[:, t] = raster cell written at step t) or their step
-maps (m, h, w) (the step at which each cell was written; `models.orders.order_to_step_map`). Numbers
-mean little alone, so `order_statistics` also reports them for uniformly random orders of the same grid.
+Every function takes either orders (m, n) (order[:, t] = raster cell written at step t; then the grid
+h, w must be given) or their step maps (m, h, w) (the step at which each cell was written;
+`models.orders.order_to_step_map`), as torch tensors or numpy arrays (an `orders/*.npz` dump read back).
+Numbers mean little alone, so `order_statistics` also reports them for uniformly random orders of the
+same grid. The heatmaps of `callbacks.heatmaps` draw the mean maps computed here.
 """
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from models.orders import order_to_step_map, random_order
 
+OrdersLike = Tensor | np.ndarray
 
-def as_step_maps(orders: Tensor, h: int, w: int) -> Tensor:
-    """Step maps (m, h, w) long from orders (m, n) or step maps (m, h, w)."""
+
+def as_step_maps(orders: OrdersLike, h: int | None = None, w: int | None = None) -> Tensor:
+    """Step maps (m, h, w) long from orders (m, n) and the grid, or from step maps (m, h, w)."""
     orders = torch.as_tensor(orders).long()
     if orders.dim() == 3:
         return orders
-    if orders.dim() != 2 or orders.shape[1] != h * w:
-        raise ValueError(
-            f"expected orders (m, {h * w}) or step maps (m, {h}, {w}), got {tuple(orders.shape)}"
-        )
+    if orders.dim() != 2 or h is None or w is None or orders.shape[1] != h * w:
+        raise ValueError(f"expected orders (m, h*w) with the grid h, w, or step maps (m, h, w); got "
+                         f"{tuple(orders.shape)} with grid {h}x{w}")
     return order_to_step_map(orders, h, w)
 
 
-def mean_step_map(orders: Tensor, h: int, w: int) -> Tensor:
+def mean_step_map(orders: OrdersLike, h: int | None = None, w: int | None = None) -> Tensor:
     """Mean step at which each cell is written: float (h, w); nan when there are no orders."""
     maps = as_step_maps(orders, h, w).double()
     if len(maps) == 0:
-        return torch.full((h, w), math.nan)
+        return torch.full(maps.shape[1:], math.nan)
     return maps.mean(dim=0).float()
 
 
-def per_class_mean_maps(orders: Tensor, labels: Tensor, num_classes: int, h: int, w: int) -> Tensor:
+def per_class_mean_maps(orders: OrdersLike, labels: OrdersLike, num_classes: int, h: int | None = None,
+                        w: int | None = None) -> Tensor:
     """Mean step map of each class: float (C, h, w), nan for classes without orders.
 
     Args:
         orders: (m, n) orders or (m, h, w) step maps.
         labels: (m,) class labels in [0, C).
         num_classes: C; 0 (unconditional data, label 0) counts as one class.
-        h: token-grid height.
-        w: token-grid width.
+        h: token-grid height (orders only).
+        w: token-grid width (orders only).
     """
     maps = as_step_maps(orders, h, w).double()
     labels = torch.as_tensor(labels, device=maps.device).long()
     num_classes = max(num_classes, 1)
-    sums = maps.new_zeros((num_classes, h, w)).index_add_(0, labels, maps)
+    sums = maps.new_zeros((num_classes, *maps.shape[1:])).index_add_(0, labels, maps)
     counts = torch.bincount(labels, minlength=num_classes).to(maps.dtype)
     return (sums / counts[:, None, None]).float()  # 0/0 = nan marks an empty class
 

@@ -1,0 +1,72 @@
+# Shapes: b batch, n tokens = h*w, v vocab, N sequences.
+"""Negative log-likelihood of token sequences under a generation order, in bits per token.
+
+An any-order model gives each image one likelihood per order. Three orders are reported everywhere
+(validation logs `val/nll_<order>`, the comparison's table the `nll_<order>` columns):
+- raster: the scan a raster model is trained on;
+- random: one uniformly random order per sequence (from a seeded generator: the same every time);
+- inferred: the model's own teacher-forced greedy order (`models.extraction.extract_orders`). It is
+  chosen knowing the true tokens, so it is a lower bound rather than a proper likelihood.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from evaluation.sampling import eval_mode
+from models.extraction import extract_orders
+from models.orders import random_order, raster_order
+
+ORDERS = ("raster", "random", "inferred")
+
+
+def nll_under_order(net, tokens: Tensor, order: Tensor, cond: Tensor) -> Tensor:
+    """NLL (b,) of each sequence `tokens` (b, n) written in `order` (b, n), in bits per token (one forward).
+
+    Gradients flow; wrap in `torch.no_grad()` for evaluation.
+    """
+    logits = net(tokens, order, cond)  # (b, n, v)
+    nats = F.cross_entropy(logits.transpose(1, 2).float(), tokens.gather(1, order), reduction="none")
+    return nats.mean(dim=1) / math.log(2)
+
+
+@torch.no_grad()
+def nll_under_orders(net, tokens: Tensor, cond: Tensor, generator: torch.Generator | None = None,
+                     inferred: bool = True, score: str = "true_prob") -> dict[str, Tensor]:
+    """Bits per token (b,) of each sequence under the raster, a random and (if `inferred`) its inferred order.
+
+    Args:
+        net: an `OrderedTransformer`.
+        tokens: (b, n) token sequences in raster cell order.
+        cond: (b,) class labels.
+        generator: draws the random orders (on its own device); None: the global generator.
+        inferred: also the model's inferred order (about n/2 forward passes' worth of work).
+        score: the extraction score of the inferred order ("true_prob" or "max_prob").
+
+    Returns:
+        {"raster": (b,), "random": (b,)[, "inferred": (b,)]}.
+    """
+    b, n = tokens.shape
+    device = generator.device if generator is not None else tokens.device
+    orders = {"raster": raster_order(b, n, device=tokens.device),
+              "random": random_order(b, n, generator=generator, device=device).to(tokens.device)}
+    if inferred:
+        orders["inferred"] = extract_orders(net, tokens, cond, score=score)
+    return {name: nll_under_order(net, tokens, order, cond) for name, order in orders.items()}
+
+
+def mean_nll_bits(net, tokens: Tensor, labels: Tensor, seed: int, batch_size: int = 64,
+                  inferred: bool = True) -> dict[str, float]:
+    """Mean bits per token of held-out sequences (N, n) under each order: {"nll_raster": ..., ...}.
+
+    The random orders come from one CPU generator seeded `seed`, drawn batch after batch.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    sums: dict[str, float] = {}
+    with eval_mode(net):
+        for x, y in zip(tokens.split(batch_size), labels.split(batch_size), strict=True):
+            for name, bits in nll_under_orders(net, x, y, generator, inferred=inferred).items():
+                sums[name] = sums.get(name, 0.0) + float(bits.sum())
+    return {f"nll_{name}": total / len(tokens) for name, total in sums.items()}
