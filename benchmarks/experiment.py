@@ -152,8 +152,33 @@ def stage_argv(exp: dict, subcommand: str, stage: str, overrides: dict) -> list[
 
 
 def data_overrides(exp: dict, out: Path) -> dict:
-    """Shared by every stage: the token cache folder (shared by all experiments) and the data settings."""
-    return {"data.init_args.cache_dir": str(out / "cache"), **exp.get("data_overrides", {})}
+    """Shared by every stage: the token cache folder (shared by all experiments) and the data settings.
+
+    `budget.train_images` / `budget.val_images` size the splits: the synthetic sources are rendered at
+    exactly train + val images; other sources keep the first `train_images` of a deterministic split
+    (`val_fraction`) and cap validation at `val_images` (`max_val_images`).
+    """
+    out_overrides = {"data.init_args.cache_dir": str(out / "cache")}
+    budget = exp["budget"]
+    n_train, n_val = budget.get("train_images"), budget.get("val_images")
+    if n_train and n_val:
+        if exp["data"].startswith("synthetic"):
+            out_overrides["data.init_args.source.init_args.num_images"] = n_train + n_val
+            out_overrides["data.init_args.val_fraction"] = n_val / (n_train + n_val)
+        else:
+            total = source_size(exp["data"])
+            out_overrides["data.init_args.val_fraction"] = max(1 - n_train / total, n_val / total)
+            out_overrides["data.init_args.max_val_images"] = n_val
+    return {**out_overrides, **exp.get("data_overrides", {})}
+
+
+def source_size(data: str) -> int:
+    """Number of images of the source a data overlay configures (built once, from its init_args)."""
+    import importlib
+
+    source = OmegaConf.to_container(OmegaConf.load(CONFIGS / "data" / f"{data}.yaml"))["data"]["init_args"]["source"]
+    module, _, name = source["class_path"].rpartition(".")
+    return len(getattr(importlib.import_module(module), name)(**source.get("init_args", {})))
 
 
 def fit_overrides(exp: dict, steps: int, folder: Path, seed: int) -> dict:

@@ -48,7 +48,8 @@ def test_smoke_experiment_runs_into_a_report_and_reuses_every_stage(tmp_path, ca
     arms = ["raster AR", "any-order AR, random order", "any-order AR, confidence order",
             "OAR distilled, confidence order", "real images (reference)", "tokenizer reconstruction (ceiling)"]
     assert list(rows) == arms
-    assert all(float(rows[a]["FID ↓"]) >= 0 for a in arms) and rows["OAR distilled, confidence order"]["train steps"] == "4 + 2"
+    assert all(float(rows[a]["FID ↓"]) >= 0 for a in arms)
+    assert rows["OAR distilled, confidence order"]["train steps"] == "4 + 2"
     assert (run / "samples.png").stat().st_size > 0 and (run / "curves.png").stat().st_size > 0
     report = json.loads((run / "report.json").read_text())
     assert {"raster AR@2", "raster AR@4", "OAR distilled, confidence order@2"} <= set(report["curves"])
@@ -56,3 +57,16 @@ def test_smoke_experiment_runs_into_a_report_and_reuses_every_stage(tmp_path, ca
     experiment.main([str(SMOKE), "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "running" not in printed and printed.count("reused") == 14
+
+
+@pytest.mark.slow
+def test_untinted_unconditional_variant_gets_the_analyser_columns_but_no_class_accuracy(tmp_path):
+    experiment.main([str(SMOKE), "--out", str(tmp_path), "--set", "data=synthetic_untinted", "name=untinted",
+                     "budget.keep_every=0"])
+    rows = table_rows((tmp_path / "untinted" / "report.md").read_text())
+    assert "class acc. ↑" not in rows["real images (reference)"]
+    for column in ("consistency ↑", "sun found", "clouds found"):
+        float(rows["raster AR"][column])
+    assert float(rows["real images (reference)"]["consistency ↑"]) == 1.0
+    report = json.loads((tmp_path / "untinted" / "report.json").read_text())
+    assert report["rows"]["feature_info"]["label_head"] is None
