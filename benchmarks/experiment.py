@@ -40,6 +40,9 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from fileio import save_json  # noqa: E402
+
 CONFIGS = ROOT / "configs"
 RUN_PY = ROOT / "run.py"
 STAGE_KIND = {"tokenizer": "tokenizer", "any_order": "ar", "raster": "ar", "distill": "ar", "extract_orders": "ar"}
@@ -79,13 +82,13 @@ class Job:
         if not same and self.folder.exists():
             shutil.rmtree(self.folder)  # other settings: start from scratch
         self.folder.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"key": self.key(), "argv": self.argv, "finished": False}, indent=1))
+        save_json({"key": self.key(), "argv": self.argv, "finished": False}, marker, indent=1)
         resume = ["--ckpt_path", str(last)] if self.resumable_fit and same and last.is_file() else []
         return [sys.executable, str(self.script), *self.argv, *resume]
 
     def mark_finished(self, seconds: float) -> None:
-        (self.folder / "done.json").write_text(json.dumps(
-            {"key": self.key(), "argv": self.argv, "finished": True, "wall_s": seconds}, indent=1))
+        save_json({"key": self.key(), "argv": self.argv, "finished": True, "wall_s": seconds},
+                  self.folder / "done.json", indent=1)
 
 
 def run_jobs(jobs: list[Job], max_parallel: int) -> None:
@@ -296,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     root = args.out / exp["name"]
     root.mkdir(parents=True, exist_ok=True)
     jobs, ckpts = plan(exp, root, seeds)
-    (root / "experiment.json").write_text(json.dumps(exp, indent=1))
+    save_json(exp, root / "experiment.json", indent=1)
     evaluation = [j for j in jobs if j.script != RUN_PY]
     if args.only in (None, "train"):
         run_jobs([j for j in jobs if j.script == RUN_PY], args.jobs)

@@ -18,15 +18,26 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
+from jsonargparse import ArgumentParser
+from lightning.pytorch import LightningDataModule
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from benchmarks import compare_eval as ev  # noqa: E402
-from evaluation import FeatureDistances  # noqa: E402
+from benchmarks import quality_report as report  # noqa: E402
+from evaluation.feature_cache import feature_net_for  # noqa: E402
+from evaluation.fid import FeatureDistances  # noqa: E402
+from evaluation.image_metrics import ImageMetrics  # noqa: E402
+from evaluation.nll import mean_nll_bits  # noqa: E402
+from evaluation.real import held_out_halves, images_of, reconstruct, val_tokens  # noqa: E402
+from evaluation.sampling import sample_set  # noqa: E402
+from fileio import save_json, save_torch  # noqa: E402
+from lightning_modules.any_order import AnyOrderModule  # noqa: E402
 from models.checkpoint import load_net  # noqa: E402
 from models.sampling import SamplerSettings  # noqa: E402
 
@@ -34,39 +45,63 @@ log = logging.getLogger("oar.experiment")
 CONFIGS = ROOT / "configs"
 
 
+def build_datamodule(config_files: list[str], overrides: dict) -> LightningDataModule:
+    """The `data:` section of the merged stage + overlay configs, with dotted overrides, instantiated.
+
+    The same configs the stages run with, so the evaluation reads exactly the data they trained on.
+    """
+    cfg = OmegaConf.merge(*(OmegaConf.load(path) for path in config_files))
+    for key, value in overrides.items():
+        if key.startswith("data."):
+            OmegaConf.update(cfg, key, value, merge=True)
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(LightningDataModule, "data")
+    parsed = parser.parse_object({"data": OmegaConf.to_container(cfg.data)})
+    return parser.instantiate(parsed).data
+
+
 def datamodule(exp: dict, out: Path, tokenizer_ckpt: Path):
     """The experiment's data, exactly as its stages read it (stage-1 config, data overlay, overrides)."""
     files = [str(CONFIGS / "any_order.yaml"), str(CONFIGS / "data" / f"{exp['data']}.yaml")]
     overrides = {"data.init_args.cache_dir": str(out / "cache"), **exp.get("data_overrides", {}),
                  "data.init_args.tokenizer_ckpt": str(tokenizer_ckpt)}
-    return ev.build_datamodule(files, overrides)
+    return build_datamodule(files, overrides)
+
+
+def load_arm(ckpt: str | Path, tokenizer_ckpt: str | Path, settings: SamplerSettings) -> AnyOrderModule:
+    """An AR LightningModule around a trained network, ready to `generate` with `settings`."""
+    with warnings.catch_warnings():  # save_hyperparameters outside the CLI: "net is already saved"
+        warnings.filterwarnings("ignore", message="Attribute 'net' is an instance")
+        module = AnyOrderModule(load_net(ckpt), sampler=settings)
+    module.tokenizer = load_net(tokenizer_ckpt).requires_grad_(False)
+    return module.eval()
 
 
 def context(exp: dict, out: Path, tokenizer_ckpt: Path, device: str) -> dict:
-    """What every evaluation shares: the held-out halves, the feature network, FID/KID against B, tokens."""
+    """What every evaluation shares: the held-out halves, the feature network, the image metrics against B, tokens."""
     budget = exp["budget"]
     dm = datamodule(exp, out, tokenizer_ckpt)
-    idx_a, idx_b = ev.held_out_halves(dm, budget["samples"])
+    idx_a, idx_b = held_out_halves(dm, budget["samples"])
     key = hashlib.sha256(json.dumps([exp["data"], exp.get("data_overrides", {}), budget.get("feature_epochs", 10),
                                      budget.get("feature_images", 4000)], sort_keys=True).encode()).hexdigest()[:16]
-    net, info = ev.feature_net_for(dm, out / "features" / f"{exp['data']}-{key}.pt", budget.get("feature_epochs", 10),
-                                   budget.get("feature_images", 4000), check=idx_a)
+    net, info = feature_net_for(dm, out / "features" / f"{exp['data']}-{key}.pt", budget.get("feature_epochs", 10),
+                                budget.get("feature_images", 4000), check=idx_a)
     net = net.to(device)
-    real_b, _ = ev.images_of(dm.source, idx_b)
+    real_b, _ = images_of(dm.source, idx_b)
     synthetic = exp["data"].startswith("synthetic")
-    return {"dm": dm, "feature_net": net, "feature_info": info, "label_head": info["label_head"],
-            "num_hues": dm.source.num_hues if synthetic else 0, "idx_a": idx_a,
-            "distances": FeatureDistances(real_b, net, exp.get("inception_weights"), device=device),
-            "lpips": None, "val_tokens": ev.val_tokens(dm, budget.get("nll_images", 500)),
-            "feature_name": ev.feature_name(info, bool(exp.get("inception_weights")))}
+    metrics = ImageMetrics(FeatureDistances(real_b, net, exp.get("inception_weights"), device=device), net,
+                           info["label_head"], dm.source.num_hues if synthetic else 0)
+    return {"dm": dm, "metrics": metrics, "feature_info": info, "idx_a": idx_a,
+            "val_tokens": val_tokens(dm, budget.get("nll_images", 500)),
+            "feature_name": report.feature_name(info, bool(exp.get("inception_weights")))}
 
 
 def real_rows(ctx: dict, tokenizer_ckpt: Path, device: str) -> dict:
     """The reference (A vs B) and ceiling (A through the tokenizer vs B) rows."""
-    real_a, labels_a = ev.images_of(ctx["dm"].source, ctx["idx_a"])
+    real_a, labels_a = images_of(ctx["dm"].source, ctx["idx_a"])
     tokenizer = load_net(tokenizer_ckpt).to(device)
-    return {ev.REFERENCE: ev.image_metrics(ctx, real_a, labels_a),
-            ev.CEILING: ev.image_metrics(ctx, ev.reconstruct(tokenizer, real_a), labels_a)}
+    return {report.REFERENCE: ctx["metrics"](real_a, labels_a),
+            report.CEILING: ctx["metrics"](reconstruct(tokenizer, real_a), labels_a)}
 
 
 def evaluate_model(exp: dict, ctx: dict, ckpt: Path, tokenizer_ckpt: Path, model: str, samples: int,
@@ -77,24 +112,17 @@ def evaluate_model(exp: dict, ctx: dict, ckpt: Path, tokenizer_ckpt: Path, model
     for arm in (a for a in exp["arms"] if a["model"] == model):
         start = time.perf_counter()
         settings = SamplerSettings(**arm.get("sampler", {}))
-        module = ev.load_arm(ckpt, tokenizer_ckpt, settings).to(device)
-        s = ev.sample_arm(module, samples, budget.get("sample_batch", 100), budget.get("sample_seed", 0))
+        module = load_arm(ckpt, tokenizer_ckpt, settings).to(device)
+        s = sample_set(module, samples, budget.get("sample_batch", 100), budget.get("sample_seed", 0))
         if nll is None:
             tokens, labels = ctx["val_tokens"]
-            nll = ev.nll_bits(module.net, tokens.to(device), labels.to(device), seed=1234)
-        m = {**ev.image_metrics(ctx, s["images"], s["labels"]), **nll, "samples_per_s": samples / s["seconds"]}
+            nll = mean_nll_bits(module.net, tokens.to(device), labels.to(device), seed=1234)
+        m = {**ctx["metrics"](s["images"], s["labels"]), **nll, "samples_per_s": samples / s["seconds"]}
         metrics[arm["name"]] = m
         shown[arm["name"]] = {"images": s["images"][:16], "step_maps": s["step_maps"], "labels": s["labels"]}
         log.info("%s: %s (%.0f s)", arm["name"], ", ".join(f"{k} {v:.3g}" for k, v in m.items()),
                  time.perf_counter() - start)
     return metrics, shown
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,9 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     out, tokenizer_ckpt = args.run_folder.parent, Path(exp["tokenizer_ckpt"])
     ctx = context(exp, out, tokenizer_ckpt, args.device)
     if args.what == "rows":
-        write_json(args.run_folder / "rows.json", {"rows": real_rows(ctx, tokenizer_ckpt, args.device),
-                                                   "feature_name": ctx["feature_name"],
-                                                   "feature_info": ctx["feature_info"]})
+        save_json({"rows": real_rows(ctx, tokenizer_ckpt, args.device), "feature_name": ctx["feature_name"],
+                   "feature_info": ctx["feature_info"]}, args.run_folder / "rows.json", indent=1, default=str)
         return
     folder = args.run_folder / f"seed{args.seed}" / args.model
     ckpt = folder / "checkpoints" / (f"step={args.step}.ckpt" if args.step else "last.ckpt")
@@ -121,10 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     metrics, shown = evaluate_model(exp, ctx, ckpt, tokenizer_ckpt, args.model, samples, args.device)
     name = f"{args.model}@{args.step}" if args.step else args.model
     folder = args.run_folder / f"seed{args.seed}" / "eval"
-    folder.mkdir(parents=True, exist_ok=True)
     if not args.step:  # the figure's samples and order maps
-        torch.save(shown, folder / f"{name}.samples.pt")
-    write_json(folder / f"{name}.json", {"metrics": metrics, "ckpt": str(ckpt), "samples": samples, "step": args.step})
+        save_torch(shown, folder / f"{name}.samples.pt")
+    save_json({"metrics": metrics, "ckpt": str(ckpt), "samples": samples, "step": args.step}, folder / f"{name}.json",
+              indent=1, default=str)
 
 
 if __name__ == "__main__":

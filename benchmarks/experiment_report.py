@@ -19,7 +19,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from benchmarks import compare_eval as ev
+from benchmarks import quality_report as ev
+from fileio import atomic_write, save_json, save_text
 
 CURVE_METRICS = [("fid", "FID ↓"), ("consistency", "consistency ↑"), ("class_accuracy", "class accuracy ↑"),
                  ("nll_random", "NLL random order (bits)"), ("nll_inferred", "NLL inferred order (bits)")]
@@ -88,7 +89,7 @@ def curves_figure(steps: dict, val: dict, path: Path) -> None:
     if metrics:
         fig.axes[0].legend(fontsize=7)
     fig.tight_layout()
-    FigureCanvasAgg(fig).print_png(str(path))
+    atomic_write(path, lambda tmp: FigureCanvasAgg(fig).print_png(str(tmp)))
 
 
 def write_report(root: Path, command: str, publish: Path | None = None) -> dict:
@@ -128,11 +129,11 @@ def write_report(root: Path, command: str, publish: Path | None = None) -> dict:
         *figures, "",
         ev.how_to_read(budget["samples"], budget.get("nll_images", 500), budget.get("sample_batch", 100), "cpu",
                        bool(exp.get("inception_weights")), False, False)])
-    (out / "report.md").write_text(text)
+    save_text(text, out / "report.md")
     result = {"experiment": exp, "summary": summary, "per_seed": final, "rows": rows,
               "curves": {f"{arm}@{step}": ms for (arm, step), ms in steps.items()}, "val_curves": val,
               "stage_times": stage_times(root)}
-    (out / "report.json").write_text(json.dumps(result, indent=1, default=str))
+    save_json(result, out / "report.json", indent=1, default=str)
     if publish and (root / "experiment.json").is_file():
         shutil.copy(root / "experiment.json", out / "experiment.json")
     return result

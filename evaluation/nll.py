@@ -7,29 +7,17 @@ An any-order model gives each image one likelihood per order. Three orders are r
 - random: one uniformly random order per sequence (from a seeded generator: the same every time);
 - inferred: the model's own teacher-forced greedy order (`models.extraction.extract_orders`). It is
   chosen knowing the true tokens, so it is a lower bound rather than a proper likelihood.
+
+The per-sequence maths (`models.extraction.nll_under_order`: one forward, cross-entropy of the true
+tokens) stays with the network's scoring code: it is the training loss per sequence, in bits.
 """
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from evaluation.sampling import eval_mode
-from models.extraction import extract_orders
+from models.extraction import extract_orders, nll_under_order
 from models.orders import random_order, raster_order
-
-ORDERS = ("raster", "random", "inferred")
-
-
-def nll_under_order(net, tokens: Tensor, order: Tensor, cond: Tensor) -> Tensor:
-    """NLL (b,) of each sequence `tokens` (b, n) written in `order` (b, n), in bits per token (one forward).
-
-    Gradients flow; wrap in `torch.no_grad()` for evaluation.
-    """
-    logits = net(tokens, order, cond)  # (b, n, v)
-    nats = F.cross_entropy(logits.transpose(1, 2).float(), tokens.gather(1, order), reduction="none")
-    return nats.mean(dim=1) / math.log(2)
 
 
 @torch.no_grad()

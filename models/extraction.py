@@ -14,7 +14,10 @@ candidate keys/values, the rest via `extend`.
 Modified from: https://github.com/idiap/sigma-gpt (scoring all remaining positions against a cache).
 """
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from models.orders import unwritten_cells
@@ -167,3 +170,13 @@ def naive_extract_orders(
         written.scatter_(1, placed, True)
         t += k
     return order
+
+
+def nll_under_order(net, tokens: Tensor, order: Tensor, cond: Tensor) -> Tensor:
+    """Negative log-likelihood (b,) of each image written in `order`, in bits per token (one forward).
+
+    Gradients flow; wrap in `torch.no_grad()` for evaluation.
+    """
+    logits = net(tokens, order, cond)  # (b, n, v)
+    nats = F.cross_entropy(logits.transpose(1, 2).float(), tokens.gather(1, order), reduction="none")
+    return nats.mean(dim=1) / math.log(2)

@@ -1,15 +1,17 @@
-"""Order extraction equals its naive reference; Gumbel noise seeded per image gives the same orders however
-the images are batched, sharded or resumed."""
+"""Order extraction equals its naive reference; nll_under_order equals a direct computation; Gumbel
+noise seeded per image gives the same orders however the images are batched, sharded or resumed."""
+
+import math
 
 import pytest
 import torch
 
 from datamodules.orders_file import finished_keys
-from models.extraction import extract_orders, hash32, naive_extract_orders, noise_seeds
-from models.orders import is_permutation
+from models.extraction import extract_orders, hash32, naive_extract_orders, nll_under_order, noise_seeds
+from models.orders import is_permutation, random_order
 from tests.conftest import ORDERS, STAGE1_CKPT, copy_run, predict
 from tests.test_pipeline import Crash
-from tests.test_transformer import CLASSES, VOCAB, N, tiny_net
+from tests.test_transformer import CLASSES, VOCAB, N, extend_all, tiny_net
 
 COND = torch.tensor([1, 0, CLASSES])
 
@@ -135,6 +137,17 @@ def test_gumbel_extraction_resumed_or_batched_otherwise_gives_the_same_orders(st
     assert torch.equal(resumed["done"], done) and int(done.sum()) > 16
     assert torch.equal(resumed["orders"][done], whole["orders"][done])
     assert not torch.equal(whole["orders"][done], greedy["orders"][done])  # the noise was on
+
+
+def test_nll_under_order_equals_direct_computation():
+    net, tokens = tiny_net("absolute", "rope"), images()
+    order = random_order(3, N, torch.Generator().manual_seed(1))
+    bits = nll_under_order(net, tokens, order, COND)
+    with torch.no_grad():  # step by step through the cache, -log2 p(true token)
+        logits = extend_all(net, net.new_cache(COND), tokens, order, [1] * N)
+    log_p = logits.log_softmax(-1).gather(2, tokens.gather(1, order)[:, :, None]).squeeze(2)
+    torch.testing.assert_close(bits, -log_p.mean(dim=1) / math.log(2), atol=1e-5, rtol=0)
+    assert bits.shape == (3,)
 
 
 def test_bad_arguments_raise():
