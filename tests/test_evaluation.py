@@ -206,3 +206,32 @@ def test_sample_set_draws_chunk_j_with_seed_plus_j_in_eval_mode():
     with eval_mode(module):  # process 1 of 2 draws chunk 1 only: the same images as in the whole set
         [share] = generate_batches(module, cycle_labels(7, 3), 3, 10, rank=1, world_size=2)
     assert torch.equal(share["images"], out["images"][3:6])
+
+
+class SunsetData:
+    """What `feature_net_for` reads of a DataModule: the source and the split."""
+
+    source = SunsetSource(num_images=24, seed=21)
+
+    def split_indices(self):
+        return torch.arange(16), torch.arange(16, 24)
+
+
+def test_feature_network_is_trained_once_cached_and_retrained_when_damaged(tmp_path, monkeypatch, caplog):
+    from evaluation import feature_cache
+
+    path, check = tmp_path / "features.pt", torch.arange(16, 20)
+    net, info = feature_cache.feature_net_for(SunsetData(), path, epochs=1, feature_images=16, check=check)
+    assert path.is_file() and info["label_head"] == "hue" and "sun_x" in info["scores"] and not net.training
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(feature_cache, "train_feature_net", no_training)
+    again, info_again = feature_cache.feature_net_for(SunsetData(), path, epochs=1, feature_images=16, check=check)
+    assert info_again == info and all(torch.equal(a, b) for a, b in zip(again.state_dict().values(),
+                                                                         net.state_dict().values(), strict=True))
+    path.write_bytes(b"half a file")
+    with pytest.raises(AssertionError, match="trained again"):  # a damaged cache is not trusted
+        feature_cache.feature_net_for(SunsetData(), path, epochs=1, feature_images=16, check=check)
+    assert "unreadable" in caplog.text
