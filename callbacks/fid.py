@@ -22,20 +22,18 @@ too. The processes first agree that the metric is available (if one cannot load 
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
-from callbacks.schedule import final_evaluation_due, is_due, log_at_train_end
+from callbacks.schedule import PeriodicEvaluation
 from evaluation.distributed import all_ranks_agree, process_share, share_chunk_size
 from evaluation.fid import INCEPTION_FILE, INCEPTION_URL, FidKid
 from evaluation.sampling import cycle_labels, eval_mode, generate_batches
 from evaluation.weights import hub_checkpoint_dir
 
 
-class FIDCallback(pl.Callback):
+class FIDCallback(PeriodicEvaluation):
     """Log "val/fid" (and "val/kid") every few epochs and when training ends; "test/fid" (and "test/kid") after testing.
 
-    The end-of-training value (however training stops: max_epochs, max_steps, max_time) is logged at
-    the final global step, unless the last evaluation was at that step already. Generates
+    When it runs: `callbacks.schedule.PeriodicEvaluation` (also once more as training ends). Generates
     `num_samples` images (labels cycling over the classes, a fixed seed, so epochs differ only by
     training) and compares them with the first `num_samples` validation images from
     `trainer.datamodule.real_images(num, split="val")`. Real features are computed once per run.
@@ -68,8 +66,7 @@ class FIDCallback(pl.Callback):
         kid: bool = False,
         seed: int = 0,
     ):
-        super().__init__()
-        self.every_n_epochs = every_n_epochs
+        super().__init__(every_n_epochs)
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.weights_path = weights_path
@@ -78,27 +75,13 @@ class FIDCallback(pl.Callback):
         self.kid = kid
         self.seed = seed
         self._metric: FidKid | None = None
-        self._disabled = False
         self._real_done = False
-        self._evaluated_at: int | None = None  # global step of the last training-time evaluation
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking and is_due(trainer.current_epoch, self.every_n_epochs):
-            self._evaluate_and_log(trainer, pl_module, "val")
-            self._evaluated_at = trainer.global_step
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if final_evaluation_due(trainer, self.every_n_epochs, self._evaluated_at):
-            scores = self.evaluate(pl_module, trainer.datamodule)
-            log_at_train_end(trainer, {f"val/{name}": value for name, value in scores.items()})
-            self._evaluated_at = trainer.global_step
+    def scores(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        return self.evaluate(pl_module, trainer.datamodule)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._evaluate_and_log(trainer, pl_module, "test")
-
-    def _evaluate_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for name, value in self.evaluate(pl_module, trainer.datamodule).items():
-            pl_module.log(f"{stage}/{name}", value, sync_dist=True)  # the same value in every process
+        self.log_scores(trainer, pl_module, "test")
 
     @torch.inference_mode()  # as in Lightning's eval loops: the metric states are made and updated in it
     def evaluate(self, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule) -> dict[str, float]:
@@ -109,18 +92,18 @@ class FIDCallback(pl.Callback):
         if self._disabled:
             return {}
         if not hasattr(pl_module, "generate") or not hasattr(datamodule, "real_images"):
-            self._disable("FIDCallback: needs `pl_module.generate` and `datamodule.real_images`; skipped.")
+            self._disable("needs `pl_module.generate` and `datamodule.real_images`; skipped.")
             return {}
         device, (rank, world) = pl_module.device, process_share()
         real = datamodule.real_images(self.num_samples, split="val")
         if len(real) < world:
-            self._disable(f"FIDCallback: {len(real)} images cannot be shared by {world} processes; FID is skipped "
+            self._disable(f"{len(real)} images cannot be shared by {world} processes; FID is skipped "
                           f"(set num_samples >= {world} in the FIDCallback's init_args).")
             return {}
         metric = self._get_metric(device, tuple(real.shape[1:]))
         if not all_ranks_agree(metric is not None, device):
             if metric is not None:
-                self._disable("FIDCallback: the metric failed to load in another process; FID is skipped.")
+                self._disable("the metric failed to load in another process; FID is skipped.")
             return {}
         chunk = share_chunk_size(len(real), self.batch_size, world)
         if not self._real_done:  # the metric keeps the real features across compute()
@@ -147,15 +130,11 @@ class FIDCallback(pl.Callback):
 
     def _failure_message(self, err: Exception) -> str:
         if self.feature_extractor is not None:
-            return f"FIDCallback: the feature_extractor failed ({err!r}); FID is skipped, training goes on."
+            return f"the feature_extractor failed ({err!r}); FID is skipped, training goes on."
         return (
-            f"FIDCallback: could not load the Inception weights ({err!r}); FID is skipped for this run, "
+            f"could not load the Inception weights ({err!r}); FID is skipped for this run, "
             f"training goes on. FID needs torch-fidelity's pt_inception weights file {INCEPTION_FILE} "
             f"(from {INCEPTION_URL}). Offline, copy it into the torch hub cache ({hub_checkpoint_dir()}) "
             f"or set it with --fid.init_args.weights_path /path/to/{INCEPTION_FILE} (or under `fid:` in the config); "
             "--fid null removes FID."
         )
-
-    def _disable(self, message: str) -> None:
-        self._disabled = True
-        rank_zero_warn(message)

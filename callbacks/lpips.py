@@ -12,10 +12,9 @@ import os
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-from callbacks.schedule import final_evaluation_due, is_due, log_at_train_end
+from callbacks.schedule import PeriodicEvaluation
 from evaluation.distributed import all_ranks_agree, all_sum, process_share
 from evaluation.lpips import BACKBONE_URLS, build_lpips, mean_pairwise_lpips
 from evaluation.sampling import eval_mode, generate_batches
@@ -29,7 +28,7 @@ def classes_to_eval(num_classes: int, k: int) -> torch.Tensor:
     return torch.linspace(0, num_classes - 1, min(k, num_classes)).round().long().unique()
 
 
-class LPIPSDiversityCallback(pl.Callback):
+class LPIPSDiversityCallback(PeriodicEvaluation):
     """Log "val/lpips_diversity": mean LPIPS over all pairs of samples of the same class.
 
     Higher means more varied samples; a collapsing model drifts towards 0. Also evaluated when training
@@ -54,34 +53,21 @@ class LPIPSDiversityCallback(pl.Callback):
         weights_path: str | None = None,
         seed: int = 0,
     ):
-        super().__init__()
+        super().__init__(every_n_epochs)
         if samples_per_class < 2:
             raise ValueError("samples_per_class must be >= 2 to form pairs")
         if net_type not in BACKBONE_URLS:
             raise ValueError(f"net_type must be one of {sorted(BACKBONE_URLS)}, got {net_type!r}")
-        self.every_n_epochs = every_n_epochs
         self.samples_per_class = samples_per_class
         self.num_classes_to_eval = num_classes_to_eval
         self.net_type = net_type
         self.weights_path = weights_path
         self.seed = seed
         self._metric: LearnedPerceptualImagePatchSimilarity | None = None
-        self._disabled = False
-        self._evaluated_at: int | None = None  # global step of the last evaluation
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking and is_due(trainer.current_epoch, self.every_n_epochs):
-            value = self.evaluate(pl_module)
-            if value is not None:
-                pl_module.log("val/lpips_diversity", value, sync_dist=True)  # the same value in every process
-            self._evaluated_at = trainer.global_step
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if final_evaluation_due(trainer, self.every_n_epochs, self._evaluated_at):
-            value = self.evaluate(pl_module)
-            if value is not None:
-                log_at_train_end(trainer, {"val/lpips_diversity": value})
-            self._evaluated_at = trainer.global_step
+    def scores(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        value = self.evaluate(pl_module)
+        return {} if value is None else {"lpips_diversity": value}
 
     @torch.inference_mode()  # as in Lightning's eval loops: the metric states are made and updated in it
     def evaluate(self, pl_module: pl.LightningModule) -> float | None:
@@ -130,7 +116,3 @@ class LPIPSDiversityCallback(pl.Callback):
                 return None
         self._metric = self._metric.to(pl_module.device)
         return self._metric
-
-    def _disable(self, message: str) -> None:
-        self._disabled = True
-        rank_zero_warn(f"LPIPSDiversityCallback: {message}")

@@ -1,7 +1,9 @@
-"""When the evaluation callbacks run, and how a value computed in `on_train_end` reaches the loggers."""
+"""When the evaluation callbacks run (`PeriodicEvaluation`), and how a value computed in `on_train_end` reaches
+the loggers."""
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 def is_due(epoch: int, every_n_epochs: int) -> bool:
@@ -33,3 +35,44 @@ def log_at_train_end(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
     trainer.callback_metrics.update({name: torch.tensor(value) for name, value in metrics.items()})
+
+
+class PeriodicEvaluation(pl.Callback):
+    """Logs `scores()` as "val/<name>" every `every_n_epochs` validation epochs and once more as training ends.
+
+    The end-of-training value (however training stops: max_epochs, max_steps, max_time) is logged at the
+    final global step, unless the last evaluation was at that step already. A subclass that cannot
+    measure (no weights, no `generate`) calls `_disable` once: one warning, and the run goes on without it.
+
+    Args:
+        every_n_epochs: evaluate at the end of every this many validation epochs and of training; 0 = never.
+    """
+
+    def __init__(self, every_n_epochs: int):
+        super().__init__()
+        self.every_n_epochs = every_n_epochs
+        self._disabled = False
+        self._evaluated_at: int | None = None  # global step of the last training-time evaluation
+
+    def scores(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """The values to log now, by name without the stage ({} when unavailable); every process calls it."""
+        raise NotImplementedError
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and is_due(trainer.current_epoch, self.every_n_epochs):
+            self.log_scores(trainer, pl_module, "val")
+            self._evaluated_at = trainer.global_step
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if final_evaluation_due(trainer, self.every_n_epochs, self._evaluated_at):
+            values = self.scores(trainer, pl_module)
+            log_at_train_end(trainer, {f"val/{name}": value for name, value in values.items()})
+            self._evaluated_at = trainer.global_step
+
+    def log_scores(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for name, value in self.scores(trainer, pl_module).items():
+            pl_module.log(f"{stage}/{name}", value, sync_dist=True)  # the same value in every process
+
+    def _disable(self, message: str) -> None:
+        self._disabled = True
+        rank_zero_warn(f"{type(self).__name__}: {message}")
