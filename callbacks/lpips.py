@@ -85,13 +85,13 @@ class LPIPSDiversityCallback(PeriodicEvaluation):
         rank, world = process_share()
         classes = classes_to_eval(pl_module.num_classes, self.num_classes_to_eval)
         labels = classes.repeat_interleave(self.samples_per_class)
-        local = torch.zeros(2, dtype=torch.float64)  # (sum of pair scores, pairs) of this process
+        local = torch.zeros(2)  # (sum of pair scores, pairs) of this process
         with eval_mode(pl_module):
             # One class per chunk (batch_size = samples_per_class), so a process's share is whole classes.
             for out in generate_batches(pl_module, labels, self.samples_per_class, self.seed, rank=rank,
                                         world_size=world):
                 mean, pairs = mean_pairwise_lpips(metric, out["images"])
-                local += torch.tensor([mean * pairs, pairs], dtype=torch.float64)
+                local += torch.tensor([mean * pairs, pairs])
         total = all_sum(local.to(metric.device))
         return float(total[0] / total[1])  # the mean over all pairs (same count per class)
 
