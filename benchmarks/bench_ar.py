@@ -1,15 +1,21 @@
-"""Speed of the ordered AR transformer (issue 3): training, cached sampling, and a torch baseline.
+"""Speed of the ordered AR transformer (issues 3, 12): training, cached sampling, and a torch baseline.
 
-Every row is a ratio of two things timed alternately in one run (see `benchmarks/timing.py`):
-  (a) train step, random orders / raster order                     goal <= 1.05
-  (b) confidence sampling, naive (full forward per candidate) / cached    goal >= 10 (64 tokens)
-  (c) sampler FLOP/s / this machine's square-matmul FLOP/s          goal >= 0.5 (width >= 256)
-  (d) cached sampling, random order / raster order                  goal <= 1.1
+Every row is a ratio of two things timed alternately in one run (see `benchmarks/timing.py`), and every
+row runs in each dtype asked for (fp32 and bf16 by default, side by side; bf16 = autocast):
+  (a) train step, random orders / raster order                              goal <= 1.05
+  (b) confidence sampling, naive (full forward per candidate) / cached      goal >= 10 (64 tokens)
+  (c) confidence-sampler FLOP/s / this machine's square-matmul FLOP/s, same dtype   goal >= 0.5
+  (d) cached sampling, random order / raster order                          goal <= 1.1
   (e) train step, torch.nn.TransformerEncoder / ours (= our throughput / theirs)   goal >= 1.0
+  (f) cached raster sampling, the loop of commit 461859e in fp32 (today) / this loop   goal >= 2
+  (g) confidence sampling (exact) / random-order sampling                   goal <= 4
+  (h) confidence sampling with a shortlist (approximate) / random-order sampling     goal <= 4
+Sampling rows use batch 64 and 64 tokens (8x8), the small preset (width 256, depth 4, heads 4, vocab 512).
 
-    python benchmarks/bench_ar.py [--quick] [--device cpu|cuda] [--dtype fp32|bf16] [--json out.json]
+    python benchmarks/bench_ar.py --threads 1 [--quick] [--dtype fp32 bf16] [--device cpu|cuda] [--json out.json]
 """
 
+import contextlib
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +26,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from benchmarks.legacy_decode import legacy_sample  # noqa: E402
 from benchmarks.report import (  # noqa: E402
+    DTYPES,
     Row,
     autocast,
     common_parser,
@@ -29,10 +37,11 @@ from benchmarks.report import (  # noqa: E402
     load,
     report,
     setup_torch,
+    side_by_side,
 )
 from benchmarks.timing import median_ratio, time_alternately  # noqa: E402
 from models.orders import random_order, raster_order  # noqa: E402
-from models.sampling import naive_confidence_sample, sample  # noqa: E402
+from models.sampling import SamplerSettings, naive_confidence_sample, sample  # noqa: E402
 from models.transformer import OrderedTransformer  # noqa: E402
 
 RATIO = "A time / B time"  # the median over repeats of the ratio of A and B timed back to back
@@ -47,22 +56,24 @@ class Settings:
     grid: int = 8  # token grid grid x grid
     vocab: int = 512
     num_classes: int = 8
-    batch: int = 32  # training (a, e), random/raster sampling (d)
+    batch: int = 32  # training (a, e)
     naive_batch: int = 4  # (b): the naive sampler runs ~n^2/2 full forwards
     naive_grid: int = 8
-    flops_batch: int = 32  # (c): large enough for efficient matmuls
+    sample_batch: int = 64  # (c, d, f, g, h)
     matmul_size: int = 2048  # (c): the reference square matmul
-    repeats: int = 7
+    shortlist: int = 8  # (h): cells rescored between full rankings
+    refresh: int = 8  # (h): a full ranking every `refresh` steps
+    repeats: int = 5
     naive_repeats: int = 3
-    warmup: int = 2
+    warmup: int = 1
 
     @classmethod
     def from_args(cls, args) -> "Settings":
         if args.smoke:
             s = cls(width=32, depth=1, heads=2, grid=2, vocab=16, batch=2, naive_batch=2, naive_grid=2,
-                    flops_batch=2, matmul_size=64, repeats=1, naive_repeats=1, warmup=0)
+                    sample_batch=2, matmul_size=64, shortlist=1, refresh=2, repeats=1, naive_repeats=1, warmup=0)
         elif args.quick:
-            s = cls(naive_grid=4, repeats=3, naive_repeats=2, warmup=1)
+            s = cls(naive_grid=4, repeats=3, naive_repeats=2)
         else:
             s = cls()
         if args.repeats:
@@ -173,13 +184,23 @@ def sampling_flops(b: int, n: int, width: int, depth: int, hidden: int, vocab: i
     return float(b * total)
 
 
-def _sampler(net, cond, policy: str, seed: int, ctx, naive: bool = False):
+def _sampler(net, cond, policy: str, seed: int, ctx, naive: bool = False, dtype: torch.dtype | None = None,
+             **kwargs):
+    """A sampling run; under `ctx` (autocast or nothing), or with the network cast to `dtype`."""
+    settings = SamplerSettings(policy=policy, **kwargs)
+
     def run():
         gen = torch.Generator(device=cond.device).manual_seed(seed)
         with ctx:
             if naive:
-                return naive_confidence_sample(net, cond, generator=gen)
-            return sample(net, cond, policy, generator=gen)
+                return naive_confidence_sample(net, cond, settings, generator=gen)
+            return sample(net, cond, settings, generator=gen, dtype=dtype)
+    return run
+
+
+def _legacy_raster(net, cond, seed: int):
+    def run():
+        return legacy_sample(net, cond, "raster", torch.Generator(device=cond.device).manual_seed(seed))
     return run
 
 
@@ -208,53 +229,80 @@ def matmul_rate(size: int, device, dtype: torch.dtype):
     return (lambda: x @ y), 2.0 * size**3
 
 
-def bench_flops(s: Settings, device, ctx, dtype: torch.dtype) -> Row:
-    """(c) sampler FLOP/s / matmul FLOP/s, the two timed alternately."""
+def bench_sampling(s: Settings, device, dtype: str) -> list[Row]:
+    """(c, d, f, g, h): the matmul, the samplers and today's raster loop, all timed alternately in one loop.
+
+    The samplers run the network in `dtype` (`sample(..., dtype=...)`: a cast copy, fp32 logits).
+    """
     net = s.net(device).eval()
-    _, cond = s.data(s.flops_batch, s.grid, device)
-    confidence = _sampler(net, cond, "confidence", 2, ctx)
-    matmul, matmul_flops = matmul_rate(s.matmul_size, device, dtype)
+    _, cond = s.data(s.sample_batch, s.grid, device)
+    b, ctx, cast = len(cond), contextlib.nullcontext(), DTYPES[dtype]
+    matmul, matmul_flops = matmul_rate(s.matmul_size, device, cast)
+    fns = {"matmul": matmul, "confidence": _sampler(net, cond, "confidence", 2, ctx, dtype=cast),
+           "random": _sampler(net, cond, "random", 3, ctx, dtype=cast),
+           "raster": _sampler(net, cond, "raster", 3, ctx, dtype=cast),
+           "shortlist": _sampler(net, cond, "confidence", 2, ctx, dtype=cast, shortlist=s.shortlist,
+                                 refresh=s.refresh),
+           "legacy": _legacy_raster(net, cond, 3)}
     raw: list[list[float]] = []
-    t_conf, t_mm = time_alternately([confidence, matmul], s.repeats, s.warmup, device, samples=raw)
-    flops = sampling_flops(len(cond), s.grid**2, s.width, s.depth, int(s.width * s.mlp_ratio), s.vocab)
-    goal_note = {} if s.width >= 256 else {"note": "goal stated for width >= 256"}
-    extra = {"sampler_flops": flops, "sampler_gflops_per_s": flops / t_conf / 1e9,
-             "matmul_gflops_per_s": matmul_flops / t_mm / 1e9, **goal_note}
-    return Row("(c) confidence sampler FLOP/s / matmul FLOP/s", f"confidence sampling (b={len(cond)})",
-               f"{s.matmul_size}^3 matmul", flops / matmul_flops * median_ratio(raw[1], raw[0]), "A FLOP/s / B FLOP/s",
-               ">=", 0.5, t_conf, t_mm, extra, *raw)
+    t = dict(zip(fns, time_alternately(list(fns.values()), s.repeats, s.warmup, device, samples=raw), strict=True))
+    raw = dict(zip(fns, raw, strict=True))
+    ratio = lambda a_, b_: median_ratio(raw[a_], raw[b_])  # noqa: E731
+    flops = sampling_flops(b, s.grid**2, s.width, s.depth, int(s.width * s.mlp_ratio), s.vocab)
+    width_note = {} if s.width >= 256 else {"note": "goal stated for width >= 256"}
+    extra = {"sampler_flops": flops, "sampler_gflops_per_s": flops / t["confidence"] / 1e9,
+             "matmul_gflops_per_s": matmul_flops / t["matmul"] / 1e9, **width_note}
+    short = f"shortlist {s.shortlist}, full ranking every {s.refresh} steps"
+    rows = [
+        Row("(c) confidence sampler FLOP/s / matmul FLOP/s", f"confidence sampling (b={b})",
+            f"{s.matmul_size}^3 matmul, {dtype}", flops / matmul_flops * ratio("matmul", "confidence"),
+            "A FLOP/s / B FLOP/s", ">=", 0.5, t["confidence"], t["matmul"], extra, raw["confidence"], raw["matmul"]),
+        Row("(d) cached sampling, random / raster", f"random order (b={b})", f"raster (b={b})",
+            ratio("random", "raster"), RATIO, "<=", 1.1, t["random"], t["raster"], {}, raw["random"], raw["raster"]),
+        Row("(f) cached raster sampling, today's loop (fp32) / this loop", f"loop of commit 461859e, fp32 (b={b})",
+            f"this loop (b={b})", ratio("legacy", "raster"), RATIO, ">=", 2.0, t["legacy"], t["raster"], {},
+            raw["legacy"], raw["raster"]),
+        Row("(g) confidence (exact) / random-order sampling", f"confidence (b={b})", f"random order (b={b})",
+            ratio("confidence", "random"), RATIO, "<=", 4.0, t["confidence"], t["random"], {},
+            raw["confidence"], raw["random"]),
+        Row("(h) confidence with a shortlist / random-order sampling", f"confidence, {short} (b={b})",
+            f"random order (b={b})", ratio("shortlist", "random"), RATIO, "<=", 4.0, t["shortlist"], t["random"],
+            {"shortlist": s.shortlist, "refresh": s.refresh}, raw["shortlist"], raw["random"]),
+    ]
+    return rows
 
 
-def bench_policies(s: Settings, device, ctx) -> Row:
-    """(d) random / raster cached sampling, timed alternately."""
-    net = s.net(device).eval()
-    _, cond = s.data(s.batch, s.grid, device)
-    rand, raster = _sampler(net, cond, "random", 3, ctx), _sampler(net, cond, "raster", 3, ctx)
-    raw: list[list[float]] = []
-    t_rand, t_raster = time_alternately([rand, raster], s.repeats, s.warmup, device, samples=raw)
-    return Row("(d) cached sampling, random / raster", f"random order (b={len(cond)})", f"raster (b={len(cond)})",
-               median_ratio(*raw), RATIO, "<=", 1.1, t_rand, t_raster, {}, *raw)
+def _tag(rows: list[Row], dtype: str) -> list[Row]:
+    for row in rows:
+        row.name = f"{row.name} [{dtype}]"
+        row.extra["dtype"] = dtype
+    return rows
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
     args = common_parser(__doc__.splitlines()[0]).parse_args(argv)
     device = setup_torch(args)
     s = Settings.from_args(args)
-    ctx = autocast(device, args.dtype)
     config = {"width": s.width, "depth": s.depth, "heads": s.heads, "mlp_ratio": s.mlp_ratio,
               "grid": f"{s.grid}x{s.grid}", "vocab": s.vocab, "num_classes": s.num_classes, "batch": s.batch,
               "naive_batch": s.naive_batch, "naive_grid": f"{s.naive_grid}x{s.naive_grid}",
-              "flops_batch": s.flops_batch, "repeats": s.repeats, **environment(args, device)}
-    rows = bench_train(s, device, ctx)
-    naive = bench_naive(s, device, ctx, strict=args.dtype == "fp32")
-    rows.append(naive)
-    rows.append(bench_flops(s, device, ctx, torch.float32 if args.dtype == "fp32" else torch.bfloat16))
-    rows.append(bench_policies(s, device, ctx))
+              "sample_batch": s.sample_batch, "repeats": s.repeats, **environment(args, device)}
+    rows, notes = [], []
+    for dtype in args.dtype:
+        ctx = autocast(device, dtype)
+        dtype_rows = bench_train(s, device, ctx)
+        naive = bench_naive(s, device, ctx, strict=dtype == "fp32")
+        dtype_rows += [naive, *bench_sampling(s, device, dtype)]
+        rows += _tag(dtype_rows, dtype)
+        peak = next(r for r in dtype_rows if r.name.startswith("(c)")).extra["matmul_gflops_per_s"]
+        notes.append(f"{dtype}: {s.matmul_size}^3 matmul {peak:.0f} GFLOP/s (this run); (b) outputs identical "
+                     f"under one seed: {naive.extra['identical_outputs']}")
     rows.sort(key=lambda r: r.name)
     notes = ["ratio = median over repeats of A/B timed back to back (alternating); A and B medians are for reference",
-             "(b) outputs identical under one seed: " + str(naive.extra["identical_outputs"]),
-             f"1-minute load average at start {config['load_at_start']}, at end {load()}", *contention_note(config)]
+             *notes, f"1-minute load average at start {config['load_at_start']}, at end {load()}",
+             *contention_note(config)]
     report(config, rows, args.json, notes, {"settings": asdict(s)})
+    print("\n" + side_by_side(rows, args.dtype), flush=True)
     return rows
 
 

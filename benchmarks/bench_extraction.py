@@ -1,14 +1,18 @@
-"""Speed of order extraction (issue 4): KV-cached and batched vs the naive reference, and a projection.
+"""Speed of order extraction (issues 4, 12): KV-cached and batched vs the naive reference, and a projection.
 
-Every row is a ratio of things timed alternately in one run (see `benchmarks/timing.py`):
+Every row is a ratio of things timed alternately in one run (see `benchmarks/timing.py`), in each dtype
+asked for (fp32 and bf16 by default, side by side; bf16 = autocast):
   (a) extraction, naive (full forward per candidate) / cached, same small batch     goal >= 10
   (b) cached extraction time per image, small batch / large batch (what batching buys)  goal >= 1
+  (c) exact greedy / `positions_per_step` k (approximate: k cells per scoring pass)   reported
 Below the table: images/s at the large batch and the projected time for the Fashion-MNIST training
-set (60000 images; twice that when flipped views are cached too).
+set (60000 images; twice that when flipped views are cached too), on one core and on two (one
+process per core, e.g. DDP on CPU, at the CPU-time rate of this run).
 
-    python benchmarks/bench_extraction.py [--quick] [--device cpu|cuda] [--dtype fp32|bf16] [--json out.json]
+    python benchmarks/bench_extraction.py --threads 1 [--quick] [--dtype fp32 bf16] [--device cpu|cuda] [--json F]
 """
 
+import contextlib
 import statistics
 import sys
 from dataclasses import asdict, dataclass
@@ -20,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from benchmarks.report import (  # noqa: E402
+    DTYPES,
     Row,
     autocast,
     common_parser,
@@ -28,6 +33,7 @@ from benchmarks.report import (  # noqa: E402
     load,
     report,
     setup_torch,
+    side_by_side,
 )
 from benchmarks.timing import median_ratio, time_alternately  # noqa: E402
 from models.extraction import extract_orders, naive_extract_orders  # noqa: E402
@@ -73,7 +79,8 @@ class Settings:
     num_classes: int = 10
     naive_batch: int = 4  # the naive reference runs ~n^2/2 full forwards per image
     naive_grid: int = 8
-    batch: int = 32  # the throughput batch
+    batch: int = 64  # the throughput batch
+    positions_per_step: int = 2  # (c)
     repeats: int = 3
     warmup: int = 0  # the identity check already ran both once
     preset: str = ""
@@ -102,10 +109,10 @@ class Settings:
         return tokens, torch.randint(self.num_classes, (b,), generator=gen).to(device)
 
 
-def _extractor(fn, net, tokens, cond, ctx):
+def _extractor(fn, net, tokens, cond, ctx, **kwargs):
     def run():
         with ctx:
-            return fn(net, tokens, cond)
+            return fn(net, tokens, cond, **kwargs)
     return run
 
 
@@ -114,26 +121,34 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
 
 
-def bench(s: Settings, device, ctx, strict: bool) -> tuple[list[Row], dict]:
-    """Naive and cached at the small batch, cached at the large batch: timed alternately in one loop."""
+def bench(s: Settings, device, dtype: str, strict: bool) -> tuple[list[Row], dict]:
+    """Naive and cached at the small batch, cached (exact and k per step) at the large batch: timed alternately.
+
+    The cached extraction runs the network in `dtype` (`extract_orders(..., dtype=...)`: a cast copy);
+    the naive reference runs under autocast.
+    """
     small_net = s.net(device, s.naive_grid)
     tokens, cond = s.data(s.naive_batch, s.naive_grid, device)
-    naive = _extractor(naive_extract_orders, small_net, tokens, cond, ctx)
-    cached = _extractor(extract_orders, small_net, tokens, cond, ctx)
+    ctx, cast = contextlib.nullcontext(), {"dtype": DTYPES[dtype]}
+    naive = _extractor(naive_extract_orders, small_net, tokens, cond, autocast(device, dtype))
+    cached = _extractor(extract_orders, small_net, tokens, cond, ctx, **cast)
     same = torch.equal(naive(), cached())
     if strict and not same:
         raise AssertionError("cached and naive extraction disagree")
     same_grid = s.grid == s.naive_grid  # --quick compares with the naive one on a smaller grid
     net = small_net if same_grid else s.net(device, s.grid)
-    small = cached if same_grid else _extractor(extract_orders, net, *s.data(s.naive_batch, s.grid, device), ctx)
-    batched = _extractor(extract_orders, net, *s.data(s.batch, s.grid, device, seed=1), ctx)
-    batched(), small()  # warm-up at the new shapes
-    fns = [naive, cached] + ([] if same_grid else [small]) + [batched]
+    small = cached if same_grid else _extractor(extract_orders, net, *s.data(s.naive_batch, s.grid, device), ctx,
+                                                **cast)
+    big = s.data(s.batch, s.grid, device, seed=1)
+    batched = _extractor(extract_orders, net, *big, ctx, **cast)
+    k = s.positions_per_step
+    several = _extractor(extract_orders, net, *big, ctx, positions_per_step=k, **cast)
+    batched(), small(), several()  # warm-up at the new shapes
+    fns = [naive, cached] + ([] if same_grid else [small]) + [several, batched]
     raw: list[list[float]] = []
     cpu: list[list[float]] = []
     times = time_alternately(fns, s.repeats, s.warmup, device, samples=raw, cpu_samples=cpu)
-    t_naive, t_cached, t_small, t_batched = times[0], times[1], times[-2], times[-1]
-    per_image_big = t_batched / s.batch
+    t_naive, t_cached, t_small, t_several, t_batched = times[0], times[1], times[-3], times[-2], times[-1]
     n_naive = s.naive_grid**2
     rows = [
         Row(f"(a) extraction, {n_naive} tokens", f"naive, full forward per candidate (b={s.naive_batch})",
@@ -141,15 +156,32 @@ def bench(s: Settings, device, ctx, strict: bool) -> tuple[list[Row], dict]:
             t_naive, t_cached, {"identical_orders": same, "tokens": n_naive,
                                 **({} if n_naive == 64 else {"note": "goal stated for 64 tokens"})}, raw[0], raw[1]),
         Row(f"(b) cached extraction per image, {s.grid**2} tokens", f"batch {s.naive_batch}", f"batch {s.batch}",
-            median_ratio(raw[-2], raw[-1]) * s.batch / s.naive_batch, "A time/image / B time/image", ">=", 1.0,
-            t_small, t_batched, {}, raw[-2], raw[-1]),
+            median_ratio(raw[-3], raw[-1]) * s.batch / s.naive_batch, "A time/image / B time/image", ">=", 1.0,
+            t_small, t_batched, {}, raw[-3], raw[-1]),
+        Row(f"(c) extraction, exact / {k} cells per step", f"exact greedy (b={s.batch})",
+            f"positions_per_step {k} (b={s.batch})", median_ratio(raw[-1], raw[-2]), "A time / B time", ">=", 1.0,
+            t_batched, t_several, {"positions_per_step": k}, raw[-1], raw[-2]),
     ]
-    rate, cpu_rate = 1.0 / per_image_big, s.batch / max(statistics.median(cpu[-1]), 1e-9)
+    rate, cpu_rate = s.batch / t_batched, s.batch / max(statistics.median(cpu[-1]), 1e-9)
     projection = {"images_per_s": rate, "fashion_mnist_train_s": FASHION_MNIST_TRAIN / rate,
                   "fashion_mnist_train_with_flips_s": 2 * FASHION_MNIST_TRAIN / rate,
                   "images_per_cpu_s": cpu_rate, "fashion_mnist_train_cpu_s": FASHION_MNIST_TRAIN / cpu_rate,
+                  "fashion_mnist_train_two_cores_s": FASHION_MNIST_TRAIN / (2 * cpu_rate),
                   "cpu_share": rate / cpu_rate / torch.get_num_threads()}  # CPU time / (wall time x threads)
     return rows, projection
+
+
+def _notes(s: Settings, device, dtype: str, p: dict) -> list[str]:
+    threads = torch.get_num_threads()
+    return [
+        f"{dtype}: cached rate at batch {s.batch}: {p['images_per_s']:.2f} images/s on {device} "
+        f"({p['images_per_cpu_s']:.2f} per CPU second); Fashion-MNIST train set ({FASHION_MNIST_TRAIN} images): "
+        f"{_duration(p['fashion_mnist_train_s'])} in this run "
+        f"(with flips {_duration(p['fashion_mnist_train_with_flips_s'])}); "
+        f"on two idle cores (one process each) {_duration(p['fashion_mnist_train_two_cores_s'])}",
+        f"{dtype}: the run got {p['cpu_share']:.0%} of {threads} thread(s) of CPU time "
+        "(below 100%: other jobs took the rest and the wall-time rate is pessimistic)",
+    ]
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -159,20 +191,21 @@ def main(argv: list[str] | None = None) -> list[Row]:
     config = {"preset": s.preset, "width": s.width, "depth": s.depth, "heads": s.heads, "mlp_ratio": s.mlp_ratio,
               "grid": f"{s.grid}x{s.grid}", "vocab": s.vocab, "num_classes": s.num_classes, "batch": s.batch,
               "naive_batch": s.naive_batch, "naive_grid": f"{s.naive_grid}x{s.naive_grid}", "repeats": s.repeats,
-              "score": "true_prob", "positions_per_step": 1, **environment(args, device)}
-    rows, projection = bench(s, device, autocast(device, args.dtype), strict=args.dtype == "fp32")
-    notes = [
-        "ratio = median over repeats of A/B timed back to back (alternating); A and B medians are for reference",
-        "(a) orders identical: " + str(rows[0].extra["identical_orders"]),
-        f"cached rate at batch {s.batch}: {projection['images_per_s']:.2f} images/s on {device}; Fashion-MNIST "
-        f"train set ({FASHION_MNIST_TRAIN} images): {_duration(projection['fashion_mnist_train_s'])}, with flips "
-        f"({2 * FASHION_MNIST_TRAIN}): {_duration(projection['fashion_mnist_train_with_flips_s'])}",
-        f"the run got {projection['cpu_share']:.0%} of {torch.get_num_threads()} thread(s) of CPU time "
-        "(below 100%: other jobs took the rest and the rate above is pessimistic)",
-        f"1-minute load average at start {config['load_at_start']}, at end {load()}",
-        *contention_note(config),
-    ]
-    report(config, rows, args.json, notes, {"projection": projection, "settings": asdict(s)})
+              "score": "true_prob", **environment(args, device)}
+    rows, notes, projections = [], [], {}
+    for dtype in args.dtype:
+        dtype_rows, projections[dtype] = bench(s, device, dtype, strict=dtype == "fp32")
+        for row in dtype_rows:
+            row.name, row.extra["dtype"] = f"{row.name} [{dtype}]", dtype
+        rows += dtype_rows
+        notes += [f"{dtype}: (a) orders identical: {dtype_rows[0].extra['identical_orders']}",
+                  *_notes(s, device, dtype, projections[dtype])]
+    rows.sort(key=lambda r: r.name)
+    notes = ["ratio = median over repeats of A/B timed back to back (alternating); A and B medians are for reference",
+             *notes, f"1-minute load average at start {config['load_at_start']}, at end {load()}",
+             *contention_note(config)]
+    report(config, rows, args.json, notes, {"projection": projections, "settings": asdict(s)})
+    print("\n" + side_by_side(rows, args.dtype), flush=True)
     return rows
 
 

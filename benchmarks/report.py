@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from models import precision
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -18,7 +20,8 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="smaller grids and fewer repeats")
     parser.add_argument("--smoke", action="store_true", help="tiniest setting (tests): 2x2 grid, width 32, 1 repeat")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="bf16 runs under autocast")
+    parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES),
+                        help="the dtypes to run, side by side (bf16 runs under autocast)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: all CPUs; 1 is faster on a CPU shared with other jobs)")
     parser.add_argument("--repeats", type=int, default=None, help="override every benchmark's timed repeats")
@@ -37,18 +40,28 @@ def setup_torch(args: argparse.Namespace) -> torch.device:
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
     """Mixed precision for bf16 (weights and the optimizer stay fp32); nothing for fp32."""
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+    return precision.autocast(device, DTYPES[dtype])
 
 
 def environment(args: argparse.Namespace, device: torch.device) -> dict:
     """What the numbers depend on, besides the model config."""
     env = {"threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
-           "dtype": args.dtype, "cpu": platform.processor() or platform.machine(), "load_at_start": load()}
+           "dtype": ",".join(args.dtype), "cpu": cpu_model(), "load_at_start": load()}
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
     return env
+
+
+def cpu_model() -> str:
+    """The processor's name and its bf16 matmul support (AMX / AVX512-BF16 make bf16 pay)."""
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), name)
+        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+        native = [label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+        name += f" ({', '.join(native) if native else 'no native bf16'})"
+    return name
 
 
 def load() -> float | None:
@@ -119,6 +132,21 @@ def markdown(config: dict, rows: list[Row], notes: list[str] = ()) -> str:
         lines.append(f"| {r.name} | {r.a} | {r.b} | {r.ratio:.3g} ({r.ratio_is}) | {r.goal_op} {r.goal:g} | "
                      f"{'pass' if r.passed else 'MISS'} | {_seconds(r.a_median_s)} | {_seconds(r.b_median_s)} |")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes])
+
+
+def side_by_side(rows: list[Row], dtypes: list[str]) -> str:
+    """One line per benchmark with its ratio in every dtype (rows are named "<benchmark> [<dtype>]")."""
+    names = list(dict.fromkeys(r.name.rsplit(" [", 1)[0] for r in rows))
+    by_name = {r.name: r for r in rows}
+    lines = ["| benchmark | goal | " + " | ".join(dtypes) + " |", "|---|---|" + "---|" * len(dtypes)]
+    for name in names:
+        cells = []
+        for dtype in dtypes:
+            r = by_name.get(f"{name} [{dtype}]")
+            cells.append("–" if r is None else f"{r.ratio:.3g} {'pass' if r.passed else 'MISS'}")
+        goal = next(r for r in rows if r.name.startswith(name + " ["))
+        lines.append(f"| {name} | {goal.goal_op} {goal.goal:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def report(config: dict, rows: list[Row], json_path: Path | None, notes: list[str] = (), extra: dict | None = None):

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.orders import unwritten_cells
+from models.orders import drop_cells, unwritten_cells
 from models.positions import CLASS_CELL
+from models.precision import autocast, cast_for_inference
 from models.sampling import log_max_prob
 
 
@@ -101,6 +102,7 @@ def _check(score: str, positions_per_step: int) -> None:
 def extract_orders(
     net, tokens: Tensor, cond: Tensor, score: str = "true_prob", positions_per_step: int = 1,
     gumbel_temperature: float = 0.0, generator: torch.Generator | None = None, row_seeds: Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """The teacher-forced greedy order of each image.
 
@@ -114,20 +116,22 @@ def extract_orders(
         generator: for the Gumbel noise when `row_seeds` is not given (the noise then depends on the batch).
         row_seeds: (b,) int64 in [0, 2**32), one per image (`noise_seeds`): each row's noise depends
             only on its seed, so an image's order does not depend on its batch.
+        dtype: run a copy of the network in `dtype`, e.g. torch.bfloat16, with fp32 logits and scores (see
+            `models.precision`); None = the network as it is (or as an enclosing autocast runs it).
 
     Returns:
         order (b, n).
     """
     _check(score, positions_per_step)
+    net = cast_for_inference(net, dtype)
     b, n = tokens.shape
     cache = net.new_cache(cond)
     order = tokens.new_empty(b, n)
-    written = torch.zeros(b, n, dtype=torch.bool, device=tokens.device)
+    cells = torch.arange(n, device=tokens.device).expand(b, n)  # the unwritten cells, ascending
     prev_token, prev_cell = tokens.new_zeros(b), tokens.new_full((b,), CLASS_CELL)
     t = 0
     while t < n:
         k = min(positions_per_step, n - t)
-        cells = unwritten_cells(written, n - t)
         logits, kv = net.score_candidates(cache, prev_token, prev_cell, cells)
         uniform = _uniform(cells, t, generator, row_seeds) if gumbel_temperature > 0 else None
         picks = _select(logits, tokens.gather(1, cells), score, k, gumbel_temperature, uniform)
@@ -136,7 +140,7 @@ def extract_orders(
         if k > 1:  # chain the others: each holds the previous placed token and predicts the next cell
             net.extend(cache, tokens.gather(1, placed[:, :-1]), placed[:, :-1], placed[:, 1:])
         order[:, t : t + k] = placed
-        written.scatter_(1, placed, True)
+        cells = drop_cells(cells, picks)
         prev_cell = placed[:, -1]
         prev_token = tokens.gather(1, prev_cell[:, None]).squeeze(1)
         t += k
@@ -172,11 +176,13 @@ def naive_extract_orders(
     return order
 
 
-def nll_under_order(net, tokens: Tensor, order: Tensor, cond: Tensor) -> Tensor:
+def nll_under_order(net, tokens: Tensor, order: Tensor, cond: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """Negative log-likelihood (b,) of each image written in `order`, in bits per token (one forward).
 
-    Gradients flow; wrap in `torch.no_grad()` for evaluation.
+    Gradients flow; wrap in `torch.no_grad()` for evaluation. `dtype`: run the forward under
+    `torch.autocast(dtype)` (e.g. torch.bfloat16; see `models.precision`); the NLL is computed in fp32.
     """
-    logits = net(tokens, order, cond)  # (b, n, v)
+    with autocast(tokens.device, dtype):
+        logits = net(tokens, order, cond)  # (b, n, v), fp32
     nats = F.cross_entropy(logits.transpose(1, 2).float(), tokens.gather(1, order), reduction="none")
     return nats.mean(dim=1) / math.log(2)

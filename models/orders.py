@@ -49,6 +49,18 @@ def unwritten_cells(written: Tensor, m: int) -> Tensor:
     return written.to(torch.uint8).argsort(dim=1, stable=True)[:, :m]
 
 
+def drop_cells(cells: Tensor, index: Tensor) -> Tensor:
+    """cells (b, m) without the columns index (b, k) of each row (b, m - k); the rest keep their order."""
+    b, m = cells.shape
+    if index.shape[1] == 1:  # the common case, without a sort: shift the columns after the dropped one
+        keep = torch.arange(m - 1, device=cells.device).expand(b, m - 1)
+        keep = keep + (keep >= index)
+    else:
+        dropped = torch.zeros(b, m, dtype=torch.uint8, device=cells.device).scatter_(1, index, 1)
+        keep = dropped.argsort(dim=1, stable=True)[:, : m - index.shape[1]]
+    return cells.gather(1, keep)
+
+
 def known_first(order: Tensor, known: Tensor) -> Tensor:
     """Reorder so the known cells come first (raster order), then the others in `order`'s sequence.
 

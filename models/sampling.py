@@ -16,8 +16,10 @@ Choices documented here:
   before the arg-max, with T_k constant or annealed linearly to 0 over the generated steps; it is
   drawn from its own generator (`choice_generator`), so the token draws are those of the greedy
   choice. T = 0 is the greedy choice; a very large T writes cells in uniformly random order.
-- Tokens are drawn with `torch.multinomial` (one draw of b per step), so two samplers that see the
-  same logits consume the generator identically.
+- Tokens are drawn by the Gumbel-max trick (`TokenSampler`: one uniform per row and token), so two
+  samplers that see the same logits consume the generator identically.
+- The confidence policy keeps the unwritten cells as a list it updates (`advance`), not a sort per step;
+  `shortlist > 0` rescores only the best-ranked cells between full rankings (approximate, faster).
 
 Modified from: https://github.com/FoundationVision/LlamaGen (autoregressive/models/generate.py:
 logit processing and CFG) and https://github.com/idiap/sigma-gpt (scoring all cells against a cache).
@@ -29,8 +31,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from models.orders import known_first, random_order, raster_order, unwritten_cells
+from models.orders import drop_cells, known_first, random_order, raster_order, unwritten_cells
 from models.positions import CLASS_CELL
+from models.precision import cast_for_inference
 
 
 class SampleOutput(NamedTuple):
@@ -61,6 +64,9 @@ class SamplerSettings:
         choice_temperature: T, the scale of the Gumbel noise added to the scores (0 = greedy choice).
         choice_schedule: constant | linear (T annealed to 0 over the generated steps).
         random_first: the first this many generated cells are chosen uniformly at random.
+        shortlist: `confidence` only: 0 = exact; k > 0 = between full rankings, rescore only the k cells
+            ranked highest so far (`ShortlistConfidencePolicy`: approximate, several times faster).
+        refresh: with a shortlist, a full ranking every `refresh` steps.
     """
 
     policy: str = "confidence"
@@ -72,6 +78,8 @@ class SamplerSettings:
     choice_temperature: float = 0.0
     choice_schedule: str = "linear"
     random_first: int = 0
+    shortlist: int = 0
+    refresh: int = 8
 
     def __post_init__(self) -> None:
         checks = [
@@ -84,6 +92,8 @@ class SamplerSettings:
             ("choice_temperature", self.choice_temperature >= 0, ">= 0 (0 = greedy choice)"),
             ("choice_schedule", self.choice_schedule in SCHEDULES, f"one of {list(SCHEDULES)}"),
             ("random_first", self.random_first >= 0, ">= 0"),
+            ("shortlist", self.shortlist >= 0, ">= 0 (0 = exact confidence order)"),
+            ("refresh", self.refresh >= 1, ">= 1"),
         ]
         for key, ok, expected in checks:
             if not ok:
@@ -129,7 +139,9 @@ class TokenSampler:
     def __call__(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
         logits = top_k_filter(apply_temperature(logits, self.temperature), self.top_k)
         logits = top_p_filter(logits, self.top_p)
-        return torch.multinomial(logits.float().softmax(dim=-1), 1, generator=generator).squeeze(1)
+        # Gumbel-max: exact in distribution, and ~4x cheaper on CPU than torch.multinomial's exponential
+        # draws (0.6 ms a step at b=64, v=512: a sixth of a raster decoding step)
+        return (logits.float() + gumbel(logits.shape, generator, logits.device)).argmax(dim=-1)
 
 
 # ------------------------------------------------------------------------------------ confidence
@@ -203,7 +215,8 @@ def make_guidance(net, cfg_scale: float) -> NoGuidance | ClassifierFreeGuidance:
 
 # -------------------------------------------------------------------------------------- policies
 class OrderPolicy:
-    """Chooses the cell written at each step: `candidates` names cells, `choose` picks one per row."""
+    """Chooses the cell written at each step: `candidates` names cells, `choose` picks one per row, then
+    `advance` hears the choice."""
 
     def start(self, written: Tensor) -> None:
         """Called once before the loop; written (b, n) bool marks the known (prefilled) cells."""
@@ -219,6 +232,9 @@ class OrderPolicy:
     def drawn_token(self, choice: Tensor) -> Tensor | None:
         """The token (b,) the policy already drew for the chosen cells while choosing, else None."""
         return None
+
+    def advance(self, choice: Tensor) -> None:
+        """Called after each step with the choice (b,); policies that keep state between steps update it."""
 
 
 class FixedOrderPolicy(OrderPolicy):
@@ -294,10 +310,14 @@ class ConfidencePolicy(OrderPolicy):
     def start(self, written: Tensor) -> None:
         self.known = int(written[0].sum()) if written.shape[0] else 0
         self.total = written.shape[1] - self.known  # cells to generate
+        self.unwritten = unwritten_cells(written, self.total)  # (b, m) ascending; `advance` keeps it current
 
     def candidates(self, t: int, written: Tensor) -> Tensor:
         self.t = t
-        return unwritten_cells(written, written.shape[1] - t)
+        return self.unwritten
+
+    def advance(self, choice: Tensor) -> None:
+        self.unwritten = drop_cells(self.unwritten, choice[:, None])  # no sort of the written mask per step
 
     def temperature_at(self, k: int) -> float:
         """T at the k-th generated cell (k = 0 first)."""
@@ -328,6 +348,51 @@ class ConfidencePolicy(OrderPolicy):
         return self.drawn.gather(1, choice[:, None]).squeeze(1)
 
 
+class ShortlistConfidencePolicy(ConfidencePolicy):
+    """Approximate confidence order: most steps rescore only a shortlist of cells.
+
+    Every `refresh` steps (and the first) every unwritten cell is scored, as `ConfidencePolicy` does. The
+    steps between rescore only the `shortlist` cells ranked highest by their latest scores (stale for
+    cells not rescored since) and write the best of those. The cost per step falls from all m unwritten
+    cells to `shortlist` of them; refresh=1, or a shortlist as long as the grid, is the exact policy.
+
+    Args:
+        shortlist: cells rescored on the steps between full rankings.
+        refresh: a full ranking every `refresh` steps.
+        **kwargs: `ConfidencePolicy`'s (score, choice noise, ...); choice noise applies within the
+            shortlist, and the `random_first` cells are drawn from all unwritten cells.
+    """
+
+    def __init__(self, shortlist: int = 8, refresh: int = 8, **kwargs):
+        super().__init__(**kwargs)
+        if shortlist < 1 or refresh < 1:
+            raise ValueError(f"shortlist and refresh must be >= 1, got {shortlist} and {refresh}")
+        self.shortlist, self.refresh = shortlist, refresh
+
+    def start(self, written: Tensor) -> None:
+        super().start(written)
+        self.steps, self.stale, self.listed = 0, None, None  # stale (b, m): latest score of each unwritten cell
+
+    def candidates(self, t: int, written: Tensor) -> Tensor:
+        unwritten = super().candidates(t, written)
+        random_cell = t - self.known < self.random_first  # uniformly random among all cells, not the list
+        full = random_cell or self.steps % self.refresh == 0 or unwritten.shape[1] <= self.shortlist
+        self.listed = None if full else self.stale.topk(self.shortlist, dim=1).indices  # (b, shortlist)
+        return unwritten if full else unwritten.gather(1, self.listed)
+
+    def scores(self, logits: Tensor) -> Tensor:
+        self.latest = super().scores(logits)  # noise-free; (b, m) or (b, shortlist)
+        return self.latest
+
+    def advance(self, choice: Tensor) -> None:
+        listed = self.listed
+        stale = self.latest if listed is None else self.stale.scatter(1, listed, self.latest)
+        column = choice[:, None] if listed is None else listed.gather(1, choice[:, None])  # into unwritten
+        super().advance(column[:, 0])
+        self.stale = drop_cells(stale, column)
+        self.steps += 1
+
+
 POLICIES = ("raster", "random", "given", "confidence")
 
 
@@ -343,11 +408,20 @@ def make_policy(
         "raster": RasterPolicy,
         "random": lambda: RandomPolicy(generator),
         "given": lambda: GivenPolicy(order),
-        "confidence": lambda: ConfidencePolicy(
-            settings.score, settings.choice_temperature, settings.choice_schedule, settings.random_first,
-            choice_generator, token_sampler(settings), generator),
+        "confidence": lambda: confidence_policy(settings, choice_generator, generator),
     }
     return builders[policy]()
+
+
+def confidence_policy(settings: SamplerSettings, choice_generator: torch.Generator | None,
+                      generator: torch.Generator | None) -> ConfidencePolicy:
+    """The exact confidence policy, or the shortlist one when `settings.shortlist` > 0."""
+    kwargs = dict(score=settings.score, choice_temperature=settings.choice_temperature,
+                  choice_schedule=settings.choice_schedule, random_first=settings.random_first,
+                  choice_generator=choice_generator, token_sampler=token_sampler(settings), generator=generator)
+    if settings.shortlist > 0:
+        return ShortlistConfidencePolicy(settings.shortlist, settings.refresh, **kwargs)
+    return ConfidencePolicy(**kwargs)
 
 
 def token_sampler(settings: SamplerSettings) -> "TokenSampler":
@@ -360,6 +434,7 @@ def sample(
     net, cond: Tensor, settings: SamplerSettings | str | None = None, order: Tensor | None = None,
     generator: torch.Generator | None = None, choice_generator: torch.Generator | None = None,
     known_tokens: Tensor | None = None, known_mask: Tensor | None = None, return_logits: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> SampleOutput:
     """Generate token grids with a KV cache, choosing cells as `settings` say (put `net` in eval mode first).
 
@@ -374,11 +449,14 @@ def sample(
         known_mask: (b, n), (b, h, w), (n,) or (h, w) bool, the same number of known cells in every
             row. Known cells are given as context first (raster order); only the others are generated.
         return_logits: also return the logits of the cell written at every step.
+        dtype: run a copy of the network in `dtype`, e.g. torch.bfloat16, with fp32 logits (see
+            `models.precision`); None = the network as it is (or as an enclosing autocast runs it).
 
     Returns:
         SampleOutput(tokens (b, n), order (b, n) (known cells first), logits (b, n, v) or None).
     """
     settings = as_settings(settings)
+    net = cast_for_inference(net, dtype)
     policy = make_policy(settings, order=order, generator=generator, choice_generator=choice_generator)
     guidance = make_guidance(net, settings.cfg_scale)
     return decode(net, cond, policy, guidance, token_sampler(settings), generator, known_tokens, known_mask,
@@ -433,6 +511,7 @@ def _write_choice(state: "_DecodeState", t: int, policy: OrderPolicy, sampler: T
     if token is None:
         token = sampler(chosen, generator)
     state.write(t, cells.gather(1, choice[:, None]).squeeze(1), token, chosen)
+    policy.advance(choice)
 
 
 @dataclass
@@ -493,7 +572,7 @@ def naive_confidence_sample(
     """Reference confidence sampler without a cache: a full forward per candidate per step.
 
     Consumes `generator` and `choice_generator` exactly as `sample` with the same settings (policy
-    "confidence"), so both agree under one seed.
+    "confidence", with or without a shortlist), so both agree under one seed.
     """
     settings = settings or SamplerSettings()
     b, n = cond.shape[0], net.num_tokens
@@ -508,7 +587,7 @@ def naive_confidence_sample(
             guidance.combine(net(guidance.rows(state.tokens),
                                  guidance.rows(torch.cat([state.order[:, :t], cells[:, j : j + 1]], dim=1)),
                                  full_cond)[:, -1])
-            for j in range(n - t)
+            for j in range(cells.shape[1])
         ], dim=1)  # (b, m, v)
         _write_choice(state, t, policy, sampler, generator, cells, logits, policy.choose(logits))
     return SampleOutput(state.tokens, state.order, state.logits)

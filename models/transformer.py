@@ -15,8 +15,12 @@ One method per purpose (decoding loops live outside, in `models/sampling.py`, `m
   inpainting context, several cells per step), causal among themselves; returns their logits.
 - `score_candidates(cache, prev_token, prev_cell, next_cells)`: m candidate next cells for the
   *same* input token in one pass; each candidate attends to the cache and to itself only. Returns the
-  logits and the candidates' keys/values; nothing is written to the cache.
+  logits and the candidates' keys/values (kept in the cache's free slots; the cache's length is
+  unchanged, so nothing is written to it).
 - `append_candidate(cache, candidate_kv, choice)`: write the chosen candidate of every row.
+
+Logits are always fp32. Under `torch.autocast` (Lightning's "bf16-mixed") the matmuls run in the autocast
+dtype and the cache is kept in it (see `models.precision`); the residual stream stays fp32.
 
 A cell index of -1 (`CLASS_CELL`) means "the class token": pass prev_cell = -1 at step 0 (the token
 value is then ignored; the class comes from the cache's `cond`).
@@ -31,7 +35,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from timm.layers import Mlp
 from torch import Tensor, nn
 
@@ -43,30 +46,42 @@ from models.positions import CLASS_CELL, NEXT_POS, OWN_POS
 class KVCache:
     """Keys and values of the positions processed so far, preallocated for all n positions.
 
+    Slots [length, capacity) are free: `score_candidates` writes its candidates' keys/values there, and
+    `append_candidate` keeps the chosen one by moving it to slot `length`.
+
     Attributes:
-        k: keys (depth, b, heads, n, head_dim); positions [0, length) are valid.
-        v: values, same shape.
+        kv: keys and values (2, depth, b, heads, n, head_dim); positions [0, length) are valid.
         cond: class labels (b,) read by the class token.
         length: positions processed; all rows advance together.
+        version: bumped whenever the free slots are written (tells stale candidates apart).
     """
 
-    k: Tensor
-    v: Tensor
+    kv: Tensor
     cond: Tensor
     length: int = 0
+    version: int = 0
+
+    @property
+    def k(self) -> Tensor:
+        return self.kv[0]
+
+    @property
+    def v(self) -> Tensor:
+        return self.kv[1]
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self.kv.shape[4]
 
 
 @dataclass
 class CandidateKV:
-    """Keys and values (depth, b, heads, m, head_dim) of m candidates scored at cache position `position`."""
+    """Keys and values (2, depth, b, heads, m, head_dim) of m candidates scored at cache position `position`:
+    a view of the cache's free slots, valid until the next `score_candidates` or `extend` on that cache."""
 
-    k: Tensor
-    v: Tensor
+    kv: Tensor
     position: int
+    version: int
 
 
 class _Causal:
@@ -78,45 +93,23 @@ class _Causal:
         return k, v
 
 
-class _Extend:
-    """Writes new positions into the cache; each attends to the cache and the new ones up to itself."""
+class _Write:
+    """Writes new positions into the cache's slots [length, length + new); they attend to the cache and
+    to the new positions `mask` (new, length + new) allows (None: all of them)."""
 
     is_causal = False
 
-    def __init__(self, cache: KVCache, new: int):
-        self.cache, self.start, self.stop = cache, cache.length, cache.length + new
-        full = torch.ones(new, self.stop, dtype=torch.bool, device=cache.k.device)
-        self.mask = full.tril(diagonal=self.start)  # (new, length + new)
+    def __init__(self, cache: KVCache, new: int, mask: Tensor | None):
+        self.cache, self.start, self.stop, self.mask = cache, cache.length, cache.length + new, mask
 
     def __call__(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.cache.k[layer, :, :, self.start : self.stop] = k
-        self.cache.v[layer, :, :, self.start : self.stop] = v
-        return self.cache.k[layer, :, :, : self.stop], self.cache.v[layer, :, :, : self.stop]
+        kv = self.cache.kv[:, layer]  # (2, b, heads, n, head_dim)
+        kv[0, :, :, self.start : self.stop] = k
+        kv[1, :, :, self.start : self.stop] = v
+        return kv[0, :, :, : self.stop], kv[1, :, :, : self.stop]
 
 
-class _Candidates:
-    """m candidate queries at one position: each attends to the cache and to itself, not to the others."""
-
-    is_causal = False
-
-    def __init__(self, cache: KVCache, m: int):
-        self.cache, length = cache, cache.length
-        device = cache.k.device
-        past = torch.ones(m, length, dtype=torch.bool, device=device)
-        self.mask = torch.cat([past, torch.eye(m, dtype=torch.bool, device=device)], dim=1)  # (m, k + m)
-        depth, b, heads, _, head_dim = cache.k.shape
-        shape = (depth, b, heads, m, head_dim)
-        self.kv = CandidateKV(cache.k.new_empty(shape), cache.v.new_empty(shape), length)
-
-    def __call__(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.kv.k[layer], self.kv.v[layer] = k, v
-        length = self.kv.position
-        keys = torch.cat([self.cache.k[layer, :, :, :length], k.to(self.cache.k.dtype)], dim=2)
-        values = torch.cat([self.cache.v[layer, :, :, :length], v.to(self.cache.v.dtype)], dim=2)
-        return keys, values
-
-
-Memory = _Causal | _Extend | _Candidates  # where a layer's keys and values come from
+Memory = _Causal | _Write  # where a layer's keys and values come from
 Rotate = Callable[[Tensor], Tensor]  # own-position rotation of queries and keys (identity unless rope)
 
 
@@ -131,14 +124,15 @@ class SelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, rotate: Rotate, memory: Memory, layer: int) -> Tensor:
-        q, k, v = rearrange(self.qkv(x), "b k (three h e) -> three b h k e", three=3, h=self.heads)
+        b, length, width = x.shape  # view/permute rather than einops: cheaper, and decoding runs it every step
+        q, k, v = self.qkv(x).view(b, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (b, h, k, e)
         q, k = rotate(q), rotate(k)
         keys, values = memory(layer, k, v)
         y = F.scaled_dot_product_attention(
             q, keys.to(q.dtype), values.to(q.dtype), attn_mask=memory.mask, is_causal=memory.is_causal,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        return self.proj_drop(self.proj(rearrange(y, "b h k e -> b k (h e)")))
+        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(b, length, width)))
 
 
 class Block(nn.Module):
@@ -208,6 +202,10 @@ class OrderedTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab_size, bias=False)
+        n = self.num_tokens  # attention masks of the cache methods are slices of these (not saved)
+        self.register_buffer("causal_mask", torch.ones(n, n, dtype=torch.bool).tril(), persistent=False)
+        band = torch.cat([torch.ones(n, n, dtype=torch.bool), torch.eye(n, dtype=torch.bool)], dim=1)
+        self.register_buffer("candidate_band", band, persistent=False)  # (n, 2n): past, then self only
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
             if name.endswith(("attn.proj.weight", "mlp.fc2.weight")):
@@ -252,12 +250,15 @@ class OrderedTransformer(nn.Module):
 
         Args:
             cond: (b,) class labels, read when the class token (cell -1) is processed.
-            dtype: cache dtype; default the parameters' dtype.
+            dtype: cache dtype; default the autocast dtype inside `torch.autocast` on cond's device,
+                else the parameters' dtype.
         """
-        shape = (self.depth, cond.shape[0], self.heads, self.num_tokens, self.head_dim)
-        dtype = dtype or self.head.weight.dtype
-        k = torch.empty(shape, dtype=dtype, device=cond.device)
-        return KVCache(k, torch.empty_like(k), cond)
+        if dtype is None:
+            device = cond.device.type
+            on = torch.is_autocast_enabled(device)
+            dtype = torch.get_autocast_dtype(device) if on else self.head.weight.dtype
+        shape = (2, self.depth, cond.shape[0], self.heads, self.num_tokens, self.head_dim)
+        return KVCache(torch.empty(shape, dtype=dtype, device=cond.device), cond)
 
     def extend(self, cache: KVCache, prev_tokens: Tensor, prev_cells: Tensor, next_cells: Tensor) -> Tensor:
         """Append k positions to the cache, causal among themselves, and return their logits.
@@ -269,14 +270,16 @@ class OrderedTransformer(nn.Module):
             next_cells: (b, k) the cells the positions predict.
 
         Returns:
-            logits (b, k, v) for next_cells.
+            logits (b, k, v) for next_cells, fp32.
         """
-        new = prev_tokens.shape[1]
-        if cache.length + new > cache.capacity:
-            raise ValueError(f"cache holds {cache.capacity} positions; {cache.length} + {new} do not fit")
+        new, start = prev_tokens.shape[1], cache.length
+        if start + new > cache.capacity:
+            raise ValueError(f"cache holds {cache.capacity} positions; {start} + {new} do not fit")
         x = self._embed(cache.cond, prev_tokens, prev_cells, next_cells)
-        logits = self._run(x, self.own_pos.rotation(prev_cells), _Extend(cache, new))
+        mask = self.causal_mask[start : start + new, : start + new]  # (new, length + new)
+        logits = self._run(x, self.own_pos.rotation(prev_cells), _Write(cache, new, mask))
         cache.length += new
+        cache.version += 1  # the slots candidates were scored in now hold these positions
         return logits
 
     def score_candidates(
@@ -286,6 +289,8 @@ class OrderedTransformer(nn.Module):
 
         Every candidate holds prev_token at prev_cell (the class token when prev_cell == -1) and differs
         only in its next-cell embedding; it attends to the cache and to itself, not to other candidates.
+        The candidates' keys/values go to the cache's free slots, so m <= capacity - length (there are
+        never more candidates than unwritten cells).
 
         Args:
             cache: positions [0, length) are the context; the candidates sit at position `length`.
@@ -294,25 +299,30 @@ class OrderedTransformer(nn.Module):
             next_cells: (b, m) candidate cells.
 
         Returns:
-            logits (b, m, v) and the candidates' keys/values for `append_candidate`.
+            logits (b, m, v), fp32, and the candidates' keys/values for `append_candidate`.
         """
-        if cache.length >= cache.capacity:
+        length, m = cache.length, next_cells.shape[1]
+        if length >= cache.capacity:
             raise ValueError("the cache is full: every cell has been written")
+        if length + m > cache.capacity:
+            raise ValueError(f"{m} candidates do not fit the {cache.capacity - length} free cache slots; "
+                             "score at most the unwritten cells")
         prev_token, prev_cell = prev_token.unsqueeze(1), prev_cell.unsqueeze(1)
         x = self._embed(cache.cond, prev_token, prev_cell, next_cells)  # (b, m, d) by broadcasting
-        memory = _Candidates(cache, next_cells.shape[1])
-        logits = self._run(x, self.own_pos.rotation(prev_cell), memory)
-        return logits, memory.kv
+        n = self.num_tokens  # the band's column n is the candidates' first slot
+        mask = None if m == 1 else self.candidate_band[:m, n - length : n + m]  # (m, length + m)
+        logits = self._run(x, self.own_pos.rotation(prev_cell), _Write(cache, m, mask))
+        cache.version += 1
+        return logits, CandidateKV(cache.kv[..., length : length + m, :], length, cache.version)
 
     def append_candidate(self, cache: KVCache, candidate_kv: CandidateKV, choice: Tensor) -> None:
         """Write candidate choice[i] (an index into the m candidates) of every row i at position `length`."""
-        if candidate_kv.position != cache.length:
-            raise ValueError("candidates were scored at another cache position")
-        depth, b, heads, _, head_dim = candidate_kv.k.shape
-        index = choice.view(1, b, 1, 1, 1).expand(depth, b, heads, 1, head_dim)
-        at = slice(cache.length, cache.length + 1)
-        cache.k[:, :, :, at] = candidate_kv.k.gather(3, index)
-        cache.v[:, :, :, at] = candidate_kv.v.gather(3, index)
+        if candidate_kv.position != cache.length or candidate_kv.version != cache.version:
+            raise ValueError("candidates were scored at another cache position; append right after scoring")
+        _, depth, b, heads, m, head_dim = candidate_kv.kv.shape
+        if m > 1:  # with one candidate it already sits in slot `length`
+            index = choice.view(1, 1, b, 1, 1, 1).expand(2, depth, b, heads, 1, head_dim)
+            cache.kv[..., cache.length : cache.length + 1, :] = candidate_kv.kv.gather(4, index)
         cache.length += 1
 
     # ------------------------------------------------------------------------------------- internals
@@ -329,4 +339,4 @@ class OrderedTransformer(nn.Module):
     def _run(self, x: Tensor, rotate: Rotate, memory: Memory) -> Tensor:
         for layer, block in enumerate(self.blocks):
             x = block(x, rotate, memory, layer)
-        return self.head(self.norm(x))
+        return self.head(self.norm(x)).float()

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from benchmarks import bench_ar, bench_extraction
 from benchmarks.timing import median_ratio, time_alternately
@@ -29,7 +30,8 @@ def test_median_ratio_pairs_repeats():
 def _check(path, prefixes):
     payload = json.loads(path.read_text())
     names = [row["name"] for row in payload["rows"]]
-    assert [n[:3] for n in names] == prefixes
+    assert [n[:3] for n in names] == [p for p in prefixes for _ in ("bf16", "fp32")]  # both dtypes, side by side
+    assert [n.rsplit(" [", 1)[1] for n in names] == ["bf16]", "fp32]"] * len(prefixes)
     for row in payload["rows"]:
         assert isinstance(row["ratio"], float) and math.isfinite(row["ratio"]) and row["ratio"] > 0
         assert row["a_median_s"] > 0 and row["b_median_s"] > 0 and isinstance(row["passed"], bool)
@@ -38,17 +40,22 @@ def _check(path, prefixes):
 
 
 def test_bench_ar_smoke(tmp_path, capsys):
-    bench_ar.main(["--smoke", "--threads", "1", "--json", str(tmp_path / "ar.json")])
-    payload = _check(tmp_path / "ar.json", ["(a)", "(b)", "(c)", "(d)", "(e)"])
-    assert payload["rows"][1]["extra"]["identical_outputs"]
-    assert "| benchmark |" in capsys.readouterr().out
+    bench_ar.main(["--smoke", "--threads", "1", "--json", str(tmp_path / "ar.json"), "--dtype", "fp32", "bf16"])
+    payload = _check(tmp_path / "ar.json", ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)", "(g)", "(h)"])
+    rows = {row["name"][:3] + row["extra"]["dtype"]: row for row in payload["rows"]}
+    assert rows["(b)fp32"]["extra"]["identical_outputs"]
+    assert rows["(c)bf16"]["extra"]["matmul_gflops_per_s"] > 0 and rows["(c)fp32"]["extra"]["matmul_gflops_per_s"] > 0
+    out = capsys.readouterr().out
+    assert "| benchmark |" in out and "| benchmark | goal | fp32 | bf16 |" in out
 
 
 def test_bench_extraction_smoke(tmp_path, capsys):
     bench_extraction.main(["--smoke", "--threads", "1", "--json", str(tmp_path / "ex.json")])
-    payload = _check(tmp_path / "ex.json", ["(a)", "(b)"])
-    assert payload["rows"][0]["extra"]["identical_orders"]
-    assert payload["projection"]["fashion_mnist_train_with_flips_s"] > 0
+    payload = _check(tmp_path / "ex.json", ["(a)", "(b)", "(c)"])
+    assert payload["rows"][1]["extra"]["identical_orders"]  # (a) [fp32]
+    for dtype in ("fp32", "bf16"):
+        assert payload["projection"][dtype]["fashion_mnist_train_with_flips_s"] > 0
+        assert payload["projection"][dtype]["fashion_mnist_train_two_cores_s"] > 0
     assert "Fashion-MNIST" in capsys.readouterr().out
 
 
@@ -56,3 +63,16 @@ def test_sampling_flops_formula():
     # one token, one layer: a single candidate attending to itself
     d, h, v = 4, 16, 10
     assert bench_ar.sampling_flops(1, 1, d, 1, h, v) == 8 * d * d + 4 * d * h + 4 * d + 2 * d * v
+
+
+@pytest.mark.parametrize("policy", ["raster", "random", "confidence"])
+def test_legacy_loop_samples_what_the_new_loop_samples(policy):
+    """Row (f) times equal work: with the same token draw, today's loop and commit 461859e's agree."""
+    from benchmarks.legacy_decode import legacy_sample
+    from models.sampling import TokenSampler, sample
+    from tests.test_transformer import CLASSES, tiny_net
+
+    net, cond = tiny_net(seed=3), torch.tensor([0, 1, CLASSES])
+    tokens, order = legacy_sample(net, cond, policy, torch.Generator().manual_seed(5), draw=TokenSampler())
+    new = sample(net, cond, policy, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(tokens, new.tokens) and torch.equal(order, new.order)
