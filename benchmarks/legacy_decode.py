@@ -12,9 +12,11 @@ the benchmarks use: no CFG, no inpainting, temperature 1.
 import torch
 from torch import Tensor
 
+from models.logits import SCORES
 from models.orders import unwritten_cells
+from models.policies import FixedOrderPolicy
 from models.positions import CLASS_CELL
-from models.sampling import SCORES, FixedOrderPolicy, SamplerSettings, make_policy
+from models.sampling import SamplerSettings, make_policy
 
 
 def multinomial_draw(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.logits import log_max_prob
 from models.orders import drop_cells, unwritten_cells
 from models.positions import CLASS_CELL
 from models.precision import autocast, cast_for_inference
-from models.sampling import log_max_prob
 
 
 def log_true_prob(logits: Tensor, true_tokens: Tensor) -> Tensor:

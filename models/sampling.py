@@ -31,7 +31,17 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from models.orders import drop_cells, known_first, random_order, raster_order, unwritten_cells
+from models.logits import SCORES, ClassifierFreeGuidance, NoGuidance, TokenSampler, check_setting, make_guidance
+from models.policies import (
+    POLICIES,
+    SCHEDULES,
+    ConfidencePolicy,
+    GivenPolicy,
+    OrderPolicy,
+    RandomPolicy,
+    RasterPolicy,
+    ShortlistConfidencePolicy,
+)
 from models.positions import CLASS_CELL
 from models.precision import cast_for_inference
 
@@ -43,9 +53,6 @@ class SampleOutput(NamedTuple):
     tokens: Tensor
     order: Tensor
     logits: Tensor | None = None
-
-
-SCHEDULES = ("constant", "linear")
 
 
 @dataclass
@@ -82,11 +89,9 @@ class SamplerSettings:
     refresh: int = 8
 
     def __post_init__(self) -> None:
+        token_sampler(self)  # checks temperature, top_k and top_p
         checks = [
             ("policy", self.policy in POLICIES, f"one of {list(POLICIES)}"),
-            ("temperature", self.temperature > 0, "> 0 (use top_k: 1 for greedy tokens)"),
-            ("top_k", self.top_k >= 0, ">= 0 (0 keeps every token)"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1] (1 keeps every token)"),
             ("cfg_scale", self.cfg_scale >= 0, ">= 0 (1 = no guidance)"),
             ("score", self.score in SCORES, f"one of {sorted(SCORES)}"),
             ("choice_temperature", self.choice_temperature >= 0, ">= 0 (0 = greedy choice)"),
@@ -96,304 +101,7 @@ class SamplerSettings:
             ("refresh", self.refresh >= 1, ">= 1"),
         ]
         for key, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"model.init_args.sampler.{key} must be {expected}, got {getattr(self, key)!r}")
-
-
-# ------------------------------------------------------------------------------- logit processing
-def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
-    return logits / temperature
-
-
-def top_k_filter(logits: Tensor, k: int) -> Tensor:
-    """Keep the k largest logits of the last dim (k <= 0: keep all)."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = logits.topk(k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: Tensor, p: float) -> Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches p (p >= 1: keep all)."""
-    if p >= 1.0:
-        return logits
-    sorted_logits, index = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    drop_sorted = probs.cumsum(dim=-1) - probs >= p  # the tokens before already reach p
-    drop_sorted[..., 0] = False
-    drop = torch.zeros_like(drop_sorted).scatter(-1, index, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-@dataclass
-class TokenSampler:
-    """Draws one token per row from logits (b, v): temperature, then top-k, then top-p."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        SamplerSettings(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)  # the same checks
-
-    def __call__(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        logits = top_k_filter(apply_temperature(logits, self.temperature), self.top_k)
-        logits = top_p_filter(logits, self.top_p)
-        # Gumbel-max: exact in distribution, and ~4x cheaper on CPU than torch.multinomial's exponential
-        # draws (0.6 ms a step at b=64, v=512: a sixth of a raster decoding step)
-        return (logits.float() + gumbel(logits.shape, generator, logits.device)).argmax(dim=-1)
-
-
-# ------------------------------------------------------------------------------------ confidence
-def log_max_prob(logits: Tensor) -> Tensor:
-    """Confidence (...) = the log of the largest softmax probability of logits (..., v)."""
-    return logits.float().log_softmax(dim=-1).amax(dim=-1)
-
-
-def neg_entropy(logits: Tensor) -> Tensor:
-    """Confidence (...) = minus the entropy of softmax(logits (..., v))."""
-    log_probs = logits.float().log_softmax(dim=-1)
-    return (log_probs.exp() * log_probs).sum(dim=-1)
-
-
-def log_margin(logits: Tensor) -> Tensor:
-    """Confidence (...) = top-1 minus top-2 log-probability: how decided the cell is."""
-    top2 = logits.float().topk(2, dim=-1).values
-    return top2[..., 0] - top2[..., 1]
-
-
-def least_confident(logits: Tensor) -> Tensor:
-    """Minus `log_max_prob`: the hardest cell first."""
-    return -log_max_prob(logits)
-
-
-# Scores of a cell from its logits alone; "sampled" also needs the token drawn for it (see ConfidencePolicy).
-SCORES = {"max_prob": log_max_prob, "neg_entropy": neg_entropy, "margin": log_margin,
-          "least_confident": least_confident, "sampled": None}
-
-
-def gumbel(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Standard Gumbel noise of `shape`, drawn from `generator`."""
-    uniform = torch.rand(shape, generator=generator, device=device)
-    return -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
-
-
-# -------------------------------------------------------------------------------------- guidance
-class NoGuidance:
-    """b rows, logits used as they come."""
-
-    def cond(self, cond: Tensor) -> Tensor:
-        return cond
-
-    def rows(self, x: Tensor) -> Tensor:
-        return x
-
-    def combine(self, logits: Tensor) -> Tensor:
-        return logits
-
-
-class ClassifierFreeGuidance:
-    """2b rows (labels, then the null class); guided = uncond + scale * (cond - uncond)."""
-
-    def __init__(self, null_class: int, scale: float):
-        self.null_class, self.scale = null_class, scale
-
-    def cond(self, cond: Tensor) -> Tensor:
-        return torch.cat([cond, torch.full_like(cond, self.null_class)])
-
-    def rows(self, x: Tensor) -> Tensor:
-        return torch.cat([x, x])
-
-    def combine(self, logits: Tensor) -> Tensor:
-        conditional, unconditional = logits.chunk(2)
-        return unconditional + self.scale * (conditional - unconditional)
-
-
-def make_guidance(net, cfg_scale: float) -> NoGuidance | ClassifierFreeGuidance:
-    return NoGuidance() if cfg_scale == 1.0 else ClassifierFreeGuidance(net.null_class, cfg_scale)
-
-
-# -------------------------------------------------------------------------------------- policies
-class OrderPolicy:
-    """Chooses the cell written at each step: `candidates` names cells, `choose` picks one per row, then
-    `advance` hears the choice."""
-
-    def start(self, written: Tensor) -> None:
-        """Called once before the loop; written (b, n) bool marks the known (prefilled) cells."""
-
-    def candidates(self, t: int, written: Tensor) -> Tensor:
-        """Candidate cells (b, m) for step t (t cells are written in every row)."""
-        raise NotImplementedError
-
-    def choose(self, logits: Tensor) -> Tensor:
-        """Index (b,) into the candidates, given their (guided) logits (b, m, v)."""
-        raise NotImplementedError
-
-    def drawn_token(self, choice: Tensor) -> Tensor | None:
-        """The token (b,) the policy already drew for the chosen cells while choosing, else None."""
-        return None
-
-    def advance(self, choice: Tensor) -> None:
-        """Called after each step with the choice (b,); policies that keep state between steps update it."""
-
-
-class FixedOrderPolicy(OrderPolicy):
-    """An order fixed before decoding; known cells go first, the rest keep the order's sequence."""
-
-    def full_order(self, b: int, n: int, device: torch.device) -> Tensor:
-        raise NotImplementedError
-
-    def start(self, written: Tensor) -> None:
-        self.order = known_first(self.full_order(*written.shape, written.device), written)
-
-    def candidates(self, t: int, written: Tensor) -> Tensor:
-        return self.order[:, t : t + 1]
-
-    def choose(self, logits: Tensor) -> Tensor:
-        return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-
-
-class RasterPolicy(FixedOrderPolicy):
-    def full_order(self, b: int, n: int, device: torch.device) -> Tensor:
-        return raster_order(b, n, device=device)
-
-
-class RandomPolicy(FixedOrderPolicy):
-    """A fresh random order per image, drawn from `generator` when decoding starts."""
-
-    def __init__(self, generator: torch.Generator | None = None):
-        self.generator = generator
-
-    def full_order(self, b: int, n: int, device: torch.device) -> Tensor:
-        return random_order(b, n, generator=self.generator, device=device)
-
-
-class GivenPolicy(FixedOrderPolicy):
-    """A given order (b, n), e.g. one extracted from a training image."""
-
-    def __init__(self, order: Tensor):
-        self.given = order
-
-    def full_order(self, b: int, n: int, device: torch.device) -> Tensor:
-        if self.given.shape != (b, n):
-            raise ValueError(f"given order has shape {tuple(self.given.shape)}, expected {(b, n)}")
-        return self.given.to(device)
-
-
-class ConfidencePolicy(OrderPolicy):
-    """Every unwritten cell is a candidate; write the one with the best (optionally noisy) confidence.
-
-    Args:
-        score: a key of `SCORES`.
-        choice_temperature: T of the Gumbel noise on the scores (0 = greedy).
-        choice_schedule: "constant" or "linear" (T * (1 - k / n_gen) at the k-th generated cell).
-        random_first: the first this many generated cells are chosen uniformly at random.
-        choice_generator: draws the noise and the random first cells (not the tokens).
-        token_sampler, generator: draw one token per candidate for score "sampled" (the chosen
-            cell keeps its drawn token, so the loop does not draw again).
-    """
-
-    def __init__(self, score: str = "max_prob", choice_temperature: float = 0.0, choice_schedule: str = "linear",
-                 random_first: int = 0, choice_generator: torch.Generator | None = None,
-                 token_sampler: "TokenSampler | None" = None, generator: torch.Generator | None = None):
-        if score not in SCORES:
-            raise ValueError(f"unknown score {score!r}; choose one of {sorted(SCORES)}")
-        if choice_schedule not in SCHEDULES:
-            raise ValueError(f"unknown choice_schedule {choice_schedule!r}; choose one of {list(SCHEDULES)}")
-        self.score, self.confidence = score, SCORES[score]
-        self.choice_temperature, self.choice_schedule = choice_temperature, choice_schedule
-        self.random_first, self.choice_generator = random_first, choice_generator
-        self.token_sampler, self.generator = token_sampler or TokenSampler(), generator
-        self.t = self.known = self.total = 0
-        self.drawn: Tensor | None = None
-
-    def start(self, written: Tensor) -> None:
-        self.known = int(written[0].sum()) if written.shape[0] else 0
-        self.total = written.shape[1] - self.known  # cells to generate
-        self.unwritten = unwritten_cells(written, self.total)  # (b, m) ascending; `advance` keeps it current
-
-    def candidates(self, t: int, written: Tensor) -> Tensor:
-        self.t = t
-        return self.unwritten
-
-    def advance(self, choice: Tensor) -> None:
-        self.unwritten = drop_cells(self.unwritten, choice[:, None])  # no sort of the written mask per step
-
-    def temperature_at(self, k: int) -> float:
-        """T at the k-th generated cell (k = 0 first)."""
-        if self.choice_schedule == "linear":
-            return self.choice_temperature * (1.0 - k / max(self.total, 1))
-        return self.choice_temperature
-
-    def scores(self, logits: Tensor) -> Tensor:
-        """The noise-free scores (b, m) of the candidates' logits (b, m, v)."""
-        if self.score != "sampled":
-            return self.confidence(logits)
-        b, m, v = logits.shape
-        self.drawn = self.token_sampler(logits.reshape(b * m, v), self.generator).view(b, m)
-        return logits.float().log_softmax(dim=-1).gather(-1, self.drawn[..., None]).squeeze(-1)
-
-    def choose(self, logits: Tensor) -> Tensor:
-        scores, k = self.scores(logits), self.t - self.known
-        if k < self.random_first:  # a uniformly random cell: every score replaced by noise
-            return torch.rand(scores.shape, generator=self.choice_generator, device=scores.device).argmax(dim=-1)
-        temperature = self.temperature_at(k)
-        if temperature > 0:
-            scores = scores + temperature * gumbel(scores.shape, self.choice_generator, scores.device)
-        return scores.argmax(dim=-1)
-
-    def drawn_token(self, choice: Tensor) -> Tensor | None:
-        if self.drawn is None:
-            return None
-        return self.drawn.gather(1, choice[:, None]).squeeze(1)
-
-
-class ShortlistConfidencePolicy(ConfidencePolicy):
-    """Approximate confidence order: most steps rescore only a shortlist of cells.
-
-    Every `refresh` steps (and the first) every unwritten cell is scored, as `ConfidencePolicy` does. The
-    steps between rescore only the `shortlist` cells ranked highest by their latest scores (stale for
-    cells not rescored since) and write the best of those. The cost per step falls from all m unwritten
-    cells to `shortlist` of them; refresh=1, or a shortlist as long as the grid, is the exact policy.
-
-    Args:
-        shortlist: cells rescored on the steps between full rankings.
-        refresh: a full ranking every `refresh` steps.
-        **kwargs: `ConfidencePolicy`'s (score, choice noise, ...); choice noise applies within the
-            shortlist, and the `random_first` cells are drawn from all unwritten cells.
-    """
-
-    def __init__(self, shortlist: int = 8, refresh: int = 8, **kwargs):
-        super().__init__(**kwargs)
-        if shortlist < 1 or refresh < 1:
-            raise ValueError(f"shortlist and refresh must be >= 1, got {shortlist} and {refresh}")
-        self.shortlist, self.refresh = shortlist, refresh
-
-    def start(self, written: Tensor) -> None:
-        super().start(written)
-        self.steps, self.stale, self.listed = 0, None, None  # stale (b, m): latest score of each unwritten cell
-
-    def candidates(self, t: int, written: Tensor) -> Tensor:
-        unwritten = super().candidates(t, written)
-        random_cell = t - self.known < self.random_first  # uniformly random among all cells, not the list
-        full = random_cell or self.steps % self.refresh == 0 or unwritten.shape[1] <= self.shortlist
-        self.listed = None if full else self.stale.topk(self.shortlist, dim=1).indices  # (b, shortlist)
-        return unwritten if full else unwritten.gather(1, self.listed)
-
-    def scores(self, logits: Tensor) -> Tensor:
-        self.latest = super().scores(logits)  # noise-free; (b, m) or (b, shortlist)
-        return self.latest
-
-    def advance(self, choice: Tensor) -> None:
-        listed = self.listed
-        stale = self.latest if listed is None else self.stale.scatter(1, listed, self.latest)
-        column = choice[:, None] if listed is None else listed.gather(1, choice[:, None])  # into unwritten
-        super().advance(column[:, 0])
-        self.stale = drop_cells(stale, column)
-        self.steps += 1
-
-
-POLICIES = ("raster", "random", "given", "confidence")
+            check_setting(key, ok, expected, getattr(self, key))
 
 
 def make_policy(

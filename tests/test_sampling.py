@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from models.logits import top_k_filter, top_p_filter
 from models.orders import (
     is_permutation,
     known_first,
@@ -21,8 +22,6 @@ from models.sampling import (
     make_guidance,
     naive_confidence_sample,
     sample,
-    top_k_filter,
-    top_p_filter,
 )
 from tests.test_transformer import CLASSES, GRID, VARIANTS, VOCAB, N, tiny_net
 
