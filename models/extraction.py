@@ -5,9 +5,11 @@ At each step the context holds the true tokens already placed; every remaining c
 `score_candidates` pass against the KV cache by the model's log-probability of its true token
 ("true_prob", the paper's choice) or its largest log-probability ("max_prob"); the best cell is placed.
 With `gumbel_temperature > 0`, Gumbel noise times the temperature is added to the log-scores first
-(sampling orders instead of taking the greedy one). Given `row_seeds`, the noise of a row is a hash of
-(row seed, step, cell): it depends on nothing else in the batch, so an image gets the same order in any
-batch, batch split, process count or resumed run (counter-based noise, as in Philox / JAX's PRNG).
+(sampling orders instead of taking the greedy one), constant or annealed linearly to 0 over the steps
+(`gumbel_schedule`); `random_first` places the first cells uniformly at random (the sampler's options).
+Given `row_seeds`, the noise of a row is a hash of (row seed, step, cell): it depends on nothing else
+in the batch, so an image gets the same order in any batch, batch split, process count or resumed run
+(counter-based noise, as in Philox / JAX's PRNG).
 With `positions_per_step = k` the top k cells are placed at once (best first): the first via its
 candidate keys/values, the rest via `extend`.
 
@@ -15,6 +17,7 @@ Modified from: https://github.com/idiap/sigma-gpt (scoring all remaining positio
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -80,14 +83,43 @@ def _uniform(cells: Tensor, step: int, generator: torch.Generator | None, row_se
     return torch.rand(cells.shape, generator=generator, device=cells.device)
 
 
-def _select(
-    logits: Tensor, true_tokens: Tensor, score: str, k: int, gumbel_temperature: float, uniform: Tensor | None
-) -> Tensor:
-    """Indices (b, k) of the k best candidates, best first; `uniform` (b, m) is the noise when gumbel > 0."""
-    scores = SCORES[score](logits, true_tokens)
-    if gumbel_temperature > 0:
+@dataclass(frozen=True)
+class OrderNoise:
+    """Noise in the choice of the next cell, as in the sampler's order choice.
+
+    Attributes:
+        temperature: T, the scale of the Gumbel noise on the log-scores (0 = greedy).
+        schedule: "constant" or "linear" (T * (1 - t / n) at step t: random early, greedy late).
+        random_first: the first this many cells are placed uniformly at random.
+    """
+
+    temperature: float = 0.0
+    schedule: str = "constant"
+    random_first: int = 0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "linear"):
+            raise ValueError(f"unknown noise schedule {self.schedule!r}; choose constant or linear")
+
+    def active(self, t: int) -> bool:
+        """Whether step t draws noise (so the cached and naive loops draw at the same steps)."""
+        return t < self.random_first or self.temperature > 0
+
+    def apply(self, scores: Tensor, t: int, n: int, uniform: Tensor | None) -> Tensor:
+        """Scores (b, m) at step t of n with noise from `uniform` (b, m) (None when not `active`)."""
+        if uniform is None:
+            return scores
         gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
-        scores = scores + gumbel_temperature * gumbel
+        if t < self.random_first:
+            return gumbel  # the scores no longer matter: a uniformly random cell
+        temperature = self.temperature * (1.0 - t / n) if self.schedule == "linear" else self.temperature
+        return scores + temperature * gumbel
+
+
+def _select(logits: Tensor, true_tokens: Tensor, score: str, k: int, noise: OrderNoise, t: int, n: int,
+            uniform: Tensor | None) -> Tensor:
+    """Indices (b, k) of the k best candidates at step t of n, best first (`uniform`: the noise, or None)."""
+    scores = noise.apply(SCORES[score](logits, true_tokens), t, n, uniform)
     return scores.topk(k, dim=1).indices
 
 
@@ -102,7 +134,7 @@ def _check(score: str, positions_per_step: int) -> None:
 def extract_orders(
     net, tokens: Tensor, cond: Tensor, score: str = "true_prob", positions_per_step: int = 1,
     gumbel_temperature: float = 0.0, generator: torch.Generator | None = None, row_seeds: Tensor | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None, gumbel_schedule: str = "constant", random_first: int = 0,
 ) -> Tensor:
     """The teacher-forced greedy order of each image.
 
@@ -118,11 +150,14 @@ def extract_orders(
             only on its seed, so an image's order does not depend on its batch.
         dtype: run a copy of the network in `dtype`, e.g. torch.bfloat16, with fp32 logits and scores (see
             `models.precision`); None = the network as it is (or as an enclosing autocast runs it).
+        gumbel_schedule: "constant" or "linear" (the Gumbel scale falls to 0 over the steps).
+        random_first: the first this many cells are placed uniformly at random (same noise source).
 
     Returns:
         order (b, n).
     """
     _check(score, positions_per_step)
+    noise = OrderNoise(gumbel_temperature, gumbel_schedule, random_first)
     net = cast_for_inference(net, dtype)
     b, n = tokens.shape
     cache = net.new_cache(cond)
@@ -133,8 +168,8 @@ def extract_orders(
     while t < n:
         k = min(positions_per_step, n - t)
         logits, kv = net.score_candidates(cache, prev_token, prev_cell, cells)
-        uniform = _uniform(cells, t, generator, row_seeds) if gumbel_temperature > 0 else None
-        picks = _select(logits, tokens.gather(1, cells), score, k, gumbel_temperature, uniform)
+        uniform = _uniform(cells, t, generator, row_seeds) if noise.active(t) else None
+        picks = _select(logits, tokens.gather(1, cells), score, k, noise, t, n, uniform)
         placed = cells.gather(1, picks)  # (b, k), best first
         net.append_candidate(cache, kv, picks[:, 0])
         if k > 1:  # chain the others: each holds the previous placed token and predicts the next cell
@@ -151,6 +186,7 @@ def extract_orders(
 def naive_extract_orders(
     net, tokens: Tensor, cond: Tensor, score: str = "true_prob", positions_per_step: int = 1,
     gumbel_temperature: float = 0.0, generator: torch.Generator | None = None, row_seeds: Tensor | None = None,
+    gumbel_schedule: str = "constant", random_first: int = 0,
 ) -> Tensor:
     """Reference for `extract_orders` without a cache: a full forward per candidate per step.
 
@@ -158,6 +194,7 @@ def naive_extract_orders(
     so both agree.
     """
     _check(score, positions_per_step)
+    noise = OrderNoise(gumbel_temperature, gumbel_schedule, random_first)
     b, n = tokens.shape
     order = tokens.new_empty(b, n)
     written = torch.zeros(b, n, dtype=torch.bool, device=tokens.device)
@@ -167,8 +204,8 @@ def naive_extract_orders(
         cells = unwritten_cells(written, n - t)
         trials = [torch.cat([order[:, :t], cells[:, j : j + 1]], dim=1) for j in range(n - t)]
         logits = torch.stack([net(tokens, trial, cond)[:, -1] for trial in trials], dim=1)  # (b, m, v)
-        uniform = _uniform(cells, t, generator, row_seeds) if gumbel_temperature > 0 else None
-        picks = _select(logits, tokens.gather(1, cells), score, k, gumbel_temperature, uniform)
+        uniform = _uniform(cells, t, generator, row_seeds) if noise.active(t) else None
+        picks = _select(logits, tokens.gather(1, cells), score, k, noise, t, n, uniform)
         placed = cells.gather(1, picks)
         order[:, t : t + k] = placed
         written.scatter_(1, placed, True)

@@ -22,10 +22,15 @@ def images(b: int = 3, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("score", ["true_prob", "max_prob"])
 @pytest.mark.parametrize("positions_per_step", [1, 3])
-@pytest.mark.parametrize("gumbel_temperature,noise", [(0.0, "generator"), (0.5, "generator"), (0.5, "row_seeds")])
-def test_extraction_equals_naive(score, positions_per_step, gumbel_temperature, noise):
+@pytest.mark.parametrize("gumbel_temperature,noise,options", [
+    (0.0, "generator", {}), (0.5, "generator", {}), (0.5, "row_seeds", {}),
+    (2.0, "row_seeds", {"gumbel_schedule": "linear"}), (0.0, "row_seeds", {"random_first": 4}),
+    (1.0, "generator", {"gumbel_schedule": "linear", "random_first": 2}),
+])
+def test_extraction_equals_naive(score, positions_per_step, gumbel_temperature, noise, options):
     net, tokens = tiny_net("relative", "rope", seed=2), images()
-    kwargs = dict(score=score, positions_per_step=positions_per_step, gumbel_temperature=gumbel_temperature)
+    kwargs = dict(score=score, positions_per_step=positions_per_step, gumbel_temperature=gumbel_temperature,
+                  **options)
     seeds = noise_seeds(3, torch.arange(3), torch.tensor([0, 1, 0]))
 
     def source() -> dict:
@@ -156,3 +161,24 @@ def test_bad_arguments_raise():
         extract_orders(net, tokens, COND, score="entropy")
     with pytest.raises(ValueError):
         extract_orders(net, tokens, COND, positions_per_step=0)
+
+
+def test_random_first_cells_ignore_the_scores_then_greedy_takes_over():
+    """random_first k: the first k cells follow the noise alone (two models agree on them), the rest the model."""
+    tokens, seeds = images(), noise_seeds(0, torch.arange(3), torch.zeros(3, dtype=torch.long))
+    first = [extract_orders(tiny_net(seed=s), tokens, COND, random_first=5, row_seeds=seeds) for s in (2, 3)]
+    assert torch.equal(first[0][:, :5], first[1][:, :5]) and not torch.equal(first[0], first[1])
+    greedy = extract_orders(tiny_net(seed=2), tokens, COND)
+    assert not torch.equal(first[0][:, :5], greedy[:, :5])
+
+
+def test_linear_schedule_is_greedy_at_the_end():
+    """With the linear schedule the noise has vanished at the last steps: those choices are greedy."""
+    from models.extraction import OrderNoise
+
+    noise = OrderNoise(3.0, "linear")
+    scores, uniform = torch.randn(2, 5), torch.rand(2, 5)
+    assert torch.equal(noise.apply(scores, 10, 10, uniform), scores)
+    assert not torch.equal(noise.apply(scores, 0, 10, uniform), scores)
+    with pytest.raises(ValueError, match="schedule"):
+        OrderNoise(1.0, "cosine")
