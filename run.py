@@ -53,6 +53,8 @@ def _args(config, key: str):
 
 
 class OARCLI(LightningCLI):
+    _read: dict = {}  # the checkpoints read by `_parse_ckpt_path`, by the option that named them
+
     def add_arguments_to_parser(self, parser) -> None:
         # A link whose target the chosen network lacks (the tokenizer has no vocab_size) is skipped.
         for fact in LINKED_FACTS:
@@ -127,7 +129,7 @@ class OARCLI(LightningCLI):
         """The distillation stage's network is the one `init_from` records: its spec goes into the config."""
         model = self.config[sub].get("model") or {}
         path, net = _args(self.config[sub], "model").get("init_from"), _args(self.config[sub], "model").get("net")
-        if not path or net is None:
+        if not path or not net:
             return {}
         ckpt = read_stage1(path, net.class_path, mmap=True)
         spec = {**ckpt["net_spec"], "init_args": {k: v for k, v in ckpt["net_spec"]["init_args"].items()
@@ -137,9 +139,12 @@ class OARCLI(LightningCLI):
         return ckpt
 
     def _link_tokenizer(self, sub: str, read: dict) -> None:
-        """An AR module decodes with the data's tokenizer: data.init_args.tokenizer_ckpt, or when unset, the one
-        its checkpoint records. Set by hand, not by `link_arguments`: the tokenizer module has no such argument,
-        and a link into a module rebuilt from `--ckpt_path` hyper-parameters is not skipped for it."""
+        """Pass the data's tokenizer to an AR module; when data.init_args.tokenizer_ckpt is unset, the one its
+        checkpoint records.
+
+        By hand, not by `link_arguments`: the tokenizer module has no such argument, and jsonargparse does not
+        skip the link for a module rebuilt from `--ckpt_path` hyper-parameters (they come as `dict_kwargs`).
+        """
         model, data = self.config[sub].get("model") or {}, _args(self.config[sub], "data")
         if not data or not issubclass(_class(model.get("class_path")), AnyOrderModule):
             return

@@ -129,7 +129,7 @@ class AnyOrderModule(LightningModule):
         extraction: settings used by `predict` on training tokens.
         predict_task: what `predict` does: sample (images for the requested labels, configs/sample.yaml)
             | extract (the order of each training image, configs/extract_orders.yaml).
-        tokenizer_ckpt: the frozen tokenizer that decodes samples (the CLI links it from
+        tokenizer_ckpt: the frozen tokenizer that decodes samples (the CLI sets it to
             data.init_args.tokenizer_ckpt); None: no decoding (`generate` refuses).
         val_order_seed: seed of the random orders used for validation NLL (the same every epoch).
         inferred_nll_every_n_epochs: every N epochs, also report the NLL under the model's own
@@ -268,7 +268,7 @@ class AnyOrderModule(LightningModule):
             dict with images uint8 (b,3,H,W), tokens (b,h,w), order (b,n), step_map (b,h,w), labels (b,).
         """
         if self.tokenizer is None:
-            raise RuntimeError("no tokenizer to decode samples: pass tokenizer_ckpt (the CLI links "
+            raise RuntimeError("no tokenizer to decode samples: pass tokenizer_ckpt (the CLI passes "
                                "data.init_args.tokenizer_ckpt)")
         settings = replace(self.sampler, policy=policy) if policy else self.sampler
         out = sample(self.net, labels.to(self.device), settings, generator=generator,

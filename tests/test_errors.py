@@ -250,6 +250,23 @@ CASES = {
     "num_samples -3": fixed(predict_args("sample", STAGE1_CKPT, "--data.init_args.num_samples", "-3"),
                             ("data.init_args.num_samples = -3", ">= 1")),
     "folder smaller than one batch": small_folder_case,
+    "predict_task extract over the samples split": fixed(
+        predict_args("sample", STAGE1_CKPT, "--model.init_args.predict_task", "extract"),
+        ("model.init_args.predict_task = extract", "data.init_args.predict_split train or val, not samples",
+         "configs/extract_orders.yaml")),
+    "predict_task sample over the train split": fixed(
+        predict_args("extract_orders", STAGE1_CKPT, "--model.init_args.predict_task", "sample"),
+        ("model.init_args.predict_task = sample", "predict_split samples, not train", "configs/sample.yaml")),
+    "sample writer under extraction": fixed(
+        predict_args("sample", STAGE1_CKPT, "--model.init_args.predict_task", "extract",
+                     "--data.init_args.predict_split", "train", "--data.init_args.orders_path", "runs/o3"),
+        ("SampleWriter writes samples", "predict_task is extract", "configs/sample.yaml")),
+    "order writer under sampling": fixed(
+        predict_args("extract_orders", STAGE1_CKPT, "--model.init_args.predict_task", "sample",
+                     "--data.init_args.predict_split", "samples"),
+        ("OrderWriter writes extracted orders", "predict_task is sample", "configs/extract_orders.yaml")),
+    "unknown predict_task": fixed(predict_args("sample", STAGE1_CKPT, "--model.init_args.predict_task", "edit"),
+                                  ("model.init_args.predict_task must be one of sample, extract", "edit")),
     "corrupt orders.pt": corrupt_orders_file_case,
 }
 
@@ -260,7 +277,8 @@ FAST = ("payload as tokenizer_ckpt", "payload as init_from", "payload as ckpt_pa
         "nan as ckpt_path", "another tokenizer, sampling", "another vocabulary, checkpoint without record",
         "checkpoint without record, no tokenizer given",
         "image_size not a multiple, AR stage", "image_size 0", "temperature 0", "num_samples 0",
-        "folder smaller than one batch", "corrupt orders.pt")
+        "folder smaller than one batch", "corrupt orders.pt", "predict_task extract over the samples split",
+        "order writer under sampling")
 
 
 @pytest.mark.parametrize("case", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
