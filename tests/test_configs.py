@@ -13,9 +13,9 @@ import torch
 import yaml
 from PIL import Image
 
+from benchmarks.experiment import stage_config_files
 from datamodules.datamodule import OARDataModule
 from datamodules.orders_file import load_orders, read_manifest
-from benchmarks.experiment import stage_config_files
 from datamodules.sources import SunsetSource
 from tests.conftest import (
     CONFIGS,
