@@ -46,6 +46,13 @@ from fileio import save_json  # noqa: E402
 CONFIGS = ROOT / "configs"
 RUN_PY = ROOT / "run.py"
 STAGE_KIND = {"tokenizer": "tokenizer", "any_order": "ar", "raster": "ar", "distill": "ar", "extract_orders": "ar"}
+# A stage is its config plus overlays (configs/<name>.yaml each): the raster baseline overlays any_order.yaml.
+STAGE_CONFIGS = {"raster": ("any_order", "experiment/raster")}
+
+
+def stage_config_files(stage: str) -> list[Path]:
+    """The config files of a stage, in order: its stage config, then its overlays."""
+    return [CONFIGS / f"{name}.yaml" for name in STAGE_CONFIGS.get(stage, (stage,))]
 
 
 # ------------------------------------------------------------------------------------ stage jobs
@@ -145,7 +152,7 @@ def cli_value(value) -> str:
 
 def stage_argv(exp: dict, subcommand: str, stage: str, overrides: dict) -> list[str]:
     """Stage config, data overlay and size preset, then dotted overrides, as CLI arguments."""
-    files = [CONFIGS / f"{stage}.yaml", CONFIGS / "data" / f"{exp['data']}.yaml"]
+    files = [*stage_config_files(stage), CONFIGS / "data" / f"{exp['data']}.yaml"]
     preset = CONFIGS / "model" / STAGE_KIND[stage] / f"{exp['preset']}.yaml"
     files += [preset] if preset.is_file() else []
     argv = [subcommand, *(a for f in files for a in ("--config", str(f.relative_to(ROOT))))]  # run from ROOT

@@ -72,8 +72,7 @@ def load_arm(ckpt: str | Path, tokenizer_ckpt: str | Path, settings: SamplerSett
     """An AR LightningModule around a trained network, ready to `generate` with `settings`."""
     with warnings.catch_warnings():  # save_hyperparameters outside the CLI: "net is already saved"
         warnings.filterwarnings("ignore", message="Attribute 'net' is an instance")
-        module = AnyOrderModule(load_net(ckpt), sampler=settings)
-    module.tokenizer = load_net(tokenizer_ckpt).requires_grad_(False)
+        module = AnyOrderModule(load_net(ckpt), sampler=settings, tokenizer_ckpt=str(tokenizer_ckpt))
     return module.eval()
 
 

@@ -1,7 +1,8 @@
 """Order extraction's writer: one shard per batch and process, then `orders.pt` and order statistics.
 
-Runs under `python run.py predict --config configs/extract_orders.yaml --ckpt_path <stage-1 checkpoint>`.
-`predict_step` returns `{"order": (b,n), "index": (b,), "flip": (b,)}`; each batch becomes a shard of
+Runs under `python run.py predict --config configs/extract_orders.yaml --ckpt_path <stage-1 checkpoint>`,
+whose `model.init_args.predict_task: extract` makes `predict_step` return
+`{"order": (b,n), "index": (b,), "flip": (b,)}` for every batch; each batch becomes a shard of
 the orders folder at once (nothing is kept in memory), so an interrupted run resumes: the DataModule
 leaves out the (index, flip) keys already written (`datamodules.orders_file.finished_keys`).
 
@@ -74,6 +75,11 @@ class OrderWriter(BasePredictionWriter):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        task = getattr(pl_module, "predict_task", None)
+        if stage == "predict" and task != "extract":
+            raise ValueError(f"callbacks.order_writer.OrderWriter writes extracted orders, but "
+                             f"model.init_args.predict_task is {task}: set it to extract, or use "
+                             "configs/extract_orders.yaml")
         if stage == "predict":
             # A fresh name per process and run keeps shards of resumed runs and other ranks apart.
             self._path, self._count, self._run = None, 0, os.urandom(4).hex()
@@ -113,15 +119,9 @@ class OrderWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not isinstance(prediction, dict) or "order" not in prediction:
-            raise ValueError(
-                "OrderWriter needs predict_step to return orders: set data.init_args.predict_split "
-                "to train or val"
-            )
         index, flip, order = prediction["index"], prediction["flip"], prediction["order"]
-        if isinstance(batch, dict) and "pad" in batch:  # filler repeats (module docstring): not written
-            keep = torch.as_tensor(batch["pad"], device=order.device) == 0
-            index, flip, order = index[keep], flip[keep], order[keep]
+        keep = torch.as_tensor(batch["pad"], device=order.device) == 0  # filler repeats (module docstring)
+        index, flip, order = index[keep], flip[keep], order[keep]
         if len(order):
             tag = f"r{trainer.global_rank}-{self._run}-d{dataloader_idx}-b{batch_idx:07d}"
             write_shard(self._open(trainer, pl_module), index, flip, order, tag=tag)

@@ -1,4 +1,7 @@
-"""Prediction writers: sampled images with their orders (`samples.npz` + a PNG grid)."""
+"""Prediction writers: sampled images with their orders (`samples.npz` + a PNG grid).
+
+A writer relies on the module's `predict_task` (the stage config's choice), not on what the predictions hold.
+"""
 
 import json
 from dataclasses import asdict, is_dataclass
@@ -29,11 +32,17 @@ class SampleWriter(BasePredictionWriter):
         super().__init__(write_interval="epoch")
         self.out_dir, self.grid_rows = out_dir, grid_rows
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        task = getattr(pl_module, "predict_task", None)
+        if stage == "predict" and task != "sample":
+            raise ValueError(f"callbacks.writers.SampleWriter writes samples, but model.init_args.predict_task is "
+                             f"{task}: set it to sample, or use configs/sample.yaml")
+
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        outs = [p for p in predictions if "images" in p]
-        if not outs:
+        if not predictions:
             return
-        cat = {k: torch.cat([o[k] for o in outs]).cpu() for k in ("images", "tokens", "step_map", "labels")}
+        cat = {k: torch.cat([o[k] for o in predictions]).cpu() for k in ("images", "tokens", "step_map", "labels")}
         settings = pl_module.sampler
         settings = asdict(settings) if is_dataclass(settings) else dict(settings)
         suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""

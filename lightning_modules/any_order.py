@@ -24,6 +24,18 @@ log = logging.getLogger("oar.train")
 
 TOKENIZER_WHAT = "tokenizer checkpoint (data.init_args.tokenizer_ckpt)"
 TOKENIZER_FIX = "make it with `python run.py fit --config configs/tokenizer.yaml`"
+# What `predict` does, chosen by the stage config (model.init_args.predict_task), and the DataModule's
+# predict splits each task runs over (data.init_args.predict_split). Editing (inpainting) is to come.
+PREDICT_SPLITS = {"sample": ("samples",), "extract": ("train", "val")}
+PREDICT_CONFIGS = {"sample": "configs/sample.yaml", "extract": "configs/extract_orders.yaml"}
+
+
+def check_predict_split(task: str, split: str) -> None:
+    """Refuse a DataModule predict split that the predict task does not run over (one line naming the fix)."""
+    if split not in PREDICT_SPLITS[task]:
+        raise ValueError(f"model.init_args.predict_task = {task} runs over data.init_args.predict_split "
+                         f"{' or '.join(PREDICT_SPLITS[task])}, not {split}: use {PREDICT_CONFIGS[task]} "
+                         "(or set one of the two keys)")
 
 
 @dataclass
@@ -53,6 +65,10 @@ class ExtractionSettings:
         if not (math.isfinite(self.gumbel_temperature) and self.gumbel_temperature >= 0):
             raise ValueError(f"{where}gumbel_temperature = {self.gumbel_temperature} is impossible: set it to a "
                              "number >= 0 (0 = greedy)")
+
+
+# The defaults (shared instances: the module keeps copies). `--print_config` shows every field.
+DEFAULT_SAMPLER, DEFAULT_EXTRACTION = SamplerSettings(), ExtractionSettings()
 
 
 def tokenizer_record(datamodule) -> dict | None:
@@ -111,6 +127,10 @@ class AnyOrderModule(LightningModule):
         min_lr_ratio: final learning rate as a share of the peak.
         sampler: settings used by `generate` (callbacks, predict).
         extraction: settings used by `predict` on training tokens.
+        predict_task: what `predict` does: sample (images for the requested labels, configs/sample.yaml)
+            | extract (the order of each training image, configs/extract_orders.yaml).
+        tokenizer_ckpt: the frozen tokenizer that decodes samples (the CLI sets it to
+            data.init_args.tokenizer_ckpt); None: no decoding (`generate` refuses).
         val_order_seed: seed of the random orders used for validation NLL (the same every epoch).
         inferred_nll_every_n_epochs: every N epochs, also report the NLL under the model's own
             inferred order (teacher-forced greedy extraction, ~n/2 forwards a batch); 0 = never.
@@ -120,12 +140,16 @@ class AnyOrderModule(LightningModule):
     def __init__(self, net: OrderedTransformer, train_order: str = "random", curriculum_steps: int = 0,
                  curriculum_start: float = 0.0, label_dropout: float = 0.1,
                  optimizer: OptimizerCallable = torch.optim.AdamW, warmup_steps: int = 200,
-                 min_lr_ratio: float = 0.1, sampler: SamplerSettings | None = None,
-                 extraction: ExtractionSettings | None = None, val_order_seed: int = 1234,
+                 min_lr_ratio: float = 0.1, sampler: SamplerSettings = DEFAULT_SAMPLER,
+                 extraction: ExtractionSettings = DEFAULT_EXTRACTION, predict_task: str = "sample",
+                 tokenizer_ckpt: str | None = None, val_order_seed: int = 1234,
                  inferred_nll_every_n_epochs: int = 0, inferred_nll_batches: int = 2):
         super().__init__()
         if train_order not in ("raster", "random"):
             raise ValueError(f"model.init_args.train_order must be 'raster' or 'random', got {train_order!r}")
+        if predict_task not in PREDICT_SPLITS:
+            raise ValueError(f"model.init_args.predict_task must be one of {', '.join(PREDICT_SPLITS)}, "
+                             f"got {predict_task!r}")
         self.save_hyperparameters()  # under the CLI: the whole config, so --ckpt_path rebuilds this module
         self.net, self.optimizer = net, optimizer
         if curriculum_steps < 0 or not 0.0 <= curriculum_start <= 1.0:
@@ -134,11 +158,13 @@ class AnyOrderModule(LightningModule):
         self.train_order, self.label_dropout = train_order, label_dropout
         self.curriculum_steps, self.curriculum_start = curriculum_steps, curriculum_start
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
-        self.sampler = sampler or SamplerSettings()
-        self.extraction = extraction or ExtractionSettings()
+        self.sampler, self.extraction = replace(sampler), replace(extraction)  # copies: the defaults are shared
+        self.predict_task, self.tokenizer_ckpt = predict_task, tokenizer_ckpt
         self.val_order_seed = val_order_seed
         self.inferred_nll_every_n_epochs, self.inferred_nll_batches = inferred_nll_every_n_epochs, inferred_nll_batches
-        self.tokenizer = None
+        # Frozen; a submodule, so checkpoints hold it too and stay self-contained.
+        self.tokenizer = None if tokenizer_ckpt is None else \
+            load_net(tokenizer_ckpt, what=TOKENIZER_WHAT, fix=TOKENIZER_FIX).requires_grad_(False)
 
     # ---- facts -----------------------------------------------------------------------------------
     @property
@@ -148,12 +174,6 @@ class AnyOrderModule(LightningModule):
     @property
     def grid(self) -> tuple[int, int]:
         return tuple(self.net.grid_size)
-
-    def setup(self, stage: str) -> None:
-        """Load the frozen tokenizer that decodes samples (kept in checkpoints: they stay self-contained)."""
-        dm = getattr(self.trainer, "datamodule", None)
-        if self.tokenizer is None and dm is not None and getattr(dm, "tokenizer_ckpt", None):
-            self.tokenizer = load_net(dm.tokenizer_ckpt, what=TOKENIZER_WHAT, fix=TOKENIZER_FIX).requires_grad_(False)
 
     # ---- training ---------------------------------------------------------------------------------
     def orders_for(self, batch: dict, stage: str) -> torch.Tensor:
@@ -248,7 +268,8 @@ class AnyOrderModule(LightningModule):
             dict with images uint8 (b,3,H,W), tokens (b,h,w), order (b,n), step_map (b,h,w), labels (b,).
         """
         if self.tokenizer is None:
-            raise RuntimeError("no tokenizer loaded: set data.init_args.tokenizer_ckpt in the config")
+            raise RuntimeError("no tokenizer to decode samples: pass tokenizer_ckpt (the CLI passes "
+                               "data.init_args.tokenizer_ckpt)")
         settings = replace(self.sampler, policy=policy) if policy else self.sampler
         out = sample(self.net, labels.to(self.device), settings, generator=generator,
                      choice_generator=choice_generator)
@@ -260,11 +281,17 @@ class AnyOrderModule(LightningModule):
                 "step_map": order_to_step_map(out.order, h, w), "labels": labels}
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """Training tokens in: their extracted orders out. Labels only in: samples out."""
-        if "tokens" not in batch:
-            seed = int(batch["seed"][0])
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-            return self.generate(batch["label"], generator=gen, choice_generator=choice_generator(seed, self.device))
+        """What `predict_task` says: samples for the requested labels, or the orders of training tokens."""
+        return self._extract(batch) if self.predict_task == "extract" else self._sample(batch)
+
+    def _sample(self, batch: dict) -> dict:
+        """Samples for `{"label", "seed"}` requests (`generate`'s dict); one generator per batch, seeded."""
+        seed = int(batch["seed"][0])
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        return self.generate(batch["label"], generator=gen, choice_generator=choice_generator(seed, self.device))
+
+    def _extract(self, batch: dict) -> dict:
+        """`{"order": (b,n), "index": (b,), "flip": (b,)}` for token batches, by teacher-forced greedy search."""
         s = self.extraction
         seeds = noise_seeds(s.seed, batch["index"], batch["flip"])  # per image: any batching, same orders
         order = extract_orders(self.net, batch["tokens"].flatten(1), batch["label"], score=s.score,

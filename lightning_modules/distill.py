@@ -2,19 +2,18 @@
 
 The same module as stage 1 with another source of training orders: each image's stored order (its
 flipped view has its own), replaced by a fresh random order with probability `random_order_prob`
-to keep the any-order skill that inpainting needs. Starts from the stage-1 weights (`init_from`,
-weights only); resuming with `--ckpt_path` restores everything from the checkpoint instead.
+to keep the any-order skill that inpainting needs. Starts from the stage-1 network (`init_from`: the
+CLI builds `net` from the spec the checkpoint records, so no size is typed twice; `setup` loads its
+weights); resuming with `--ckpt_path` restores everything from the checkpoint instead.
 """
 
 import logging
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
 
-from lightning_modules.any_order import AnyOrderModule, ExtractionSettings, SamplerSettings, check_trained_tokenizer
+from lightning_modules.any_order import AnyOrderModule, check_trained_tokenizer
 from models.checkpoint import check_finite, net_spec, net_weights, read_checkpoint
 from models.orders import random_order
-from models.transformer import OrderedTransformer
 
 log = logging.getLogger("oar.train")
 
@@ -26,25 +25,34 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
+def read_stage1(path: str, net_class: str, mmap: bool = False) -> dict:
+    """The stage-1 checkpoint `init_from`, refused when unsafe, damaged or holding another network class.
+
+    Args:
+        path: the checkpoint.
+        net_class: the import path of the network class it must hold.
+        mmap: map the tensors instead of reading them (the CLI only reads its `net_spec` and tokenizer record).
+    """
+    ckpt = read_checkpoint(path, INIT_WHAT, STAGE1_HINT, mmap=mmap)
+    held = ckpt.get("net_spec", {}).get("class_path", "none")
+    if held != net_class:
+        raise ValueError(f"{INIT_WHAT} {path} holds a network of class {held.rpartition('.')[2]}, "
+                         f"not {net_class.rpartition('.')[2]}: {STAGE1_HINT}")
+    return ckpt
+
+
 class DistillModule(AnyOrderModule):
     """Fine-tunes on extracted orders (batch["order"]) mixed with random orders.
 
     Args:
-        net: the ordered transformer (same architecture as the stage-1 checkpoint).
-        init_from: stage-1 checkpoint whose network weights start the fine-tune.
+        init_from: stage-1 checkpoint: the CLI builds `net` from the spec it records, `setup` loads its weights.
         random_order_prob: probability that a training sequence uses a random order instead.
-        See `AnyOrderModule` for the others.
+        **kwargs: `AnyOrderModule`'s arguments by name (`net` included; `train_order` orders the sequences
+            of images without a stored order).
     """
 
-    def __init__(self, net: OrderedTransformer, init_from: str | None = None, random_order_prob: float = 0.2,
-                 label_dropout: float = 0.1, optimizer: OptimizerCallable = torch.optim.AdamW,
-                 warmup_steps: int = 100, min_lr_ratio: float = 0.1, sampler: SamplerSettings | None = None,
-                 extraction: ExtractionSettings | None = None, val_order_seed: int = 1234,
-                 inferred_nll_every_n_epochs: int = 0, inferred_nll_batches: int = 2):
-        super().__init__(net, train_order="random", label_dropout=label_dropout, optimizer=optimizer,
-                         warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, sampler=sampler, extraction=extraction,
-                         val_order_seed=val_order_seed, inferred_nll_every_n_epochs=inferred_nll_every_n_epochs,
-                         inferred_nll_batches=inferred_nll_batches)
+    def __init__(self, init_from: str | None = None, random_order_prob: float = 0.2, **kwargs):
+        super().__init__(**kwargs)
         if not 0.0 <= random_order_prob <= 1.0:
             raise ValueError(f"model.init_args.random_order_prob must be in [0, 1], got {random_order_prob}")
         self.init_from, self.random_order_prob = init_from, random_order_prob
@@ -58,11 +66,7 @@ class DistillModule(AnyOrderModule):
 
     def _load_init_from(self) -> None:
         """The stage-1 weights, refused when unsafe, damaged, non-finite, or made for other tokens or sizes."""
-        ckpt = read_checkpoint(self.init_from, INIT_WHAT, STAGE1_HINT)
-        held, wanted = ckpt.get("net_spec", {}).get("class_path", "none"), net_spec(self.net)["class_path"]
-        if held != wanted:
-            raise ValueError(f"{INIT_WHAT} {self.init_from} holds a network of class {held.rpartition('.')[2]}, "
-                             f"not {wanted.rpartition('.')[2]}: {STAGE1_HINT}")
+        ckpt = read_stage1(self.init_from, net_spec(self.net)["class_path"])
         check_trained_tokenizer(ckpt, f"{self.init_from} (model.init_args.init_from)",
                                 getattr(self.trainer, "datamodule", None))
         state = net_weights(ckpt)
@@ -71,8 +75,8 @@ class DistillModule(AnyOrderModule):
         differ = sorted(k for k in set(theirs) | set(ours) if _plain(theirs.get(k)) != _plain(ours.get(k)))
         if differ:
             raise ValueError(f"{INIT_WHAT} {self.init_from} has another network ({', '.join(differ)} "
-                             "differ from model.init_args.net): set model.init_args.net.init_args to the stage-1 "
-                             "ones (or use the same --config size preset)")
+                             "differ from model.init_args.net): build the network from the checkpoint's "
+                             "net_spec (the CLI does, whatever size preset is given)")
         self.net.load_state_dict(state)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

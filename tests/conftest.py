@@ -14,6 +14,8 @@ from unittest.mock import patch
 import pytest
 import torch
 
+from benchmarks.experiment import stage_config_files
+
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +36,11 @@ def config(name: str) -> str:
     return str(CONFIGS / f"{name}.yaml")
 
 
+def stage_configs(stage: str) -> tuple[str, ...]:
+    """The `--config` arguments of a stage: its stage config, then its overlays (raster: any_order + overlay)."""
+    return tuple(a for path in stage_config_files(stage) for a in ("--config", str(path)))
+
+
 def tiny_preset(stage: str) -> tuple[str, ...]:
     """The tiny size preset overlay of a stage config."""
     return ("--config", config("model/tokenizer/tiny" if stage == "tokenizer" else "model/ar/tiny"))
@@ -49,12 +56,12 @@ def run_cli(*args) -> object:
 
 def fit(stage: str, *extra) -> object:
     """A two-batch, one-epoch fit of a stage config with its tiny preset on the small data."""
-    return run_cli("fit", "--config", config(stage), *tiny_preset(stage), *SMALL_DATA, *QUIET, *SHORT_FIT, *extra)
+    return run_cli("fit", *stage_configs(stage), *tiny_preset(stage), *SMALL_DATA, *QUIET, *SHORT_FIT, *extra)
 
 
 def predict(stage: str, ckpt_path: str | Path, *extra) -> object:
     """`predict` of sample / extract_orders from a checkpoint on the small data."""
-    return run_cli("predict", "--config", config(stage), *SMALL_DATA, *QUIET, "--ckpt_path", ckpt_path, *extra)
+    return run_cli("predict", *stage_configs(stage), *SMALL_DATA, *QUIET, "--ckpt_path", ckpt_path, *extra)
 
 
 def copy_run(src: Path, dst: Path) -> Path:

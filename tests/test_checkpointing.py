@@ -17,9 +17,10 @@ import yaml
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from benchmarks.experiment import stage_config_files
 from callbacks.checkpointing import LastCheckpoint
 from callbacks.finite import NonFiniteError
-from tests.conftest import CONFIGS, QUIET, REPO, SMALL_DATA, config, copy_run, fit, run_cli, tiny_preset
+from tests.conftest import QUIET, REPO, SMALL_DATA, config, copy_run, fit, run_cli, stage_configs, tiny_preset
 from tests.ddp import ATTEMPTS, TIMEOUT_S, free_port, is_infrastructure_failure, run_cli_subprocess
 from tests.test_pipeline import RECORD, adam_step, load_ckpt, one_line, recorder
 
@@ -47,7 +48,7 @@ def work_folder(stage: str, request, tmp_path: Path) -> Path:
 
 
 def stage_fit(stage: str, *extra) -> object:
-    return run_cli("fit", "--config", config(stage), *tiny_preset(stage), *SMALL_DATA, *QUIET, *extra)
+    return run_cli("fit", *stage_configs(stage), *tiny_preset(stage), *SMALL_DATA, *QUIET, *extra)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -77,7 +78,7 @@ def run_subprocess(args: list, cwd: Path, expect: str = "") -> subprocess.Comple
 # ---- the stage configs ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_config_writes_last_ckpt_with_one_callback_and_stops_on_nan(stage):
-    callbacks = yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text())["trainer"]["callbacks"]
+    callbacks = yaml.safe_load(stage_config_files(stage)[0].read_text())["trainer"]["callbacks"]
     paths = [c["class_path"] for c in callbacks]
     assert paths.count("callbacks.checkpointing.LastCheckpoint") == 1
     assert "callbacks.finite.StopOnNonFinite" in paths

@@ -13,6 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
+from benchmarks.experiment import stage_config_files
 from datamodules.datamodule import OARDataModule
 from datamodules.orders_file import load_orders, read_manifest
 from datamodules.sources import SunsetSource
@@ -28,6 +29,7 @@ from tests.conftest import (
     copy_run,
     predict,
     run_cli,
+    stage_configs,
     tiny_preset,
 )
 
@@ -37,7 +39,7 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def fast_dev_fit(stage: str, *extra, data: tuple[str, ...] = SMALL_DATA):
-    cli = run_cli("fit", "--config", config(stage), *extra, *data, *QUIET, "--trainer.fast_dev_run", "2")
+    cli = run_cli("fit", *stage_configs(stage), *extra, *data, *QUIET, "--trainer.fast_dev_run", "2")
     assert cli.trainer.global_step == 2
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
     return cli
@@ -66,8 +68,13 @@ def work_folder(stage: str, request, tmp_path) -> Path:
     return tmp_path
 
 
-def test_every_top_level_yaml_is_covered():
-    assert {p.stem for p in CONFIGS.glob("*.yaml")} == set(STAGES) | set(PREDICT)
+def config_name(path: Path) -> str:
+    return str(path.relative_to(CONFIGS).with_suffix(""))
+
+
+def test_every_top_level_yaml_and_experiment_overlay_is_covered():
+    used = {config_name(p) for stage in STAGES + PREDICT for p in stage_config_files(stage)}
+    assert {config_name(p) for p in [*CONFIGS.glob("*.yaml"), *CONFIGS.glob("experiment/*.yaml")]} == used
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -21,7 +21,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ORDERS, QUIET, REPO, SMALL_DATA, STAGE1_CKPT, config, copy_run, predict, run_cli, tiny_preset
+from tests.conftest import (
+    ORDERS,
+    QUIET,
+    REPO,
+    SMALL_DATA,
+    STAGE1_CKPT,
+    config,
+    copy_run,
+    predict,
+    run_cli,
+    stage_configs,
+    tiny_preset,
+)
 from tests.test_pipeline import RECORD, adam_step, load_ckpt, recorder
 
 NEEDS = {"tokenizer": None, "any_order": "stage1_run", "distill": "orders_run"}
@@ -41,7 +53,7 @@ def callbacks(stage: str) -> str:
 
 
 def fit_args(stage: str) -> tuple[str, ...]:
-    return ("fit", "--config", config(stage), *tiny_preset(stage), *SMALL_DATA, *QUIET, *ENDLESS,
+    return ("fit", *stage_configs(stage), *tiny_preset(stage), *SMALL_DATA, *QUIET, *ENDLESS,
             "--trainer.callbacks", callbacks(stage))
 
 

@@ -33,6 +33,7 @@ from tests.conftest import (
     copy_run,
     resave_with_one_weight_changed,
     run_cli,
+    stage_configs,
     tiny_preset,
 )
 
@@ -44,11 +45,11 @@ CKPT_FIX = "python run.py fit"
 
 
 def fit_args(stage: str, *extra, data=SMALL_DATA) -> list[str]:
-    return ["fit", "--config", config(stage), *tiny_preset(stage), *data, *QUIET, *SHORT_FIT, *extra]
+    return ["fit", *stage_configs(stage), *tiny_preset(stage), *data, *QUIET, *SHORT_FIT, *extra]
 
 
 def predict_args(stage: str, ckpt: str | Path, *extra) -> list[str]:
-    return ["predict", "--config", config(stage), *SMALL_DATA, *QUIET, "--ckpt_path", str(ckpt), *extra]
+    return ["predict", *stage_configs(stage), *SMALL_DATA, *QUIET, "--ckpt_path", str(ckpt), *extra]
 
 
 # ---- bad files -----------------------------------------------------------------------------------------------------
@@ -176,6 +177,14 @@ def other_vocabulary_case():
              "the tokenizer the model was trained with"))
 
 
+def no_tokenizer_case():
+    """A checkpoint without a tokenizer record and no data.init_args.tokenizer_ckpt: nothing names the tokenizer."""
+    write_without_tokenizer_record(STAGE1_CKPT, Path("old.ckpt"))
+    return (predict_args("sample", "old.ckpt"),
+            ("data.init_args.tokenizer_ckpt is not set", "old.ckpt (--ckpt_path) records no tokenizer",
+             "the tokenizer the model was trained on"))
+
+
 def small_folder_case():
     """Six images, a batch of 16."""
     folder = Path("six_images")
@@ -219,6 +228,9 @@ CASES = {
     "another tokenizer, resumed fit": other_tokenizer_case("resume"),
     "another tokenizer, distillation init_from": other_tokenizer_case("init_from"),
     "another vocabulary, checkpoint without record": other_vocabulary_case,
+    "checkpoint without record, no tokenizer given": no_tokenizer_case,
+    "sampling without --ckpt_path": fixed(["predict", "--config", config("sample"), *SMALL_DATA, *QUIET],
+                                          ("tokenizer_ckpt is not set", "--ckpt_path", TOKENIZER_FIX)),
     "image_size not a multiple, AR stage": fixed(
         fit_args("any_order", IMAGE_SIZE, "30"), (IMAGE_SIZE[2:] + " = 30", "multiple of 4", str(TOKENIZER_CKPT))),
     "image_size not a multiple, tokenizer stage": fixed(
@@ -238,6 +250,23 @@ CASES = {
     "num_samples -3": fixed(predict_args("sample", STAGE1_CKPT, "--data.init_args.num_samples", "-3"),
                             ("data.init_args.num_samples = -3", ">= 1")),
     "folder smaller than one batch": small_folder_case,
+    "predict_task extract over the samples split": fixed(
+        predict_args("sample", STAGE1_CKPT, "--model.init_args.predict_task", "extract"),
+        ("model.init_args.predict_task = extract", "data.init_args.predict_split train or val, not samples",
+         "configs/extract_orders.yaml")),
+    "predict_task sample over the train split": fixed(
+        predict_args("extract_orders", STAGE1_CKPT, "--model.init_args.predict_task", "sample"),
+        ("model.init_args.predict_task = sample", "predict_split samples, not train", "configs/sample.yaml")),
+    "sample writer under extraction": fixed(
+        predict_args("sample", STAGE1_CKPT, "--model.init_args.predict_task", "extract",
+                     "--data.init_args.predict_split", "train", "--data.init_args.orders_path", "runs/o3"),
+        ("SampleWriter writes samples", "predict_task is extract", "configs/sample.yaml")),
+    "order writer under sampling": fixed(
+        predict_args("extract_orders", STAGE1_CKPT, "--model.init_args.predict_task", "sample",
+                     "--data.init_args.predict_split", "samples"),
+        ("OrderWriter writes extracted orders", "predict_task is sample", "configs/extract_orders.yaml")),
+    "unknown predict_task": fixed(predict_args("sample", STAGE1_CKPT, "--model.init_args.predict_task", "edit"),
+                                  ("model.init_args.predict_task must be one of sample, extract", "edit")),
     "corrupt orders.pt": corrupt_orders_file_case,
 }
 
@@ -246,8 +275,10 @@ CASES = {
 FAST = ("payload as tokenizer_ckpt", "payload as init_from", "payload as ckpt_path", "truncated as ckpt_path",
         "corrupt as tokenizer_ckpt", "text as ckpt_path", "nan as tokenizer_ckpt", "nan as init_from",
         "nan as ckpt_path", "another tokenizer, sampling", "another vocabulary, checkpoint without record",
+        "checkpoint without record, no tokenizer given",
         "image_size not a multiple, AR stage", "image_size 0", "temperature 0", "num_samples 0",
-        "folder smaller than one batch", "corrupt orders.pt")
+        "folder smaller than one batch", "corrupt orders.pt", "predict_task extract over the samples split",
+        "order writer under sampling")
 
 
 @pytest.mark.parametrize("case", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
@@ -350,8 +381,9 @@ def test_hyper_parameters_given_in_python_are_saved_as_plain_data(tmp_path):
 def test_checkpoint_without_tokenizer_record_loads_with_a_warning(stage1_run, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(copy_run(stage1_run, tmp_path))
     write_without_tokenizer_record(STAGE1_CKPT, Path("old.ckpt"))
-    with caplog.at_level(logging.WARNING, logger="oar.train"):
-        run_cli(*predict_args("sample", "old.ckpt", "--data.init_args.num_samples", "4"))
+    with caplog.at_level(logging.WARNING, logger="oar.train"):  # the tokenizer named: no record to read it from
+        run_cli(*predict_args("sample", "old.ckpt", "--data.init_args.num_samples", "4",
+                              "--data.init_args.tokenizer_ckpt", str(TOKENIZER_CKPT)))
     assert "old.ckpt (--ckpt_path) records no tokenizer" in caplog.text
     assert Path("runs/sample/samples.npz").is_file()
 
@@ -370,7 +402,7 @@ def test_token_sampler_refuses_impossible_settings(settings):
                                                ("any_order", STAGE1_CKPT, "test/nll_random")])
 def test_test_subcommand_reports_the_validation_metrics(stage, ckpt, metric, stage1_run, tmp_path, monkeypatch):
     monkeypatch.chdir(copy_run(stage1_run, tmp_path))
-    cli = run_cli("test", "--config", config(stage), *tiny_preset(stage), *SMALL_DATA, *QUIET,
+    cli = run_cli("test", *stage_configs(stage), *tiny_preset(stage), *SMALL_DATA, *QUIET,
                   "--trainer.limit_test_batches", "1", "--ckpt_path", ckpt)
     metrics = cli.trainer.callback_metrics
     assert metric in metrics and "test/loss" in metrics and bool(torch.isfinite(metrics["test/loss"]))

@@ -22,11 +22,12 @@ from lightning.pytorch import Callback, LightningDataModule, Trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
+from benchmarks.experiment import stage_config_files
 from callbacks.fid import FIDCallback
 from callbacks.lpips import LPIPSDiversityCallback
 from callbacks.order_dump import OrderDumpCallback
 from evaluation.distributed import share_chunk_size
-from tests.conftest import CONFIGS, REPO, SMALL_DATA, copy_run, fit
+from tests.conftest import REPO, SMALL_DATA, copy_run, fit
 from tests.ddp import ATTEMPTS, TIMEOUT_S, free_port, is_infrastructure_failure
 from tests.test_eval_callbacks import ColourStats, FakeAR, FakeData, make_trainer, smooth_images
 
@@ -195,7 +196,7 @@ def scalar_steps(log_dir: Path, tag: str) -> list[int]:
 
 def test_stage_configs_give_fid_its_own_key():
     for stage in ("any_order", "raster", "distill"):
-        config = yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text())
+        config = yaml.safe_load(stage_config_files(stage)[0].read_text())
         assert config["fid"]["class_path"] == "callbacks.fid.FIDCallback", stage
         assert not [c for c in config["trainer"]["callbacks"] if "FIDCallback" in c["class_path"]], stage
 

@@ -166,6 +166,8 @@ def test_order_statistics_is_json_and_has_a_random_reference():
 class FakeExtractor(LightningModule):
     """Returns the fixed permutation of each (index, flip); raises at batch `fail_at` (an interruption)."""
 
+    predict_task = "extract"
+
     def __init__(self, fail_at: int | None = None):
         super().__init__()
         self.fail_at = fail_at
