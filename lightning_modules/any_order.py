@@ -17,6 +17,8 @@ from evaluation.nll import nll_under_orders
 from models.checkpoint import load_net, net_spec, plain_data
 from models.extraction import SCORES, extract_orders, noise_seeds
 from models.orders import mixed_order, order_to_step_map, random_order, raster_order
+from models.policies import SCHEDULES
+from models.precision import PRECISIONS, resolve_dtype
 from models.sampling import SamplerSettings, choice_generator, sample
 from models.transformer import OrderedTransformer
 
@@ -46,14 +48,21 @@ class ExtractionSettings:
         score: true_prob (probability of the true token, default) | max_prob.
         positions_per_step: cells placed per step (1 = exact greedy; k > 1 trades exactness for speed).
         gumbel_temperature: Gumbel noise on the scores (0 = greedy).
+        gumbel_schedule: constant | linear (the noise falls to 0 over the steps).
+        random_first: the first this many cells of each image are placed uniformly at random.
         seed: seed of the Gumbel noise; each image's noise depends only on (seed, dataset index, flip
             view), so a resumed, re-sharded or multi-process extraction gives the same orders.
+        precision: fp32 | bf16 | auto (bf16 where the device has native bf16 matmuls); see
+            `models.sampling.SamplerSettings.precision`.
     """
 
     score: str = "true_prob"
     positions_per_step: int = 1
     gumbel_temperature: float = 0.0
+    gumbel_schedule: str = "constant"
+    random_first: int = 0
     seed: int = 0
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         where = "model.init_args.extraction."
@@ -65,6 +74,13 @@ class ExtractionSettings:
         if not (math.isfinite(self.gumbel_temperature) and self.gumbel_temperature >= 0):
             raise ValueError(f"{where}gumbel_temperature = {self.gumbel_temperature} is impossible: set it to a "
                              "number >= 0 (0 = greedy)")
+        if self.gumbel_schedule not in SCHEDULES:
+            raise ValueError(f"{where}gumbel_schedule = {self.gumbel_schedule!r} is unknown: choose one of "
+                             f"{', '.join(SCHEDULES)}")
+        if self.random_first < 0:
+            raise ValueError(f"{where}random_first = {self.random_first} is impossible: set it to >= 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"{where}precision = {self.precision!r} is unknown: choose one of {', '.join(PRECISIONS)}")
 
 
 # The defaults (shared instances: the module keeps copies). `--print_config` shows every field.
@@ -295,6 +311,7 @@ class AnyOrderModule(LightningModule):
         s = self.extraction
         seeds = noise_seeds(s.seed, batch["index"], batch["flip"])  # per image: any batching, same orders
         order = extract_orders(self.net, batch["tokens"].flatten(1), batch["label"], score=s.score,
-                               positions_per_step=s.positions_per_step,
-                               gumbel_temperature=s.gumbel_temperature, row_seeds=seeds)
+                               positions_per_step=s.positions_per_step, gumbel_temperature=s.gumbel_temperature,
+                               gumbel_schedule=s.gumbel_schedule, random_first=s.random_first, row_seeds=seeds,
+                               dtype=resolve_dtype(s.precision, self.device))
         return {"order": order, "index": batch["index"], "flip": batch["flip"]}

@@ -23,15 +23,18 @@ import torch
 from torch import nn
 
 DTYPES = {"fp32": None, "32": None, "32-true": None, "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16}
+PRECISIONS = (*DTYPES, "auto")  # auto: bf16 where it pays (`bf16_pays`), else fp32
 
 
-def resolve_dtype(precision: str | torch.dtype | None) -> torch.dtype | None:
-    """The autocast dtype of a precision name ("fp32", "bf16", or Lightning's "32-true" / "bf16-mixed");
-    None means fp32 (no autocast)."""
+def resolve_dtype(precision: str | torch.dtype | None, device: torch.device | str = "cpu") -> torch.dtype | None:
+    """The dtype of a precision name ("fp32", "bf16", "auto", or Lightning's "32-true" / "bf16-mixed") on
+    `device`; None means fp32 (no autocast, no cast copy). "auto" is bf16 where `bf16_pays(device)`."""
     if precision is None or isinstance(precision, torch.dtype):
         return None if precision == torch.float32 else precision
+    if precision == "auto":
+        return torch.bfloat16 if bf16_pays(device) else None
     if precision not in DTYPES:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(DTYPES)}")
+        raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
     return DTYPES[precision]
 
 

@@ -43,7 +43,7 @@ from models.policies import (
     ShortlistConfidencePolicy,
 )
 from models.positions import CLASS_CELL
-from models.precision import cast_for_inference
+from models.precision import PRECISIONS, cast_for_inference, resolve_dtype
 
 
 class SampleOutput(NamedTuple):
@@ -74,6 +74,9 @@ class SamplerSettings:
         shortlist: `confidence` only: 0 = exact; k > 0 = between full rankings, rescore only the k cells
             ranked highest so far (`ShortlistConfidencePolicy`: approximate, several times faster).
         refresh: with a shortlist, a full ranking every `refresh` steps.
+        precision: fp32 | bf16 | auto (bf16 where the device has native bf16 matmuls: AMX or AVX512-BF16
+            CPUs, GPUs of compute capability >= 8): the network runs as a bf16 copy, logits and the
+            choices stay fp32 (`models.precision`). bf16 changes near-tied choices (README, Benchmarks).
     """
 
     policy: str = "confidence"
@@ -87,6 +90,7 @@ class SamplerSettings:
     random_first: int = 0
     shortlist: int = 0
     refresh: int = 8
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         token_sampler(self)  # checks temperature, top_k and top_p
@@ -99,6 +103,7 @@ class SamplerSettings:
             ("random_first", self.random_first >= 0, ">= 0"),
             ("shortlist", self.shortlist >= 0, ">= 0 (0 = exact confidence order)"),
             ("refresh", self.refresh >= 1, ">= 1"),
+            ("precision", self.precision in PRECISIONS, f"one of {list(PRECISIONS)} (auto: bf16 where it pays)"),
         ]
         for key, ok, expected in checks:
             check_setting(key, ok, expected, getattr(self, key))
@@ -157,14 +162,14 @@ def sample(
         known_mask: (b, n), (b, h, w), (n,) or (h, w) bool, the same number of known cells in every
             row. Known cells are given as context first (raster order); only the others are generated.
         return_logits: also return the logits of the cell written at every step.
-        dtype: run a copy of the network in `dtype`, e.g. torch.bfloat16, with fp32 logits (see
-            `models.precision`); None = the network as it is (or as an enclosing autocast runs it).
+        dtype: overrides `settings.precision`: run a copy of the network in `dtype`, e.g. torch.bfloat16,
+            with fp32 logits (see `models.precision`).
 
     Returns:
         SampleOutput(tokens (b, n), order (b, n) (known cells first), logits (b, n, v) or None).
     """
     settings = as_settings(settings)
-    net = cast_for_inference(net, dtype)
+    net = cast_for_inference(net, dtype or resolve_dtype(settings.precision, cond.device))
     policy = make_policy(settings, order=order, generator=generator, choice_generator=choice_generator)
     guidance = make_guidance(net, settings.cfg_scale)
     return decode(net, cond, policy, guidance, token_sampler(settings), generator, known_tokens, known_mask,

@@ -72,7 +72,8 @@ def test_network_sizes_are_typed_only_in_the_size_presets():
 def test_tokenizer_path_and_sampler_settings_are_typed_once():
     assert files_typing("tokenizer_ckpt") == ["any_order.yaml"]  # later stages read it from their checkpoint
     typed = {key: files_typing(f"sampler.{key}") for key in SAMPLER_KEYS}
-    assert typed == {**{key: [] for key in SAMPLER_KEYS}, "policy": ["experiment/raster.yaml", "sample.yaml"]}
+    assert typed == {**{key: [] for key in SAMPLER_KEYS}, "policy": ["experiment/raster.yaml", "sample.yaml"],
+                     "precision": ["sample.yaml"]}  # the sampling stage runs bf16 where it pays
 
 
 def test_the_stage_configs_include_their_small_preset_last():

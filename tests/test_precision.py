@@ -78,3 +78,18 @@ def test_precision_names():
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):
         resolve_dtype("fp16")
     assert isinstance(bf16_pays("cpu"), bool) and bf16_pays("meta") is False
+
+
+def test_precision_settings_choose_the_dtype(monkeypatch):
+    """`precision` in the sampler settings is the same as passing the dtype; auto follows the device."""
+    from models import precision
+
+    net, cond = tiny_net(seed=3), torch.tensor([0, 1, 2])
+    by_setting = sample(net, cond, SamplerSettings(precision="bf16"), generator=torch.Generator().manual_seed(0))
+    by_dtype = sample(net, cond, SamplerSettings(), generator=torch.Generator().manual_seed(0), dtype=BF16)
+    assert torch.equal(by_setting.tokens, by_dtype.tokens) and torch.equal(by_setting.order, by_dtype.order)
+    for pays in (True, False):
+        monkeypatch.setattr(precision, "bf16_pays", lambda device, pays=pays: pays)
+        assert precision.resolve_dtype("auto") == (BF16 if pays else None)
+    with pytest.raises(ValueError, match="sampler.precision"):
+        SamplerSettings(precision="fp16")

@@ -30,3 +30,11 @@ def test_curriculum_orders_in_training_only():
 def test_curriculum_settings_checked():
     with pytest.raises(ValueError, match="curriculum_start"):
         module(curriculum_steps=10, curriculum_start=1.5)
+
+
+@pytest.mark.parametrize("key,value", [("gumbel_schedule", "cosine"), ("random_first", -1), ("precision", "fp16")])
+def test_extraction_settings_checked(key, value):
+    from lightning_modules.any_order import ExtractionSettings
+
+    with pytest.raises(ValueError, match=rf"model\.init_args\.extraction\.{key} = "):
+        ExtractionSettings(**{key: value})
