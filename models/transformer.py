@@ -114,7 +114,12 @@ Rotate = Callable[[Tensor], Tensor]  # own-position rotation of queries and keys
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention; where the keys come from is decided by the `memory` it is given."""
+    """Multi-head self-attention; where the keys come from is decided by the `memory` it is given.
+
+    The cache is written inside `memory(layer, k, v)`: `_Causal` (training) writes nothing and returns the
+    new keys; `_Write` (`extend`, `score_candidates`) stores the new keys and values in the cache's slots
+    [length, length + k) of this layer and returns every slot up to them.
+    """
 
     def __init__(self, width: int, heads: int, dropout: float):
         super().__init__()
@@ -124,15 +129,16 @@ class SelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, rotate: Rotate, memory: Memory, layer: int) -> Tensor:
+        """x (b, k, d) -> (b, k, d); k new positions attend to what `memory` returns (cache + themselves)."""
         b, length, width = x.shape  # view/permute rather than einops: cheaper, and decoding runs it every step
-        q, k, v = self.qkv(x).view(b, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (b, h, k, e)
+        q, k, v = self.qkv(x).view(b, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (b, heads, k, hd)
         q, k = rotate(q), rotate(k)
-        keys, values = memory(layer, k, v)
+        keys, values = memory(layer, k, v)  # (b, heads, s, hd): s = k in training, cache length + k decoding
         y = F.scaled_dot_product_attention(
             q, keys.to(q.dtype), values.to(q.dtype), attn_mask=memory.mask, is_causal=memory.is_causal,
             dropout_p=self.dropout if self.training else 0.0,
-        )
-        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(b, length, width)))
+        )  # (b, heads, k, hd)
+        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(b, length, width)))  # (b, k, d)
 
 
 class Block(nn.Module):
@@ -327,16 +333,22 @@ class OrderedTransformer(nn.Module):
 
     # ------------------------------------------------------------------------------------- internals
     def _embed(self, cond: Tensor, prev_tokens: Tensor, prev_cells: Tensor, next_cells: Tensor) -> Tensor:
-        """Input embeddings (b, k, d): content + own position + next position (shapes broadcast)."""
-        is_class = (prev_cells == CLASS_CELL).unsqueeze(-1)
+        """Input embeddings (b, k, d): content + own position + next position (shapes broadcast).
+
+        cond (b,); prev_tokens, prev_cells (b, k) or (b, 1) (candidates share the input token);
+        next_cells (b, k) or (b, m).
+        """
+        is_class = (prev_cells == CLASS_CELL).unsqueeze(-1)  # (b, k, 1)
         content = torch.where(
             is_class, self.cls_emb(cond)[:, None], self.tok_emb(prev_tokens.masked_fill(is_class[..., 0], 0))
-        )
-        x = self.own_pos.add_to(content, prev_cells)
-        x = x + self.next_pos(prev_cells.expand_as(next_cells), next_cells)
+        )  # (b, k, d)
+        x = self.own_pos.add_to(content, prev_cells)  # + own cell (learned); rope rotates q, k instead
+        x = x + self.next_pos(prev_cells.expand_as(next_cells), next_cells)  # + next cell: (b, k or m, d)
         return self.drop(x)
 
     def _run(self, x: Tensor, rotate: Rotate, memory: Memory) -> Tensor:
+        """Embeddings x (b, k, d) through every block (each reads/writes its layer of `memory`) -> fp32
+        logits (b, k, v)."""
         for layer, block in enumerate(self.blocks):
-            x = block(x, rotate, memory, layer)
-        return self.head(self.norm(x)).float()
+            x = block(x, rotate, memory, layer)  # (b, k, d)
+        return self.head(self.norm(x)).float()  # (b, k, v)
