@@ -13,6 +13,12 @@ evaluated *arms* (a model plus sampler settings):
     arms:
       - {name: raster AR, model: raster, sampler: {policy: raster}}
 
+Budget keys: `tokenizer_steps`, `steps` (stage 1; a model's own `steps:` wins), `finetune_steps`
+(distillation), `val_every`, `limit_val_batches`, `train_images` / `val_images` (split sizes),
+`keep_every` (keep weights every k steps) with `curve_samples` (learning curves), and for the
+evaluation `samples` (per arm, and per held-out real half), `nll_images`, `sample_batch`, `sample_seed`,
+`sample_precision` (fp32 | bf16 | auto; an arm's own `precision` wins), `feature_epochs`, `feature_images`.
+
 Every stage is `python run.py ...` in a subprocess (one torch thread, its own log file), in its own
 folder under `runs/experiments/<name>/`; up to `--jobs` independent stages run at once (raster and
 any-order training side by side on two cores). A stage is finished when its `done.json` records the

@@ -110,7 +110,7 @@ def evaluate_model(exp: dict, ctx: dict, ckpt: Path, tokenizer_ckpt: Path, model
     nll = None
     for arm in (a for a in exp["arms"] if a["model"] == model):
         start = time.perf_counter()
-        settings = SamplerSettings(**arm.get("sampler", {}))
+        settings = SamplerSettings(**{"precision": budget.get("sample_precision", "fp32"), **arm.get("sampler", {})})
         module = load_arm(ckpt, tokenizer_ckpt, settings).to(device)
         s = sample_set(module, samples, budget.get("sample_batch", 100), budget.get("sample_seed", 0))
         if nll is None:
