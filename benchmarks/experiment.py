@@ -233,7 +233,9 @@ def plan(exp: dict, root: Path, seeds: list[int]) -> tuple[list[Job], dict]:
     for seed in seeds:
         seed_ckpts, folder = {}, root / f"seed{seed}"
         for name, spec in exp["models"].items():
-            jobs += model_jobs(exp, name, spec, folder, seed, token_data, seed_ckpts, tok)
+            planned = {j.name for j in jobs}
+            jobs += [j for j in model_jobs(exp, name, spec, folder, seed, token_data, seed_ckpts, tok)
+                     if j.name not in planned]  # an extraction two distilled models share runs once
         ckpts[seed] = seed_ckpts
     jobs += eval_jobs(exp, root, seeds, ckpts, tok)
     return jobs, ckpts
@@ -274,15 +276,18 @@ def model_jobs(exp: dict, name: str, spec: dict, folder: Path, seed: int, data: 
     stage, budget, jobs, deps = spec["stage"], exp["budget"], [], [tokenizer]
     steps = model_steps(exp, name)
     overrides = {**data, **fit_overrides(exp, steps, folder / name, seed)}
-    if stage == "distill":
+    if stage == "distill":  # models distilled from one parent with the same extraction share its orders
         parent_job, parent_ckpt = ckpts[spec["init_from"]]
-        orders = folder / f"{name}_orders"
+        settings = spec.get("extract", {})
+        tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8] if settings else "greedy"
+        orders = folder / f"orders_{spec['init_from']}_{tag}"
         extract = {**data, "data.init_args.orders_path": str(orders / "orders"), "seed_everything": seed,
                    "trainer.logger.init_args.save_dir": str(orders), "trainer.enable_progress_bar": False,
-                   **{f"model.init_args.extraction.{k}": v for k, v in spec.get("extract", {}).items()},
+                   **{f"model.init_args.extraction.{k}": v for k, v in settings.items()},
                    "ckpt_path": str(parent_ckpt)}
-        jobs.append(Job(f"{name}_orders (seed {seed})", orders, stage_argv(exp, "predict", "extract_orders", extract),
-                        orders / "orders" / "orders.pt", deps=[tokenizer, parent_job]))
+        jobs.append(Job(f"orders {spec['init_from']} {tag} (seed {seed})", orders,
+                        stage_argv(exp, "predict", "extract_orders", extract), orders / "orders" / "orders.pt",
+                        deps=[tokenizer, parent_job]))
         deps = [tokenizer, jobs[-1]]
         overrides.update({"data.init_args.orders_path": str(orders / "orders"),
                           "model.init_args.init_from": str(parent_ckpt)})
