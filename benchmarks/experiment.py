@@ -15,7 +15,8 @@ evaluated *arms* (a model plus sampler settings):
 
 Budget keys: `tokenizer_steps`, `steps` (stage 1; a model's own `steps:` wins), `finetune_steps`
 (distillation), `val_every`, `limit_val_batches`, `train_images` / `val_images` (split sizes),
-`keep_every` (keep weights every k steps) with `curve_samples` (learning curves), and for the
+`keep_every` (keep weights every k steps) with `curve_samples` (learning curves), `extract_processes`
+(order extraction as DDP over that many CPU processes; they count against `--jobs`), and for the
 evaluation `samples` (per arm, and per held-out real half), `nll_images`, `sample_batch`, `sample_seed`,
 `sample_precision` (fp32 | bf16 | auto; an arm's own `precision` wins), `feature_epochs`, `feature_images`.
 
@@ -73,6 +74,7 @@ class Job:
     deps: list["Job"] = field(default_factory=list)
     resumable_fit: bool = False
     script: Path = RUN_PY
+    slots: int = 1  # processes it runs (a DDP extraction on two CPU processes takes two of `--jobs`)
 
     def key(self) -> str:
         """Hash of the command line, the content of every config file it names and the keys of its inputs."""
@@ -115,7 +117,8 @@ def run_jobs(jobs: list[Job], max_parallel: int) -> None:
     while pending or running:
         for name, job in list(pending.items()):
             blocked = any(d.name in pending or d.name in running for d in job.deps)
-            if len(running) < max_parallel and not blocked:
+            busy = sum(next(j for j in jobs if j.name == r).slots for r in running)
+            if busy + min(job.slots, max_parallel) <= max_parallel and not blocked:
                 command = job.command()
                 log = open(job.folder.parent / f"{job.folder.name}.log", "a")  # noqa: SIM115 - closed with the process
                 print(f"[stage] {name:<28} running (log {log.name})", flush=True)
@@ -285,9 +288,12 @@ def model_jobs(exp: dict, name: str, spec: dict, folder: Path, seed: int, data: 
                    "trainer.logger.init_args.save_dir": str(orders), "trainer.enable_progress_bar": False,
                    **{f"model.init_args.extraction.{k}": v for k, v in settings.items()},
                    "ckpt_path": str(parent_ckpt)}
+        processes = budget.get("extract_processes", 1)
+        if processes > 1:  # DDP on CPU processes: each writes its own shards, every order exactly once
+            extract.update({"trainer.strategy": "ddp", "trainer.accelerator": "cpu", "trainer.devices": processes})
         jobs.append(Job(f"orders {spec['init_from']} {tag} (seed {seed})", orders,
                         stage_argv(exp, "predict", "extract_orders", extract), orders / "orders" / "orders.pt",
-                        deps=[tokenizer, parent_job]))
+                        deps=[tokenizer, parent_job], slots=processes))
         deps = [tokenizer, jobs[-1]]
         overrides.update({"data.init_args.orders_path": str(orders / "orders"),
                           "model.init_args.init_from": str(parent_ckpt)})
