@@ -4,7 +4,8 @@
         [--set budget.steps=3000 ...] [--only train|eval|report]
 
 An experiment file names the data overlay, the size preset, a budget, the trained *models* and the
-evaluated *arms* (a model plus sampler settings):
+evaluated *arms* (a model plus sampler settings); `tokenizer: <checkpoint>` uses a tokenizer trained
+elsewhere instead of training one (`budget.tokenizer_steps`):
 
     models:
       raster:    {stage: raster}
@@ -48,6 +49,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from datamodules.token_cache import file_sha256  # noqa: E402
 from fileio import save_json  # noqa: E402
 
 CONFIGS = ROOT / "configs"
@@ -104,6 +106,19 @@ class Job:
     def mark_finished(self, seconds: float) -> None:
         save_json({"key": self.key(), "argv": self.argv, "finished": True, "wall_s": seconds},
                   self.folder / "done.json", indent=1)
+
+
+class GivenFile(Job):
+    """A product given by the experiment file (e.g. a tokenizer trained elsewhere): never run; its key is
+    the file's content hash, so the stages after it are keyed by what it holds."""
+
+    def key(self) -> str:
+        return file_sha256(self.product)[:16]
+
+    def finished(self) -> bool:
+        if not self.product.is_file():
+            raise SystemExit(f"error: {self.name} {self.product} not found: fix `tokenizer:` in the experiment file")
+        return True
 
 
 def run_jobs(jobs: list[Job], max_parallel: int) -> None:
@@ -226,10 +241,15 @@ def plan(exp: dict, root: Path, seeds: list[int]) -> tuple[list[Job], dict]:
     lives in `<out>/tokenizers/<data>-<key of its command>/`.
     """
     budget, data = exp["budget"], data_overrides(exp, root.parent)
-    argv = stage_argv(exp, "fit", "tokenizer", {**data, **fit_overrides(exp, budget["tokenizer_steps"], Path("."), 0)})
-    tok_folder = root.parent / "tokenizers" / f"{exp['data']}-{Job('', Path('.'), argv, Path('.')).key()}"
-    argv = [a if a != "." else str(tok_folder) for a in argv]  # the run folder, once its name is known
-    tok = Job("tokenizer", tok_folder, argv, tok_folder / "checkpoints" / "last.ckpt", resumable_fit=True)
+    if exp.get("tokenizer"):  # a tokenizer checkpoint given by the experiment file
+        given = Path(exp["tokenizer"])
+        tok = GivenFile("tokenizer", given.parent, [], given)
+    else:
+        argv = stage_argv(exp, "fit", "tokenizer",
+                          {**data, **fit_overrides(exp, budget["tokenizer_steps"], Path("."), 0)})
+        tok_folder = root.parent / "tokenizers" / f"{exp['data']}-{Job('', Path('.'), argv, Path('.')).key()}"
+        argv = [a if a != "." else str(tok_folder) for a in argv]  # the run folder, once its name is known
+        tok = Job("tokenizer", tok_folder, argv, tok_folder / "checkpoints" / "last.ckpt", resumable_fit=True)
     jobs, ckpts = [tok], {}
     exp["tokenizer_ckpt"] = str(tok.product)
     token_data = {**data, "data.init_args.tokenizer_ckpt": str(tok.product)}

@@ -71,3 +71,13 @@ def test_untinted_unconditional_variant_gets_the_analyser_columns_but_no_class_a
     assert float(rows["real images (reference)"]["consistency ↑"]) == 1.0
     report = json.loads((tmp_path / "untinted" / "report.json").read_text())
     assert report["rows"]["feature_info"]["label_head"] is None
+
+
+def test_a_given_tokenizer_replaces_the_tokenizer_stage(tmp_path):
+    tokenizer = tmp_path / "tok.ckpt"
+    tokenizer.write_bytes(b"one tokenizer")
+    jobs = jobs_of(tmp_path, f"tokenizer={tokenizer}")
+    assert jobs["tokenizer"].finished() and jobs["tokenizer"].product == tokenizer
+    before = jobs["raster (seed 0)"].key()
+    tokenizer.write_bytes(b"another tokenizer")  # other contents: every stage after it changes
+    assert jobs_of(tmp_path, f"tokenizer={tokenizer}")["raster (seed 0)"].key() != before
