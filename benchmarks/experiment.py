@@ -242,7 +242,7 @@ def plan(exp: dict, root: Path, seeds: list[int]) -> tuple[list[Job], dict]:
     """
     budget, data = exp["budget"], data_overrides(exp, root.parent)
     if exp.get("tokenizer"):  # a tokenizer checkpoint given by the experiment file
-        given = Path(exp["tokenizer"])
+        given = ROOT / exp["tokenizer"]  # relative to the repository (absolute paths stay as they are)
         tok = GivenFile("tokenizer", given.parent, [], given)
     else:
         argv = stage_argv(exp, "fit", "tokenizer",
