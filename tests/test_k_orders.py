@@ -2,6 +2,7 @@
 file (keys (index, flip, k)), resumption, DDP, statistics and distillation drawing one of the K orders."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from models.extraction import extract_orders, noise_seeds
 from models.orders import is_permutation, random_order
 from tests.conftest import ORDERS, QUIET, REPO, SMALL_DATA, STAGE1_CKPT, config, copy_run, fit, predict
 from tests.ddp import run_cli_subprocess
-from tests.test_orders_file import H, N_CELLS, W, token_manifest
+from tests.test_orders_file import N_CELLS, H, W, token_manifest
 from tests.test_pipeline import Crash, one_line
 from tests.test_transformer import VOCAB, N, tiny_net
 
@@ -162,7 +163,7 @@ def test_agreement_within_images():
     assert agreement_within_images(torch.stack([one, one.flip(1)], dim=1), H, W) == pytest.approx(-1.0)
     unrelated = random_order(2000, 64, generator=g).view(500, 4, 64)
     assert abs(agreement_within_images(unrelated, 8, 8)) < 0.05
-    assert agreement_within_images(one[:, None], H, W) != agreement_within_images(one[:, None], H, W)  # nan: K = 1
+    assert math.isnan(agreement_within_images(one[:, None], H, W))  # K = 1: no pairs
 
 
 # ---- distillation draws one of the K orders -------------------------------------------------------------------
@@ -186,7 +187,7 @@ def test_token_split_draws_every_k_and_keeps_the_view():
 
 
 class OrderRecorder(Callback):
-    """The (index, flip, order) of every training batch; add with `--trainer.callbacks+=tests.test_k_orders.OrderRecorder`."""
+    """The (index, flip, order) of every training item (`--trainer.callbacks+=tests.test_k_orders.OrderRecorder`)."""
 
     def __init__(self):
         self.seen = []
@@ -237,7 +238,8 @@ def test_extraction_with_another_k_into_a_finished_folder_is_refused(orders_run,
 
 def test_distill_trains_on_k_orders_and_draws_every_k(k_orders_run, tmp_path, monkeypatch):
     monkeypatch.chdir(copy_run(k_orders_run, tmp_path))
-    cli = fit("distill", "--model.init_args.random_order_prob", "0", "--trainer.callbacks+=tests.test_k_orders.OrderRecorder")
+    cli = fit("distill", "--model.init_args.random_order_prob", "0",
+              "--trainer.callbacks+=tests.test_k_orders.OrderRecorder")
     orders = torch.load(ORDERS / "orders.pt", weights_only=True)["orders"].long()  # (N, F, K, n)
     [recorder] = [c for c in cli.trainer.callbacks if isinstance(c, OrderRecorder)]
     drawn = []
