@@ -9,7 +9,7 @@ the DataModule leaves out the (index, flip) views already written (`datamodules.
 
 What it needs from `trainer.datamodule`: `orders_path` (the folder), `token_manifest() -> dict` (the
 token cache's manifest), `predict_split`, `source` (its length is N), `num_classes`,
-`extraction_keys() -> list[(index, flip)]` (every key of the split, finished or not) and
+`extraction_keys() -> list[(index, flip)]` (every view of the split, finished or not) and
 `labels_of(indices (k,)) -> long (k,)`.
 
 Lightning's predict sampler asserts that every process gets at least one item, so when fewer keys
