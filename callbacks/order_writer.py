@@ -2,13 +2,14 @@
 
 Runs under `python run.py predict --config configs/extract_orders.yaml --ckpt_path <stage-1 checkpoint>`,
 whose `model.init_args.predict_task: extract` makes `predict_step` return
-`{"order": (b,n), "index": (b,), "flip": (b,)}` for every batch; each batch becomes a shard of
-the orders folder at once (nothing is kept in memory), so an interrupted run resumes: the DataModule
-leaves out the (index, flip) keys already written (`datamodules.orders_file.finished_keys`).
+`{"order": (b*K,n), "index": (b*K,), "flip": (b*K,), "k": (b*K,)}` for every batch of b views (K =
+`extraction.orders_per_image` rows per view, view-major; "k" may be left out when K = 1); each batch
+becomes a shard of the orders folder at once (nothing is kept in memory), so an interrupted run resumes:
+the DataModule leaves out the (index, flip) views already written (`datamodules.orders_file.finished_views`).
 
 What it needs from `trainer.datamodule`: `orders_path` (the folder), `token_manifest() -> dict` (the
 token cache's manifest), `predict_split`, `source` (its length is N), `num_classes`,
-`extraction_keys() -> list[(index, flip)]` (every key of the split, finished or not) and
+`extraction_keys() -> list[(index, flip)]` (every view of the split, finished or not) and
 `labels_of(indices (k,)) -> long (k,)`.
 
 Lightning's predict sampler asserts that every process gets at least one item, so when fewer keys
@@ -17,6 +18,7 @@ remain than processes the DataModule pads the list with repeats flagged `"pad": 
 """
 
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, is_dataclass
@@ -37,7 +39,7 @@ from datamodules.orders_file import (
     write_statistics,
 )
 from datamodules.token_cache import file_sha256
-from evaluation.order_stats import as_step_maps, order_statistics
+from evaluation.order_stats import agreement_within_images, as_step_maps, order_statistics
 
 log = logging.getLogger("oar.extract")
 
@@ -94,12 +96,14 @@ class OrderWriter(BasePredictionWriter):
             if not trainer.ckpt_path:
                 raise ValueError(f"order extraction needs the stage-1 model: run `{EXTRACT_CMD}`")
             dm = trainer.datamodule
+            settings = _settings(pl_module)
             manifest = orders_manifest(
                 dm.token_manifest(),
                 file_sha256(trainer.ckpt_path),
-                _settings(pl_module),
+                settings,
                 dm.predict_split,
                 len(dm.source),
+                orders_per_image=settings.get("orders_per_image", 1),
             )
             # Every process checks (read-only unless the manifest is new) before it writes any shard.
             self._path = open_for_writing(dm.orders_path, manifest)
@@ -120,11 +124,13 @@ class OrderWriter(BasePredictionWriter):
         dataloader_idx: int = 0,
     ) -> None:
         index, flip, order = prediction["index"], prediction["flip"], prediction["order"]
-        keep = torch.as_tensor(batch["pad"], device=order.device) == 0  # filler repeats (module docstring)
-        index, flip, order = index[keep], flip[keep], order[keep]
+        k = prediction.get("k", torch.zeros_like(index))
+        pad = torch.as_tensor(batch["pad"], device=order.device)
+        keep = (pad == 0).repeat_interleave(len(order) // len(pad))  # filler repeats (module docstring), K rows each
+        index, flip, k, order = index[keep], flip[keep], k[keep], order[keep]
         if len(order):
             tag = f"r{trainer.global_rank}-{self._run}-d{dataloader_idx}-b{batch_idx:07d}"
-            write_shard(self._open(trainer, pl_module), index, flip, order, tag=tag)
+            write_shard(self._open(trainer, pl_module), index, flip, order, tag=tag, k=k)
             self._count += len(order)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -141,38 +147,56 @@ class OrderWriter(BasePredictionWriter):
 
     def _finish(self, trainer: Trainer, path: Path, total: int, seconds: float) -> None:
         dm = trainer.datamodule
-        keys = dm.extraction_keys()
-        out = consolidate(path, keys)
+        views = dm.extraction_keys()
+        out = consolidate(path, views)
+        data = torch.load(out, map_location="cpu", weights_only=True)
+        per = data["orders"].shape[2]  # K orders per view
         log.info(
             "extracted %d orders in %.1f s (%.2f orders/s; %d of %d were done before): %s",
             total,
             seconds,
             total / max(seconds, 1e-9),
-            len(keys) - total,
-            len(keys),
+            len(views) * per - total,
+            len(views) * per,
             out,
         )
-        data = torch.load(out, map_location="cpu", weights_only=True)
-        h, w = data["manifest"]["grid"]
-        which = data["done"].nonzero()  # (k, 2) (index, flip)
-        gen = torch.Generator().manual_seed(self.seed)
-        if len(which) > self.stats_max_orders:
-            which = which[torch.randperm(len(which), generator=gen)[: self.stats_max_orders]]
-        orders = data["orders"][which[:, 0], which[:, 1]].long()
-        labels = torch.as_tensor(dm.labels_of(which[:, 0])).long()
-        stats = order_statistics(
-            orders, labels, dm.num_classes, h, w, neighbourhood=self.neighbourhood, seed=self.seed
-        )
+        stats, orders, labels = self._statistics(data, dm)
         stats["orders_per_second"] = total / max(seconds, 1e-9)
         write_statistics(path, stats)
         log.info(
-            "order agreement %s (random %s), adjacency share %s (random %s)",
+            "order agreement %s (random %s), adjacency share %s (random %s)%s",
             stats["agreement"],
             stats["random"]["agreement"],
             stats["adjacency_share"],
             stats["random"]["adjacency_share"],
+            f", agreement of the {per} orders of an image {stats['agreement_within_image']}" if per > 1 else "",
         )
+        h, w = data["manifest"]["grid"]
         self._log_tensorboard(trainer, orders, labels, dm.num_classes, h, w, stats)
+
+    def _statistics(self, data: dict, dm) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """Statistics of (a seeded subset of) the orders of `orders.pt`; also the orders (m*K, n) and labels used.
+
+        The subset takes whole views (all K orders of each); with K > 1 the statistics add
+        `agreement_within_image`, the mean agreement between the K orders of the same image view.
+        """
+        h, w = data["manifest"]["grid"]
+        per = data["orders"].shape[2]
+        which = data["done"].all(dim=2).nonzero()  # (m, 2) (index, flip)
+        gen = torch.Generator().manual_seed(self.seed)
+        most = max(1, self.stats_max_orders // per)
+        if len(which) > most:
+            which = which[torch.randperm(len(which), generator=gen)[:most]]
+        orders = data["orders"][which[:, 0], which[:, 1]].long()  # (m, K, n)
+        labels = torch.as_tensor(dm.labels_of(which[:, 0])).long().repeat_interleave(per)
+        stats = order_statistics(
+            orders.flatten(0, 1), labels, dm.num_classes, h, w, neighbourhood=self.neighbourhood, seed=self.seed
+        )
+        if per > 1:
+            stats["orders_per_image"] = per
+            within = agreement_within_images(orders, h, w)
+            stats["agreement_within_image"] = None if math.isnan(within) else within  # strict JSON: no NaN
+        return stats, orders.flatten(0, 1), labels
 
     def _log_tensorboard(
         self,
@@ -193,6 +217,7 @@ class OrderWriter(BasePredictionWriter):
             ("agreement", stats["agreement"]),
             ("adjacency_share", stats["adjacency_share"]),
             ("adjacency_share_random", stats["random"]["adjacency_share"]),
+            ("agreement_within_image", stats.get("agreement_within_image")),
         ):
             if value is not None:
                 writer.add_scalar(f"orders/{name}", value, step)

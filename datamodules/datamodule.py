@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.orders_file import finished_keys, load_orders
+from datamodules.orders_file import finished_views, load_orders
 from datamodules.token_cache import (
     IMAGE_SIZE_KEY,
     cache_path,
@@ -49,7 +49,11 @@ class ImageSplit(Dataset):
 
 
 class TokenSplit(Dataset):
-    """Token grids of one split; with flips, a random one of the two cached views (training only)."""
+    """Token grids of one split; with flips, a random one of the two cached views (training only).
+
+    With orders (N, F, K, n) (distillation), each item carries the order of its view, one of the view's
+    K orders drawn at random when K > 1 (by the global RNG, as the flip: the DataLoader's randomness).
+    """
 
     def __init__(self, tokens: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, flip: bool,
                  orders: torch.Tensor | None = None):
@@ -64,12 +68,14 @@ class TokenSplit(Dataset):
         item = {"tokens": self.tokens[index, f].long(), "label": int(self.labels[index]), "index": index,
                 "flip": f}
         if self.orders is not None:
-            item["order"] = self.orders[index, f].long()
+            per = self.orders.shape[2]
+            k = int(torch.randint(per, ())) if per > 1 else 0  # K = 1 draws nothing: the same stream as before K
+            item["order"] = self.orders[index, f, k].long()
         return item
 
 
 class TokenViews(Dataset):
-    """Given (image, view) keys in a fixed order: what order extraction runs over.
+    """Given (image, view) keys in a fixed order: what order extraction runs over (K orders each).
 
     `pad` flags repeats added only so every process gets an item; the order writer drops them.
     """
@@ -204,7 +210,7 @@ class OARDataModule(LightningDataModule):
         return self.token_cache()["labels"][indices]
 
     def extraction_keys(self) -> list[tuple[int, int]]:
-        """Every (image index, view) of `predict_split`, the keys of the orders file."""
+        """Every (image index, view) of `predict_split`: the views whose K orders the orders file holds."""
         indices = self.split_indices()[self.predict_split == "val"]
         views = self.token_cache()["tokens"].shape[1]
         return [(int(i), f) for i in indices for f in range(views)]
@@ -222,7 +228,7 @@ class OARDataModule(LightningDataModule):
             self.val_set = ImageSplit(self.source, val_idx, False)
 
     def _orders(self) -> torch.Tensor | None:
-        """Per-image training orders (N, F, n) when an orders file is given (distillation)."""
+        """Per-image training orders (N, F, K, n) when an orders file is given (distillation)."""
         if self.orders_path is None:
             return None
         return load_orders(self.orders_path, self.token_manifest(), indices=self.split_indices()[0])
@@ -267,10 +273,10 @@ class OARDataModule(LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
 
     def _extraction_set(self) -> TokenViews:
-        """The keys still to extract: finished shards of `orders_path` are skipped (resumption)."""
+        """The views still to extract: views whose K orders are in finished shards are skipped (resumption)."""
         if self.orders_path is None:
             raise ValueError("order extraction needs data.init_args.orders_path (the folder to write)")
-        done = finished_keys(self.orders_path)
+        done = finished_views(self.orders_path)
         keys = [k for k in self.extraction_keys() if k not in done]
         pad = [0] * len(keys)
         world = self.trainer.world_size if self.trainer is not None else 1
@@ -278,7 +284,7 @@ class OARDataModule(LightningDataModule):
             pad += [1] * (world - len(keys))
             keys += [keys[0]] * (world - len(keys))
         if done:
-            log.info("orders: %d of %d keys already written, %d left", len(done), len(done) + len(keys), len(keys))
+            log.info("orders: %d of %d views already written, %d left", len(done), len(done) + len(keys), len(keys))
         cache = self.token_cache()
         return TokenViews(cache["tokens"], cache["labels"], keys, pad)
 

@@ -1,13 +1,17 @@
-# Shapes: N images in the dataset, F views (2 with flips: index 1 = mirrored), n tokens = h*w, k orders.
+# Shapes: N images in the dataset, F views (2 with flips: index 1 = mirrored), K orders per view,
+# n tokens = h*w, m rows of a shard.
 """The orders file between order extraction (stage 2) and distillation: a folder of shards.
 
 Layout of `<orders_path>/`:
 - `manifest.json`: what the orders were made from (dataset fingerprint, token-cache manifest and its
-  hash, stage-1 checkpoint hash, extraction settings, split, N, F, grid), plus `statistics` once done.
-- `shard-<tag>.pt`: `{"index": long (k,), "flip": long (k,), "order": int16 (k, n)}`, one per batch
-  and process; `<tag>` is unique per process, run and batch, so processes never write the same file.
-- `orders.pt` after completion: `{"orders": int16 (N, F, n), "done": bool (N, F), "manifest": dict}`
-  with -1 rows for images outside the extracted split.
+  hash, stage-1 checkpoint hash, extraction settings, split, N, F, K, grid), plus `statistics` once done.
+- `shard-<tag>.pt`: `{"index": long (m,), "flip": long (m,), "k": long (m,), "order": int16 (m, n)}`,
+  one per batch and process; `<tag>` is unique per process, run and batch, so processes never write the
+  same file. A key is (index, flip, k): the k-th of the K orders of a view (K > 1 with noisy extraction:
+  K different orders of one image); a batch writes all K orders of its views in one shard.
+- `orders.pt` after completion: `{"orders": int16 (N, F, K, n), "done": bool (N, F, K), "manifest": dict}`
+  with -1 rows for images outside the extracted split. Format 1 (before K existed) held `(N, F, n)` and
+  `(N, F)`; `load_orders` still reads it, as K = 1.
 
 Every file is written to a temp file in the folder and renamed, so a crash never leaves half a shard:
 what `finished_keys` sees is finished, and a rerun extracts only the rest. A shard damaged later (a
@@ -30,7 +34,8 @@ from models.checkpoint import UnreadableFileError, read_checkpoint
 
 log = logging.getLogger("oar.extract")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # format 1: one order per view, no K axis
 MANIFEST = "manifest.json"
 ORDERS = "orders.pt"
 EXTRACT_CMD = "python run.py predict --config configs/extract_orders.yaml --ckpt_path <stage-1 checkpoint>"
@@ -46,7 +51,7 @@ def json_sha256(obj: dict) -> str:
 
 
 def orders_manifest(
-    token_manifest: dict, model_sha256: str, settings: dict, split: str, num_images: int
+    token_manifest: dict, model_sha256: str, settings: dict, split: str, num_images: int, orders_per_image: int = 1
 ) -> dict:
     """The manifest of an orders file.
 
@@ -57,6 +62,7 @@ def orders_manifest(
         settings: extraction settings (score, positions per step, ...).
         split: the split extracted (train | val).
         num_images: N, the number of images of the whole dataset (rows of `orders.pt`).
+        orders_per_image: K, the orders extracted per image view.
     """
     return _normalise(
         {
@@ -69,6 +75,7 @@ def orders_manifest(
             "split": split,
             "num_images": int(num_images),
             "views": 2 if token_manifest["flip"] else 1,
+            "orders_per_image": int(orders_per_image),
             "grid": [int(token_manifest["grid_h"]), int(token_manifest["grid_w"])],
         }
     )
@@ -112,7 +119,7 @@ def open_for_writing(path: str | Path, manifest: dict) -> Path:
     if differ:
         raise ValueError(
             f"orders folder {path} was started from a different {', '.join(differ)}: delete the "
-            "folder or set data.init_args.orders_path to a new folder"
+            f"folder and rerun `{EXTRACT_CMD}`, or set data.init_args.orders_path to a new folder"
         )
     return path
 
@@ -138,12 +145,18 @@ def _drop(file: Path) -> None:
     file.unlink(missing_ok=True)  # every process may find it: the first one deletes it
 
 
-def finished_keys(path: str | Path) -> set[tuple[int, int]]:
-    """The (index, flip) pairs whose orders are already written; empty when there is no folder.
+def _rows(shard: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """index, flip, k (m,) and order (m, n) of a shard (k = 0 in shards written before K existed)."""
+    index = shard["index"]
+    return index, shard["flip"], shard.get("k", torch.zeros_like(index)), shard["order"]
+
+
+def finished_keys(path: str | Path) -> set[tuple[int, int, int]]:
+    """The (index, flip, k) keys whose orders are already written; empty when there is no folder.
 
     Unreadable shards are deleted (with a warning), so their keys count as not written.
     """
-    keys: set[tuple[int, int]] = set()
+    keys: set[tuple[int, int, int]] = set()
     path = Path(path)
     if not path.is_dir():
         return keys
@@ -155,31 +168,46 @@ def finished_keys(path: str | Path) -> set[tuple[int, int]]:
         except UnreadableFileError:
             _drop(file)
             continue
-        keys.update(zip(shard["index"].tolist(), shard["flip"].tolist(), strict=True))
+        keys.update(zip(*(t.tolist() for t in _rows(shard)[:3]), strict=True))
     return keys
 
 
-def write_shard(path: str | Path, index: Tensor, flip: Tensor, order: Tensor, tag: str | None = None) -> Path:
+def finished_views(path: str | Path) -> set[tuple[int, int]]:
+    """The (index, flip) views whose K orders (K of the manifest) are all written: what a rerun skips."""
+    keys = finished_keys(path)
+    if not keys:
+        return set()
+    written: dict[tuple[int, int], set[int]] = {}
+    for index, flip, k in keys:
+        written.setdefault((index, flip), set()).add(k)
+    every_k = set(range(read_manifest(path).get("orders_per_image", 1)))
+    return {view for view, ks in written.items() if every_k <= ks}
+
+
+def write_shard(path: str | Path, index: Tensor, flip: Tensor, order: Tensor, tag: str | None = None,
+                k: Tensor | None = None) -> Path:
     """Write the orders of one batch as `shard-<tag>.pt` (atomically).
 
     Args:
         path: the orders folder (made by `open_for_writing`).
-        index: (k,) dataset indices.
-        flip: (k,) views (0 = as is, 1 = mirrored).
-        order: (k, n) orders.
+        index: (m,) dataset indices.
+        flip: (m,) views (0 = as is, 1 = mirrored).
+        order: (m, n) orders.
         tag: a name unique among all processes and runs (default: a random one).
+        k: (m,) which of the K orders of its view each row is (default: 0, one order per view).
     """
-    index, flip, order = (torch.as_tensor(t).detach().cpu() for t in (index, flip, order))
-    if order.dim() != 2 or not len(index) == len(flip) == len(order):
+    k = torch.zeros_like(torch.as_tensor(index)) if k is None else k
+    index, flip, k, order = (torch.as_tensor(t).detach().cpu() for t in (index, flip, k, order))
+    if order.dim() != 2 or not len(index) == len(flip) == len(k) == len(order):
         raise ValueError(
-            f"expected index (k,), flip (k,), order (k, n), got {tuple(index.shape)}, "
-            f"{tuple(flip.shape)}, {tuple(order.shape)}"
+            f"expected index (m,), flip (m,), k (m,), order (m, n), got {tuple(index.shape)}, "
+            f"{tuple(flip.shape)}, {tuple(k.shape)}, {tuple(order.shape)}"
         )
     if order.shape[1] > torch.iinfo(torch.int16).max + 1:
         raise ValueError(f"orders of {order.shape[1]} cells do not fit int16")
     tag = tag or os.urandom(8).hex()
     file = Path(path) / f"shard-{tag}.pt"
-    save_torch({"index": index.long(), "flip": flip.long(), "order": order.to(torch.int16)}, file)
+    save_torch({"index": index.long(), "flip": flip.long(), "k": k.long(), "order": order.to(torch.int16)}, file)
     return file
 
 
@@ -194,37 +222,35 @@ def _check_permutations(rows: Tensor, where: str) -> None:
             )
 
 
-def consolidate(path: str | Path, expected_keys: Iterable[tuple[int, int]]) -> Path:
-    """Gather all shards into `orders.pt` (atomically) and remove a killed run's temp files; returns its path.
+def _key_of(flat: int, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(index, flip, k) of a flat key into (N, F, K)."""
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), shape))
 
-    A key written twice with the same order is fine (a resumed or padded run may repeat items); two
-    different orders for one key, a missing key or a key outside `expected_keys` are errors.
 
-    Args:
-        path: the orders folder.
-        expected_keys: every (index, flip) of the extracted split.
+def _gather(path: Path, shape: tuple[int, int, int], grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """orders int16 (N, F, K, n) and done bool (N, F, K) from every shard of the folder.
 
     Raises:
-        ValueError: conflicting, missing or unexpected keys, or a row that is not a permutation.
+        ValueError: an unreadable shard (deleted), a row outside the manifest, not a permutation, or
+            two different orders for one key.
     """
-    path = Path(path)
-    manifest = {k: v for k, v in read_manifest(path).items() if k not in _ANNOTATIONS}
-    num, views, (h, w) = manifest["num_images"], manifest["views"], manifest["grid"]
-    orders = torch.full((num * views, h * w), -1, dtype=torch.int16)
-    done = torch.zeros(num * views, dtype=torch.bool)
+    num, views, per = shape
+    n = grid[0] * grid[1]
+    orders = torch.full((num * views * per, n), -1, dtype=torch.int16)
+    done = torch.zeros(num * views * per, dtype=torch.bool)
     for file in _shards(path):
         try:
             shard = _load(file)
         except UnreadableFileError as err:
             _drop(file)
             raise ValueError(f"{err} (it is deleted now)") from err
-        index, flip, order = shard["index"], shard["flip"], shard["order"]
-        if ((index < 0) | (index >= num) | (flip < 0) | (flip >= views)).any() or order.shape[1] != h * w:
-            raise ValueError(
-                f"shard {file} does not fit the manifest ({num} images, {views} views, {h}x{w} grid)"
-            )
+        index, flip, k, order = _rows(shard)
+        outside = (index < 0) | (index >= num) | (flip < 0) | (flip >= views) | (k < 0) | (k >= per)
+        if outside.any() or order.shape[1] != n:
+            raise ValueError(f"shard {file} does not fit the manifest ({num} images, {views} views, {per} orders "
+                             f"per view, {grid[0]}x{grid[1]} grid)")
         _check_permutations(order, f"shard {file}")
-        key = index * views + flip
+        key = (index * views + flip) * per + k
         # Repeats inside the shard: sorted, equal neighbours must carry equal orders.
         sorted_key, perm = key.sort(stable=True)
         same = (sorted_key[1:] == sorted_key[:-1]).nonzero().flatten()
@@ -233,26 +259,44 @@ def consolidate(path: str | Path, expected_keys: Iterable[tuple[int, int]]) -> P
         seen = done[key].nonzero().flatten()
         clash_seen = (orders[key[seen]] != order[seen]).any(dim=1)
         if clash.any() or clash_seen.any():
-            k = int(sorted_key[same[clash]][0]) if clash.any() else int(key[seen[clash_seen]][0])
+            flat = int(sorted_key[same[clash]][0]) if clash.any() else int(key[seen[clash_seen]][0])
             raise ValueError(
-                f"conflicting orders for (index, flip) = {divmod(k, views)} in {path}: delete the "
+                f"conflicting orders for (index, flip, k) = {_key_of(flat, shape)} in {path}: delete the "
                 f"folder and rerun `{EXTRACT_CMD}`"
             )
         orders[key], done[key] = order, True
-    expected = torch.zeros(num * views, dtype=torch.bool)
-    keys = torch.tensor(list(expected_keys), dtype=torch.long).view(-1, 2)
-    expected[keys[:, 0] * views + keys[:, 1]] = True
+    return orders.view(*shape, n), done.view(shape)
+
+
+def consolidate(path: str | Path, expected_views: Iterable[tuple[int, int]]) -> Path:
+    """Gather all shards into `orders.pt` (atomically) and remove a killed run's temp files; returns its path.
+
+    A key written twice with the same order is fine (a resumed or padded run may repeat items); two
+    different orders for one key, a missing key or a key outside `expected_views` are errors.
+
+    Args:
+        path: the orders folder.
+        expected_views: every (index, flip) of the extracted split; each needs its K orders (K of the manifest).
+
+    Raises:
+        ValueError: conflicting, missing or unexpected keys, or a row that is not a permutation.
+    """
+    path = Path(path)
+    manifest = {k: v for k, v in read_manifest(path).items() if k not in _ANNOTATIONS}
+    shape = (manifest["num_images"], manifest["views"], manifest.get("orders_per_image", 1))
+    orders, done = _gather(path, shape, tuple(manifest["grid"]))
+    expected = torch.zeros(shape, dtype=torch.bool)
+    views = torch.tensor(list(expected_views), dtype=torch.long).view(-1, 2)
+    expected[views[:, 0], views[:, 1]] = True
     for name, mask in (("missing", expected & ~done), ("unexpected", done & ~expected)):
         if mask.any():
-            first = [divmod(int(k), views) for k in mask.nonzero().flatten()[:5]]
+            first = [tuple(key) for key in mask.nonzero()[:5].tolist()]
             raise ValueError(
-                f"{int(mask.sum())} {name} (index, flip) keys in {path}, e.g. {first}: "
+                f"{int(mask.sum())} {name} (index, flip, k) keys in {path}, e.g. {first}: "
                 f"rerun `{EXTRACT_CMD}`" + (" (it resumes)" if name == "missing" else "")
             )
     out = path / ORDERS
-    save_torch(
-        {"orders": orders.view(num, views, h * w), "done": done.view(num, views), "manifest": manifest}, out
-    )
+    save_torch({"orders": orders, "done": done, "manifest": manifest}, out)
     for stale in path.glob(".shard-*.tmp"):  # half shards of a killed run: every writer has finished by now
         stale.unlink(missing_ok=True)
     return out
@@ -264,14 +308,14 @@ def load_orders(path: str | Path, token_manifest: dict, indices: Tensor | None =
     Args:
         path: the orders folder.
         token_manifest: manifest of the token cache in use now; the orders must come from the same.
-        indices: dataset indices that will be trained on; every view of each must have an order.
+        indices: dataset indices that will be trained on; every view of each must have its K orders.
 
     Returns:
-        orders long (N, F, n), -1 rows for images outside the extracted split.
+        orders long (N, F, K, n), -1 rows for images outside the extracted split (K = 1 for format 1).
 
     Raises:
         FileNotFoundError: no folder, or extraction never finished (no `orders.pt`).
-        ValueError: stale (another dataset or token cache), incomplete, or not permutations.
+        ValueError: stale (another dataset, token cache or an unknown format), incomplete, or not permutations.
     """
     path = Path(path)
     if not (path / ORDERS).is_file():
@@ -281,14 +325,17 @@ def load_orders(path: str | Path, token_manifest: dict, indices: Tensor | None =
                            f"rerun `{EXTRACT_CMD}` with data.init_args.orders_path={path}: it rebuilds {ORDERS} from "
                            "the shards")
     manifest, orders, done = data["manifest"], data["orders"], data["done"]
-    made_from = (manifest.get("format"), manifest.get("dataset_fingerprint"), manifest.get("token_cache"))
-    if made_from != (FORMAT_VERSION, token_manifest["dataset_fingerprint"], _normalise(token_manifest)):
+    made_from = (manifest.get("dataset_fingerprint"), manifest.get("token_cache"))
+    if manifest.get("format") not in READABLE_FORMATS or \
+            made_from != (token_manifest["dataset_fingerprint"], _normalise(token_manifest)):
         raise ValueError(
             f"orders file {path} is stale (made from another dataset, tokenizer or format): delete "
             f"it and rerun `{EXTRACT_CMD}`"
         )
+    if manifest["format"] == 1:  # one order per view, no K axis
+        orders, done = orders.unsqueeze(2), done.unsqueeze(2)
     if indices is None:
-        wanted = done.any(dim=1)  # at least: an image with an order has one for every view
+        wanted = done.flatten(1).any(dim=1)  # at least: an image with an order has all of its orders
     else:
         wanted = done.new_zeros(done.shape[0])
         wanted[torch.as_tensor(indices).long()] = True

@@ -92,10 +92,37 @@ def order_agreement(
     if m < 2 or n < 2:
         return math.nan
     i, j = _pairs(m, num_pairs, generator)
+    return float(_spearman(maps[i], maps[j]).mean())
+
+
+def _spearman(a: Tensor, b: Tensor) -> Tensor:
+    """Spearman's rho of step maps flattened to (..., n), over the last axis."""
     # Steps of a permutation are ranks without ties, so Spearman's rho is Pearson's r of the steps.
-    d2 = (maps[i] - maps[j]).pow(2).sum(dim=1)
-    rho = 1 - 6 * d2 / (n * (n * n - 1))
-    return float(rho.mean())
+    n = a.shape[-1]
+    return 1 - 6 * (a - b).pow(2).sum(dim=-1) / (n * (n * n - 1))
+
+
+def agreement_within_images(orders: OrdersLike, h: int, w: int) -> float:
+    """How much the K orders of the same image agree: mean Spearman rank correlation of their pairs.
+
+    1 when the K orders of each image are the same (extraction without noise), about 0 when they are
+    unrelated; read it beside `order_agreement` (orders of different images).
+
+    Args:
+        orders: (m, K, n) orders or (m, K, h, w) step maps: K orders of each of m images.
+        h: token-grid height.
+        w: token-grid width.
+
+    Returns:
+        The mean over all pairs of orders of the same image, nan for K < 2, no images or a single cell.
+    """
+    orders = torch.as_tensor(orders).long()
+    m, per = orders.shape[:2]
+    if m == 0 or per < 2 or h * w < 2:
+        return math.nan
+    maps = as_step_maps(orders.flatten(0, 1), h, w).view(m, per, h * w).double()
+    i, j = torch.triu_indices(per, per, offset=1)
+    return float(_spearman(maps[:, i], maps[:, j]).mean())
 
 
 def _neighbour_offsets(neighbourhood: int) -> list[tuple[int, int]]:

@@ -42,7 +42,7 @@ def check_predict_split(task: str, split: str) -> None:
 
 @dataclass
 class ExtractionSettings:
-    """How `predict` extracts one order per training image (teacher-forced greedy search).
+    """How `predict` extracts the orders of training images (teacher-forced greedy search).
 
     Attributes:
         score: true_prob (probability of the true token, default) | max_prob.
@@ -51,7 +51,10 @@ class ExtractionSettings:
         gumbel_schedule: constant | linear (the noise falls to 0 over the steps).
         random_first: the first this many cells of each image are placed uniformly at random.
         seed: seed of the Gumbel noise; each image's noise depends only on (seed, dataset index, flip
-            view), so a resumed, re-sharded or multi-process extraction gives the same orders.
+            view, k), so a resumed, re-sharded or multi-process extraction gives the same orders.
+        orders_per_image: K, the orders extracted per image view, each with its own noise (k = 0 has the
+            noise of one order per view); distillation trains each step on one of them, drawn at random.
+            Without noise (gumbel_temperature 0, random_first 0) the K orders are copies.
         precision: fp32 | bf16 | auto (bf16 where the device has native bf16 matmuls); see
             `models.sampling.SamplerSettings.precision`.
     """
@@ -63,6 +66,7 @@ class ExtractionSettings:
     random_first: int = 0
     seed: int = 0
     precision: str = "fp32"
+    orders_per_image: int = 1
 
     def __post_init__(self) -> None:
         where = "model.init_args.extraction."
@@ -81,6 +85,9 @@ class ExtractionSettings:
             raise ValueError(f"{where}random_first = {self.random_first} is impossible: set it to >= 0")
         if self.precision not in PRECISIONS:
             raise ValueError(f"{where}precision = {self.precision!r} is unknown: choose one of {', '.join(PRECISIONS)}")
+        if self.orders_per_image < 1:
+            raise ValueError(f"{where}orders_per_image = {self.orders_per_image} is impossible: set it to an "
+                             "integer >= 1 (1 = one order per image view)")
 
 
 # The defaults (shared instances: the module keeps copies). `--print_config` shows every field.
@@ -307,11 +314,17 @@ class AnyOrderModule(LightningModule):
         return self.generate(batch["label"], generator=gen, choice_generator=choice_generator(seed, self.device))
 
     def _extract(self, batch: dict) -> dict:
-        """`{"order": (b,n), "index": (b,), "flip": (b,)}` for token batches, by teacher-forced greedy search."""
-        s = self.extraction
-        seeds = noise_seeds(s.seed, batch["index"], batch["flip"])  # per image: any batching, same orders
-        order = extract_orders(self.net, batch["tokens"].flatten(1), batch["label"], score=s.score,
+        """`{"order": (b*K,n), "index", "flip", "k": (b*K,)}` for token batches, by teacher-forced greedy search.
+
+        Each of the b views gets K rows (k = 0..K-1, view-major), one extraction pass over all b*K rows.
+        """
+        s, per = self.extraction, self.extraction.orders_per_image
+        index, flip = batch["index"].repeat_interleave(per), batch["flip"].repeat_interleave(per)
+        k = torch.arange(per, device=index.device).repeat(len(batch["index"]))
+        seeds = noise_seeds(s.seed, index, flip, k)  # per image and k: any batching, same orders
+        order = extract_orders(self.net, batch["tokens"].flatten(1).repeat_interleave(per, 0),
+                               batch["label"].repeat_interleave(per), score=s.score,
                                positions_per_step=s.positions_per_step, gumbel_temperature=s.gumbel_temperature,
                                gumbel_schedule=s.gumbel_schedule, random_first=s.random_first, row_seeds=seeds,
                                dtype=resolve_dtype(s.precision, self.device))
-        return {"order": order, "index": batch["index"], "flip": batch["flip"]}
+        return {"order": order, "index": index, "flip": flip, "k": k}

@@ -1,7 +1,8 @@
 """Stage 2 of OAR: order distillation, fine-tuning the stage-1 model on its own extracted orders.
 
 The same module as stage 1 with another source of training orders: each image's stored order (its
-flipped view has its own), replaced by a fresh random order with probability `random_order_prob`
+flipped view has its own; with K orders per view, the DataModule draws one of them for each item, anew
+every epoch), replaced by a fresh random order with probability `random_order_prob`
 to keep the any-order skill that inpainting needs. Starts from the stage-1 network (`init_from`: the
 CLI builds `net` from the spec the checkpoint records, so no size is typed twice; `setup` loads its
 weights); resuming with `--ckpt_path` restores everything from the checkpoint instead.

@@ -61,13 +61,21 @@ def hash32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def noise_seeds(seed: int, index: Tensor, flip: Tensor) -> Tensor:
-    """One noise seed per (dataset index, flip view) under `seed`: long (b,) in [0, 2**32)."""
+def noise_seeds(seed: int, index: Tensor, flip: Tensor, k: Tensor | None = None) -> Tensor:
+    """One noise seed per (dataset index, flip view, k-th order of the view) under `seed`: long (b,) in [0, 2**32).
+
+    k = 0 (or None) gives the seeds of one order per view, so orders extracted before K orders per view
+    existed stay valid; each k > 0 hashes once more.
+    """
     key = index.long() * 2 + flip.long()  # (b,)
     h = hash32(torch.full_like(key, seed & MASK32))
     h = hash32(h ^ ((seed >> 32) & MASK32))
     h = hash32(h ^ (key & MASK32))
-    return hash32(h ^ ((key >> 32) & MASK32))
+    h = hash32(h ^ ((key >> 32) & MASK32))
+    if k is None:
+        return h
+    k = k.long()
+    return torch.where(k == 0, h, hash32(h ^ (k & MASK32)))
 
 
 def hashed_uniform(row_seeds: Tensor, step: int, cells: Tensor) -> Tensor:

@@ -204,7 +204,7 @@ def test_predict_step_does_its_task_whatever_the_batch_holds(tokenizer_run):
     sampled = tiny_module("sample", str(tokenizer_run / TOKENIZER_CKPT)).predict_step(batch, 0)
     assert sampled["images"].shape == (3, 3, 32, 32) and sampled["images"].dtype == torch.uint8
     extracted = tiny_module("extract").predict_step(batch, 0)
-    assert set(extracted) == {"order", "index", "flip"}
+    assert set(extracted) == {"order", "index", "flip", "k"}
     assert (extracted["order"].sort(dim=1).values == torch.arange(64)).all()
 
 

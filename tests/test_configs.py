@@ -110,7 +110,7 @@ def test_extract_orders_config_writes_orders(orders_run):
     train, val = dm.split_indices()
     orders = load_orders(orders_run / ORDERS, dm.token_manifest(), indices=train)
     h, w = dm.grid_size
-    assert orders.shape == (NUM_IMAGES, 1, h * w)
+    assert orders.shape == (NUM_IMAGES, 1, 1, h * w)  # (N, F, K, n): one view, one order per view
     assert (orders[train].sort(dim=-1).values == torch.arange(h * w)).all()
     assert (orders[val] == -1).all()  # only the train split is extracted
     manifest = read_manifest(orders_run / ORDERS)

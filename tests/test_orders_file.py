@@ -15,6 +15,7 @@ from datamodules.orders_file import (
     EXTRACT_CMD,
     consolidate,
     finished_keys,
+    finished_views,
     load_orders,
     open_for_writing,
     orders_manifest,
@@ -60,29 +61,30 @@ def folder(tmp_path):
 # ---- the file ------------------------------------------------------------------------------------
 def test_shards_resume_and_consolidate_with_padding_duplicates(folder):
     write_shard(folder, *orders_of([(0, 0), (0, 1), (2, 0)]), tag="a")
-    assert finished_keys(folder) == {(0, 0), (0, 1), (2, 0)}
+    assert finished_keys(folder) == {(0, 0, 0), (0, 1, 0), (2, 0, 0)}  # (index, flip, k), one order per view
+    assert finished_views(folder) == {(0, 0), (0, 1), (2, 0)}
     # DistributedSampler padding repeats items: the same key again, with the same order, is fine.
     write_shard(folder, *orders_of([(2, 1), (4, 0), (4, 1), (0, 0)]), tag="b")
     write_shard(folder, *orders_of([(2, 1), (2, 1)]), tag="c")
     expected = [(i, f) for i in (0, 2, 4) for f in (0, 1)]
     data = torch.load(consolidate(folder, expected), weights_only=True)
-    assert data["orders"].shape == (5, 2, N_CELLS) and data["orders"].dtype == torch.int16
-    assert data["done"].nonzero().tolist() == [list(k) for k in expected]
+    assert data["orders"].shape == (5, 2, 1, N_CELLS) and data["orders"].dtype == torch.int16
+    assert data["done"].nonzero().tolist() == [[*k, 0] for k in expected]
     assert (data["orders"][[1, 3]] == -1).all()
-    assert torch.equal(data["orders"][2, 1].long(), fake_order(2, 1))
+    assert torch.equal(data["orders"][2, 1, 0].long(), fake_order(2, 1))
     orders = load_orders(folder, token_manifest(), indices=torch.tensor([0, 2, 4]))
-    assert orders.dtype == torch.long and torch.equal(orders[4, 0], fake_order(4, 0))
+    assert orders.dtype == torch.long and torch.equal(orders[4, 0, 0], fake_order(4, 0))
 
 
 def test_consolidate_refuses_conflicts_missing_and_unexpected_keys(folder):
     write_shard(folder, *orders_of([(0, 0), (0, 1)]), tag="a")
-    with pytest.raises(ValueError, match=r"2 missing .* \[\(1, 0\), \(1, 1\)\]"):
+    with pytest.raises(ValueError, match=r"2 missing .* \[\(1, 0, 0\), \(1, 1, 0\)\]"):
         consolidate(folder, [(0, 0), (0, 1), (1, 0), (1, 1)])
-    with pytest.raises(ValueError, match=r"1 unexpected .*\(0, 1\)"):
+    with pytest.raises(ValueError, match=r"1 unexpected .*\(0, 1, 0\)"):
         consolidate(folder, [(0, 0)])
     index, flip, order = orders_of([(0, 1)])
     write_shard(folder, index, flip, order.flip(1), tag="b")
-    with pytest.raises(ValueError, match=r"conflicting orders for \(index, flip\) = \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"conflicting orders for \(index, flip, k\) = \(0, 1, 0\)"):
         consolidate(folder, [(0, 0), (0, 1)])
     assert not (folder / "orders.pt").exists()
 
@@ -91,7 +93,7 @@ def test_half_written_temp_files_are_ignored(folder):
     write_shard(folder, *orders_of([(1, 0), (1, 1)]), tag="a")
     (folder / ".shard-b.pt.x1y2.tmp").write_bytes(b"half a shard")  # what a crash mid-write leaves
     (folder / "shard-c.pt.tmp").write_bytes(b"")
-    assert finished_keys(folder) == {(1, 0), (1, 1)}
+    assert finished_keys(folder) == {(1, 0, 0), (1, 1, 0)}
     consolidate(folder, [(1, 0), (1, 1)])
     assert finished_keys(folder.parent / "nothing") == set()
 
@@ -122,7 +124,7 @@ def test_load_orders_refuses_missing_stale_incomplete_and_non_permutations(folde
         load_orders(folder, token_manifest(), indices=torch.tensor([0, 3]))
     assert EXTRACT_CMD in str(err.value)
     data = torch.load(folder / "orders.pt", weights_only=True)
-    data["orders"][1, 0, :2] = 0
+    data["orders"][1, 0, 0, :2] = 0
     torch.save(data, folder / "orders.pt")
     with pytest.raises(ValueError, match="not a permutation"):
         load_orders(folder, token_manifest())
@@ -201,7 +203,7 @@ class FakeData(LightningDataModule):
         return torch.as_tensor(indices) % self.num_classes
 
     def predict_dataloader(self) -> DataLoader:
-        done = finished_keys(self.orders_path)
+        done = finished_views(self.orders_path)
         items = [{"index": i, "flip": f, "pad": 0} for i, f in self.extraction_keys() if (i, f) not in done]
         # Lightning's predict sampler needs an item per process: repeats flagged as padding fill up.
         if items:
@@ -265,10 +267,11 @@ def test_writer_interrupted_run_resumes_to_the_same_file(tmp_path):
     cut = torch.load(tmp_path / "cut_orders/orders.pt", weights_only=True)
     assert torch.equal(full["orders"], cut["orders"]) and torch.equal(full["done"], cut["done"])
     assert full["manifest"] == cut["manifest"] and full["done"].sum() == 14
-    assert torch.equal(load_orders(tmp_path / "full_orders", token_manifest())[0, 1], fake_order(0, 1))
+    assert torch.equal(load_orders(tmp_path / "full_orders", token_manifest())[0, 1, 0], fake_order(0, 1))
 
     manifest = read_manifest(tmp_path / "full_orders")
     assert manifest["split"] == "train" and manifest["num_images"] == 9 and manifest["views"] == 2
+    assert manifest["orders_per_image"] == 1 and "agreement_within_image" not in manifest["statistics"]
     assert manifest["settings"] == {"score": "true_prob", "positions_per_step": 1}
     stats = manifest["statistics"]
     assert stats["num_orders"] == 14 and stats["class_counts"] == [4, 4, 6]
@@ -329,4 +332,4 @@ def test_ddp_predict_writes_each_order_once(tmp_path, remaining):
     if remaining is None:
         assert {s.name.split("-")[1] for s in shards} == {"r0", "r1"}
     orders = load_orders(root / "orders", token_manifest(flip=False))
-    assert torch.equal(orders[:, 0], torch.stack([fake_order(i, 0) for i in range(7)]))
+    assert torch.equal(orders[:, 0, 0], torch.stack([fake_order(i, 0) for i in range(7)]))
