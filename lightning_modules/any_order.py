@@ -321,6 +321,8 @@ class AnyOrderModule(LightningModule):
         self.edit.placement(self.sampler.policy)  # a placement the policy cannot take fails here, before the data
         loaders = self.trainer.predict_dataloaders
         self._num_edit_images = len((loaders[0] if isinstance(loaders, (list, tuple)) else loaders).dataset)
+        zero = torch.zeros(1, dtype=torch.long)
+        edit_classes(self.edit, zero, zero, self.num_classes, self._num_edit_images)  # checks the target classes
 
     def _edit(self, batch: dict) -> dict:
         """Edits of `{"image", "label", "index", "position", "name"}` batches; one generator per batch, seeded."""
