@@ -274,3 +274,24 @@ def test_edit_cli_error_is_one_line(stage1_run, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode != 0 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "edit.random_share" in errors[0], errors[0]
+
+
+# ------------------------------------------------------------------------------------ editing table
+def test_editing_table_runs_on_tiny_checkpoints(stage1_run, tmp_path):
+    from benchmarks import editing_eval
+
+    ckpt, out = stage1_run / STAGE1_CKPT, tmp_path / "table"
+    table = editing_eval.main([
+        "--tokenizer", str(stage1_run / TOKENIZER_CKPT), "--arm", f"raster={ckpt}:policy=raster",
+        "--arm", f"confidence={ckpt}:policy=confidence,choice_temperature=3", "--images", "6", "--batch", "4",
+        "--masks", "center,border,clouds,hue", "--set", "data.init_args.source.init_args.num_images=64",
+        "--set", "data.init_args.val_fraction=0.25", "--feature-epochs", "1", "--feature-images", "32",
+        "--out", str(out), "--device", "cpu"])
+    assert list(table["rows"]) == ["center", "border", "clouds", "hue"]
+    for kind, rows in table["rows"].items():
+        assert list(rows) == ["raster", "confidence", editing_eval.CEILING, editing_eval.REAL]
+        assert all(np.isfinite(rows[arm]["fid"]) and 0 <= rows[arm]["consistency"] <= 1 for arm in list(rows)[:3])
+        assert ("mse" in rows["raster"]) == (kind != "hue") and ("sun_is_target" in rows["raster"]) == (kind == "hue")
+    assert [a["known_cells"] for a in table["arms"]] == ["in_order", "first"]
+    assert (out / "editing.md").is_file() and (out / "editing_hue.png").is_file()
+    assert json.loads((out / "editing.json").read_text())["images"] == 6
