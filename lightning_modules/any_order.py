@@ -130,6 +130,15 @@ def check_trained_tokenizer(checkpoint: dict, ckpt_path: str, datamodule) -> Non
                          f"{datamodule.image_size}: {fix} (and the image_size it was trained at)")
 
 
+def check_trained_classes(checkpoint: dict, ckpt_path: str, datamodule) -> None:
+    """Refuse data with another number of classes than the checkpoint's network (the data's count is linked in)."""
+    trained = checkpoint.get("net_spec", {}).get("init_args", {}).get("num_classes")
+    given = getattr(datamodule, "num_classes", None)
+    if trained is not None and given is not None and trained != given:
+        raise ValueError(f"{ckpt_path} was trained on data of {trained} classes, but data.init_args.source has "
+                         f"{given}: give the data (or, for a folder, the class subfolders) the model was trained on")
+
+
 class AnyOrderModule(LightningModule):
     """Trains `net` on raster or per-sample random orders; samples and extracts orders in `predict`.
 
@@ -271,8 +280,9 @@ class AnyOrderModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """`--ckpt_path` (resume, sample, extract): refuse a checkpoint trained on another tokenizer."""
         if self._trainer is not None:  # not under `load_from_checkpoint`: no data to compare with
-            check_trained_tokenizer(checkpoint, f"{self._trainer.ckpt_path} (--ckpt_path)",
-                                    getattr(self._trainer, "datamodule", None))
+            what, datamodule = f"{self._trainer.ckpt_path} (--ckpt_path)", getattr(self._trainer, "datamodule", None)
+            check_trained_tokenizer(checkpoint, what, datamodule)
+            check_trained_classes(checkpoint, what, datamodule)
 
     # ---- generation and orders -------------------------------------------------------------------
     @torch.no_grad()

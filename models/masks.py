@@ -136,16 +136,13 @@ def token_mask(kind: str, grid: tuple[int, int], image_size: int, *, box=None, b
 
 def check_regenerated(mask: Tensor, what: str) -> None:
     """Refuse masks (b, h, w) that regenerate no cell or every cell of an image (one line naming `what`)."""
-    flat = mask.flatten(1)
-    counts = flat.sum(dim=1)
-    n = flat.shape[1]
-    if bool((counts == 0).any()):
-        raise ValueError(f"{what} regenerates no cell of image {int((counts == 0).nonzero()[0])}: an edit needs "
-                         "a region to regenerate (white in a mask image)")
-    if bool((counts == n).any()):
-        raise ValueError(f"{what} regenerates every cell of image {int((counts == n).nonzero()[0])}, keeping "
-                         "nothing: that is sampling (configs/sample.yaml); keep some cells")
-
+    counts = mask.flatten(1).sum(dim=1)
+    for bad, problem, fix in ((counts == 0, "no cell", "an edit needs a region to regenerate (white in a mask "
+                               "image)"), (counts == mask[0].numel(), "every cell", "that keeps nothing and is "
+                               "sampling (configs/sample.yaml): keep some cells")):
+        if bool(bad.any()):
+            which = "" if len(counts) == 1 else f" of image {int(bad.nonzero()[0])}"
+            raise ValueError(f"{what} regenerates {problem}{which}: {fix}")
 
 
 def generated_steps(order: Tensor, regenerate: Tensor) -> Tensor:

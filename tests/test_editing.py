@@ -247,6 +247,27 @@ def test_edit_cli_raster_baseline_keeps_known_cells_in_order(stage1_run, tmp_pat
     assert (z["step_maps"][:, 0, :4] == np.arange(32).reshape(4, 8)).all()  # the top half in raster order
 
 
+def test_edit_cli_edits_a_folder_with_a_mask_per_image(stage1_run, tmp_path, monkeypatch):
+    """Your own images: a folder (class subfolders, as the model's 8 classes), one mask each, matched by name."""
+    folder = copy_run(stage1_run, tmp_path)
+    monkeypatch.chdir(folder)
+    rng = np.random.default_rng(0)
+    for k in range(8):
+        (folder / "photos" / f"c{k}").mkdir(parents=True)
+        (folder / "masks" / f"c{k}").mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / "photos" / f"c{k}" / "p.jpg")
+        mask = np.zeros((32, 32), np.uint8)
+        mask[: 4 * (1 + k % 7) - 1, :] = 255  # 1 + k % 7 rows of cells: masks of different sizes in one batch
+        Image.fromarray(mask).save(folder / "masks" / f"c{k}" / "p.png")
+    edit_cli("--config", config("data/folder"), "--data.init_args.source.init_args.root", "photos",
+             "--data.init_args.predict_split", "images_all", "--model.init_args.edit.mask", "image",
+             "--model.init_args.edit.mask_path", "masks", "--model.init_args.edit.samples_per_image", "1")
+    z = np.load(folder / "runs" / "edit" / "edits.npz")
+    assert z["names"].tolist() == [f"c{k}/p.jpg" for k in range(8)] and z["labels"].tolist() == list(range(8))
+    assert z["masks"].reshape(8, -1).sum(axis=1).tolist() == [8 * (1 + k % 7) for k in range(8)]
+    assert ((z["step_maps"][:, 0] >= 0) == z["masks"]).all()
+
+
 @pytest.mark.parametrize("extra,words", [
     (("--model.init_args.edit.mask", "box", "--model.init_args.edit.box", "[0.5, 0.5, 1.5, 1.0]"), ["edit.box"]),
     (("--model.init_args.edit.mask", "border", "--model.init_args.edit.border", "4"), ["edit.border"]),
