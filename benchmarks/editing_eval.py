@@ -1,13 +1,14 @@
 # Shapes: N images, h/w token grid, H/W image size.
 """The editing table: each arm (a checkpoint + sampler settings) edits the same held-out images under each mask.
 
+    E=runs/experiments/curve_synthetic/seed0
     python benchmarks/editing_eval.py --experiment runs/experiments/curve_synthetic \\
-        --arm "raster AR=runs/experiments/curve_synthetic/seed0/raster/checkpoints/last.ckpt:policy=raster" \\
-        --arm "any-order, random=runs/.../any_order/checkpoints/last.ckpt:policy=random" \\
-        --arm "any-order, confidence=runs/.../any_order/checkpoints/last.ckpt:policy=confidence" \\
-        --images 500 --out results/editing
+        --arm "raster AR" $E/raster/checkpoints/last.ckpt policy=raster \\
+        --arm "any-order, random order" $E/any_order/checkpoints/last.ckpt policy=random \\
+        --arm "any-order, confidence order" $E/any_order/checkpoints/last.ckpt policy=confidence \\
+        --images 500 --out runs/editing
 
-An arm is `NAME=CHECKPOINT[:key=value,...]` with any `SamplerSettings` key and `known_cells` (auto: a raster
+An arm is `NAME CHECKPOINT [key=value ...]` with any `SamplerSettings` key and `known_cells` (auto: a raster
 policy edits the standard way, known cells teacher-forced in place; other policies give every known cell
 first). The images are the first `--images` of the validation split (half A); FID compares the edited
 images with the next `--images` validation images (half B, never edited, never trained on). Masks:
@@ -27,14 +28,17 @@ import dataclasses
 import json
 import logging
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from torchvision.io import write_png
-from torchvision.utils import make_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
@@ -68,15 +72,13 @@ class Arm:
     known_cells: str = "auto"
 
 
-def parse_arm(text: str) -> Arm:
-    """`NAME=CHECKPOINT[:key=value,...]` -> Arm (values read as YAML: numbers, booleans, strings)."""
-    name, sep, rest = text.partition("=")
-    if not sep or not name or not rest:
-        raise ValueError(f"--arm {text!r}: give NAME=CHECKPOINT[:key=value,...], e.g. "
-                         "'raster=raster.ckpt:policy=raster'")
-    ckpt, _, options = rest.partition(":")
-    keys = dict(item.split("=", 1) for item in options.split(",") if item) if options else {}
-    values = {k.strip(): yaml.safe_load(v) for k, v in keys.items()}
+def parse_arm(words: list[str]) -> Arm:
+    """`NAME CHECKPOINT [key=value ...]` -> Arm (values read as YAML: numbers, booleans, strings)."""
+    if len(words) < 2 or not all("=" in w for w in words[2:]):
+        raise ValueError(f"--arm {' '.join(words)!r}: give NAME CHECKPOINT [key=value ...], e.g. --arm 'raster AR' "
+                         "runs/raster/checkpoints/last.ckpt policy=raster")
+    name, ckpt = words[:2]
+    values = {k.strip(): yaml.safe_load(v) for k, v in (w.split("=", 1) for w in words[2:])}
     known = values.pop("known_cells", "auto")
     if known not in KNOWN_CELLS:
         raise ValueError(f"--arm {name}: known_cells must be one of {', '.join(KNOWN_CELLS)}, got {known!r}")
@@ -170,12 +172,20 @@ def run_edits(module, images, regenerate, cond, arm: Arm, batch: int, seed: int)
 
 
 def comparison_figure(original, regenerate, edits: dict[str, torch.Tensor], path: Path, count: int = 6) -> None:
-    """A PNG: one row per image: original | masked | each arm's edit (columns in the table's order)."""
-    columns = [original[:count], masked_inputs(original[:count], regenerate[:count])]
-    columns += [e[:count] for e in edits.values()]
-    tiles = torch.stack(columns, dim=1).flatten(0, 1)
-    tiles = torch.nn.functional.interpolate(tiles, scale_factor=3, mode="nearest-exact")
-    grid = make_grid(tiles, nrow=len(columns), padding=4, pad_value=255)
+    """A PNG: one row per image: original | masked | each arm's edit, titled by column."""
+    columns = {"original": original[:count], "masked": masked_inputs(original[:count], regenerate[:count]),
+               **{name: e[:count] for name, e in edits.items()}}
+    fig = Figure(figsize=(1.3 * len(columns), 1.3 * count + 0.5), dpi=100, facecolor="white", layout="constrained")
+    axes = fig.subplots(count, len(columns), squeeze=False)
+    for col, (title, images) in enumerate(columns.items()):
+        axes[0, col].set_title("\n".join(textwrap.wrap(title, 16)), fontsize=7)
+        for row in range(count):
+            axes[row, col].set_axis_off()
+            if row < len(images):
+                axes[row, col].imshow(images[row].permute(1, 2, 0).numpy(), interpolation="nearest")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    grid = torch.from_numpy(np.asarray(canvas.buffer_rgba())[..., :3].copy()).permute(2, 0, 1)
     atomic_write(path, lambda tmp: write_png(grid, str(tmp)))
 
 
@@ -200,6 +210,7 @@ def editing_table(arms: list[Arm], dm, tokenizer_ckpt: str, images: int = 500,
         figures: a folder for `editing_<mask>.png`; None: no figures.
     """
     source = dm.source
+    modules = {arm.name: load_arm(arm.ckpt, tokenizer_ckpt, arm.settings).to(device) for arm in arms}  # fail early
     idx_a, idx_b = held_out_halves(dm, images)
     original, labels = images_of(source, idx_a)
     real_b, _ = images_of(source, idx_b)
@@ -208,7 +219,6 @@ def editing_table(arms: list[Arm], dm, tokenizer_ckpt: str, images: int = 500,
     distances = FeatureDistances(real_b, None if net is None else net.to(device), inception_weights, device=device)
     num_hues = source.num_hues if hasattr(source, "scene_heads") else 0  # the sunsets: scene rates
     judge = Judge(distances, num_hues, build_lpips("alex", lpips_weights).to(device) if lpips_weights else None)
-    modules = {arm.name: load_arm(arm.ckpt, tokenizer_ckpt, arm.settings).to(device) for arm in arms}
     grid = next(iter(modules.values())).grid if modules else (0, 0)
     tokenizer = next(iter(modules.values())).tokenizer
     with torch.no_grad():
@@ -275,7 +285,8 @@ def markdown(table: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arm", action="append", required=True, help="NAME=CHECKPOINT[:key=value,...]")
+    p.add_argument("--arm", action="append", nargs="+", required=True, metavar="NAME CHECKPOINT [KEY=VALUE]",
+                   help="an arm: its name, checkpoint and sampler settings (and known_cells)")
     p.add_argument("--experiment", type=Path, help="a run folder of benchmarks/experiment.py: its data and tokenizer")
     p.add_argument("--data", default="synthetic", help="data overlay configs/data/<name>.yaml (without --experiment)")
     p.add_argument("--set", action="append", default=[], help="data.init_args...=VALUE overrides")

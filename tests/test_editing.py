@@ -303,8 +303,8 @@ def test_editing_table_runs_on_tiny_checkpoints(stage1_run, tmp_path):
 
     ckpt, out = stage1_run / STAGE1_CKPT, tmp_path / "table"
     table = editing_eval.main([
-        "--tokenizer", str(stage1_run / TOKENIZER_CKPT), "--arm", f"raster={ckpt}:policy=raster",
-        "--arm", f"confidence={ckpt}:policy=confidence,choice_temperature=3", "--images", "6", "--batch", "4",
+        "--tokenizer", str(stage1_run / TOKENIZER_CKPT), "--arm", "raster", str(ckpt), "policy=raster",
+        "--arm", "confidence", str(ckpt), "policy=confidence", "choice_temperature=3", "--images", "6", "--batch", "4",
         "--masks", "center,border,clouds,hue", "--set", "data.init_args.source.init_args.num_images=64",
         "--set", "data.init_args.val_fraction=0.25", "--feature-epochs", "1", "--feature-images", "32",
         "--out", str(out), "--device", "cpu"])
