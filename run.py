@@ -176,7 +176,7 @@ class OARCLI(LightningCLI):
         """Fill in what checkpoints record (network, tokenizer), then print the config if asked.
 
         With `--ckpt_path` the model is rebuilt from the checkpoint's config, keeping this run's
-        sampling/extraction settings and predict task.
+        sampling/extraction/edit settings and predict task.
         """
         sub = self.config.get("subcommand")
         with _ActionPrintConfig.skip_print_config():  # the parses of checkpoint values would print it half-done

@@ -182,8 +182,9 @@ class ConfidencePolicy(OrderPolicy):
         return logits.float().log_softmax(dim=-1).gather(-1, self.drawn[..., None]).squeeze(-1)
 
     def choose(self, logits: Tensor) -> Tensor:
-        scores, k = self.scores(logits), self.t - self.known  # k (b,): cells generated so far in each row
-        if self.choice_temperature > 0 or self.t - self.most < self.random_first:  # no row is past the noise
+        scores = self.scores(logits)
+        if self.choice_temperature > 0 or self.t - self.most < self.random_first:  # some row still takes noise
+            k = self.t - self.known  # (b,) cells generated so far in each row (< 0 while known cells go in)
             noise = gumbel(scores.shape, self.choice_generator, scores.device)
             temperature = torch.as_tensor(self.temperature_at(k), device=scores.device).expand(k.shape)
             at_random = (k < self.random_first)[:, None]  # a uniformly random cell: its scores are only noise
