@@ -30,7 +30,7 @@ from lightning_modules.distill import read_stage1
 from models.checkpoint import check_finite, read_checkpoint
 
 # Model arguments that describe a run, not the network: a config's values win over the checkpoint's.
-RUN_SETTINGS = ("sampler", "extraction", "predict_task")
+RUN_SETTINGS = ("sampler", "extraction", "edit", "predict_task")
 # `--ckpt_path` values that Lightning resolves itself (not a file path).
 CKPT_ALIASES = ("last", "best", "hpc", "registry")
 # Facts of the data that the CLI links into every network that takes them.
@@ -176,7 +176,7 @@ class OARCLI(LightningCLI):
         """Fill in what checkpoints record (network, tokenizer), then print the config if asked.
 
         With `--ckpt_path` the model is rebuilt from the checkpoint's config, keeping this run's
-        sampling/extraction settings and predict task.
+        sampling/extraction/edit settings and predict task.
         """
         sub = self.config.get("subcommand")
         with _ActionPrintConfig.skip_print_config():  # the parses of checkpoint values would print it half-done

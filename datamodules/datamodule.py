@@ -28,6 +28,8 @@ from models.checkpoint import UnreadableFileError
 log = logging.getLogger("oar.data")
 
 TOKENIZER_HINT = "make it with `python run.py fit --config configs/tokenizer.yaml`"
+IMAGE_SPLITS = "images_"  # predict splits of images as they are (editing): images_val, images_train, images_all
+PREDICT_SPLITS = ("samples", "train", "val", "images_val", "images_train", "images_all")
 
 
 class ImageSplit(Dataset):
@@ -92,6 +94,24 @@ class TokenViews(Dataset):
                 "flip": f, "pad": self.pad[i]}
 
 
+class ImageItems(Dataset):
+    """Images of a split as they are (uint8 (3,H,W)), with label, dataset index, position in the split and name
+    (the file's path under a folder source's root, else the index): what editing runs over."""
+
+    def __init__(self, source: Dataset, indices: torch.Tensor):
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        index = int(self.indices[i])
+        image, label = self.source[index]
+        files, root = getattr(self.source, "files", None), getattr(self.source, "root", None)
+        name = f"{index:06d}" if files is None or root is None else Path(files[index]).relative_to(root).as_posix()
+        return {"image": image, "label": int(label), "index": index, "position": i, "name": name}
+
+
 class SampleRequests(Dataset):
     """Labels (cycling over the classes) and seeds of the images `predict` samples."""
 
@@ -123,9 +143,11 @@ class OARDataModule(LightningDataModule):
         orders_path: folder of extracted orders: written by order extraction (`predict` with
             predict_split train), read by the distillation stage.
         predict_split: what `predict` runs over: samples (sample images) | train | val (every image
-            and cached view of the split, for order extraction).
+            and cached view of the split, for order extraction) | images_val | images_train | images_all (the
+            images themselves, for editing).
         num_samples: number of images `predict` samples (labels cycle over the classes).
         sample_seed: seed of the first sampled image (image i uses sample_seed + i's batch).
+        max_predict_images: images_* splits: only the first this many images (None: all).
     """
 
     def __init__(self, source: Dataset | None = None, batch_size: int = 64, val_fraction: float = 0.1,
@@ -133,7 +155,7 @@ class OARDataModule(LightningDataModule):
                  tokenizer_ckpt: str | None = None, cache_dir: str = "cache",
                  tokenize_batch_size: int = 256, max_val_images: int | None = None,
                  orders_path: str | None = None, predict_split: str = "samples", num_samples: int = 64,
-                 sample_seed: int = 0):
+                 sample_seed: int = 0, max_predict_images: int | None = None):
         super().__init__()
         if source is None:
             from datamodules.sources import SunsetSource
@@ -159,8 +181,13 @@ class OARDataModule(LightningDataModule):
                     f"tokenizer checkpoint {tokenizer_ckpt!r} (data.init_args.tokenizer_ckpt) not found: "
                     f"{TOKENIZER_HINT}")
             self.vocab_size, self.grid_size = tokenizer_facts(tokenizer_ckpt, self.image_size)
-        if predict_split not in ("samples", "train", "val"):
-            raise ValueError(f"data.init_args.predict_split must be samples, train or val, got {predict_split!r}")
+        if predict_split not in PREDICT_SPLITS:
+            raise ValueError(f"data.init_args.predict_split must be one of {', '.join(PREDICT_SPLITS)}, got "
+                             f"{predict_split!r}")
+        if max_predict_images is not None and max_predict_images < 1:
+            raise ValueError(f"data.init_args.max_predict_images = {max_predict_images} is impossible: set it to >= 1, "
+                             "or null for every image of the split")
+        self.max_predict_images = max_predict_images
         self.orders_path = orders_path
         self.predict_split, self.num_samples, self.sample_seed = predict_split, num_samples, sample_seed
         self.train_set: Dataset | None = None
@@ -181,7 +208,8 @@ class OARDataModule(LightningDataModule):
         return perm[n_val:].sort().values, val
 
     def prepare_data(self) -> None:
-        if self.token_mode:  # Lightning runs this on one process per node: the cache is built once
+        if self.token_mode and not self.predict_split.startswith(IMAGE_SPLITS):  # editing tokenizes its own images
+            # Lightning runs this on one process per node: the cache is built once
             ensure_token_cache(self.source, self.tokenizer_ckpt, self._manifest(), self.cache_dir,
                                self.tokenize_batch_size)
 
@@ -266,11 +294,20 @@ class OARDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         if self.predict_split == "samples":
             dataset = SampleRequests(self.num_samples, self.num_classes, self.sample_seed)
+        elif self.predict_split.startswith(IMAGE_SPLITS):
+            dataset = ImageItems(self.source, self._image_indices())
         else:
             if not self.token_mode:
                 raise ValueError("predict over a split needs data.init_args.tokenizer_ckpt (token mode)")
             dataset = self._extraction_set()
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
+
+    def _image_indices(self) -> torch.Tensor:
+        """Dataset indices of an images_* predict split, at most `max_predict_images`."""
+        train, val = self.split_indices()
+        split = self.predict_split.removeprefix(IMAGE_SPLITS)
+        indices = {"train": train, "val": val, "all": torch.arange(len(self.source))}[split]
+        return indices[: self.max_predict_images]
 
     def _extraction_set(self) -> TokenViews:
         """The views still to extract: views whose K orders are in finished shards are skipped (resumption)."""

@@ -14,6 +14,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 
 from evaluation.nll import nll_under_orders
+from lightning_modules.editing import EditMasks, EditSettings, edit_classes, edit_images
 from models.checkpoint import load_net, net_spec, plain_data
 from models.extraction import SCORES, extract_orders, noise_seeds
 from models.orders import mixed_order, order_to_step_map, random_order, raster_order
@@ -27,9 +28,11 @@ log = logging.getLogger("oar.train")
 TOKENIZER_WHAT = "tokenizer checkpoint (data.init_args.tokenizer_ckpt)"
 TOKENIZER_FIX = "make it with `python run.py fit --config configs/tokenizer.yaml`"
 # What `predict` does, chosen by the stage config (model.init_args.predict_task), and the DataModule's
-# predict splits each task runs over (data.init_args.predict_split). Editing (inpainting) is to come.
-PREDICT_SPLITS = {"sample": ("samples",), "extract": ("train", "val")}
-PREDICT_CONFIGS = {"sample": "configs/sample.yaml", "extract": "configs/extract_orders.yaml"}
+# predict splits each task runs over (data.init_args.predict_split).
+PREDICT_SPLITS = {"sample": ("samples",), "extract": ("train", "val"),
+                  "edit": ("images_val", "images_train", "images_all")}
+PREDICT_CONFIGS = {"sample": "configs/sample.yaml", "extract": "configs/extract_orders.yaml",
+                   "edit": "configs/edit.yaml"}
 
 
 def check_predict_split(task: str, split: str) -> None:
@@ -91,7 +94,7 @@ class ExtractionSettings:
 
 
 # The defaults (shared instances: the module keeps copies). `--print_config` shows every field.
-DEFAULT_SAMPLER, DEFAULT_EXTRACTION = SamplerSettings(), ExtractionSettings()
+DEFAULT_SAMPLER, DEFAULT_EXTRACTION, DEFAULT_EDIT = SamplerSettings(), ExtractionSettings(), EditSettings()
 
 
 def tokenizer_record(datamodule) -> dict | None:
@@ -134,6 +137,15 @@ def check_trained_tokenizer(checkpoint: dict, ckpt_path: str, datamodule) -> Non
                          f"{datamodule.image_size}: {fix} (and the image_size it was trained at)")
 
 
+def check_trained_classes(checkpoint: dict, ckpt_path: str, datamodule) -> None:
+    """Refuse data with another number of classes than the checkpoint's network (the data's count is linked in)."""
+    trained = checkpoint.get("net_spec", {}).get("init_args", {}).get("num_classes")
+    given = getattr(datamodule, "num_classes", None)
+    if trained is not None and given is not None and trained != given:
+        raise ValueError(f"{ckpt_path} was trained on data of {trained} classes, but data.init_args.source has "
+                         f"{given}: give the data (or, for a folder, the class subfolders) the model was trained on")
+
+
 class AnyOrderModule(LightningModule):
     """Trains `net` on raster or per-sample random orders; samples and extracts orders in `predict`.
 
@@ -150,8 +162,10 @@ class AnyOrderModule(LightningModule):
         min_lr_ratio: final learning rate as a share of the peak.
         sampler: settings used by `generate` (callbacks, predict).
         extraction: settings used by `predict` on training tokens.
+        edit: settings used by `predict` to edit images (mask, target class, samples per image).
         predict_task: what `predict` does: sample (images for the requested labels, configs/sample.yaml)
-            | extract (the order of each training image, configs/extract_orders.yaml).
+            | extract (the order of each training image, configs/extract_orders.yaml) | edit (regenerate a
+            masked region of real images, configs/edit.yaml).
         tokenizer_ckpt: the frozen tokenizer that decodes samples (the CLI sets it to
             data.init_args.tokenizer_ckpt); None: no decoding (`generate` refuses).
         val_order_seed: seed of the random orders used for validation NLL (the same every epoch).
@@ -164,7 +178,8 @@ class AnyOrderModule(LightningModule):
                  curriculum_start: float = 0.0, label_dropout: float = 0.1,
                  optimizer: OptimizerCallable = torch.optim.AdamW, warmup_steps: int = 200,
                  min_lr_ratio: float = 0.1, sampler: SamplerSettings = DEFAULT_SAMPLER,
-                 extraction: ExtractionSettings = DEFAULT_EXTRACTION, predict_task: str = "sample",
+                 extraction: ExtractionSettings = DEFAULT_EXTRACTION, edit: EditSettings = DEFAULT_EDIT,
+                 predict_task: str = "sample",
                  tokenizer_ckpt: str | None = None, val_order_seed: int = 1234,
                  inferred_nll_every_n_epochs: int = 0, inferred_nll_batches: int = 2):
         super().__init__()
@@ -181,7 +196,7 @@ class AnyOrderModule(LightningModule):
         self.train_order, self.label_dropout = train_order, label_dropout
         self.curriculum_steps, self.curriculum_start = curriculum_steps, curriculum_start
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
-        self.sampler, self.extraction = replace(sampler), replace(extraction)  # copies: the defaults are shared
+        self.sampler, self.extraction, self.edit = replace(sampler), replace(extraction), replace(edit)  # copies
         self.predict_task, self.tokenizer_ckpt = predict_task, tokenizer_ckpt
         self.val_order_seed = val_order_seed
         self.inferred_nll_every_n_epochs, self.inferred_nll_batches = inferred_nll_every_n_epochs, inferred_nll_batches
@@ -272,8 +287,9 @@ class AnyOrderModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """`--ckpt_path` (resume, sample, extract): refuse a checkpoint trained on another tokenizer."""
         if self._trainer is not None:  # not under `load_from_checkpoint`: no data to compare with
-            check_trained_tokenizer(checkpoint, f"{self._trainer.ckpt_path} (--ckpt_path)",
-                                    getattr(self._trainer, "datamodule", None))
+            what, datamodule = f"{self._trainer.ckpt_path} (--ckpt_path)", getattr(self._trainer, "datamodule", None)
+            check_trained_tokenizer(checkpoint, what, datamodule)
+            check_trained_classes(checkpoint, what, datamodule)
 
     # ---- generation and orders -------------------------------------------------------------------
     @torch.no_grad()
@@ -304,8 +320,37 @@ class AnyOrderModule(LightningModule):
                 "step_map": order_to_step_map(out.order, h, w), "labels": labels}
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """What `predict_task` says: samples for the requested labels, or the orders of training tokens."""
-        return self._extract(batch) if self.predict_task == "extract" else self._sample(batch)
+        """What `predict_task` says: samples for the requested labels, the orders of training tokens, or edits."""
+        return {"sample": self._sample, "extract": self._extract, "edit": self._edit}[self.predict_task](batch)
+
+    def on_predict_start(self) -> None:
+        """Editing: build (and so check) the masks before any work; warn when the order is new to the model."""
+        if self.predict_task != "edit":
+            return
+        if self.tokenizer is None:
+            raise RuntimeError("no tokenizer to edit with: pass tokenizer_ckpt (the CLI passes "
+                               "data.init_args.tokenizer_ckpt)")
+        h, _ = self.grid
+        self._edit_masks = EditMasks(self.edit, self.grid, h * self.tokenizer.downsample)
+        if self.train_order == "raster" and self.sampler.policy != "raster":
+            log.warning("this model was trained on raster orders only, but model.init_args.sampler.policy is %s: "
+                        "set it to raster to edit the standard way", self.sampler.policy)
+        self.edit.placement(self.sampler.policy)  # a placement the policy cannot take fails here, before the data
+        loaders = self.trainer.predict_dataloaders
+        self._num_edit_images = len((loaders[0] if isinstance(loaders, (list, tuple)) else loaders).dataset)
+        zero = torch.zeros(1, dtype=torch.long)
+        edit_classes(self.edit, zero, zero, self.num_classes, self._num_edit_images)  # checks the target classes
+
+    def _edit(self, batch: dict) -> dict:
+        """Edits of `{"image", "label", "index", "position", "name"}` batches; one generator per batch, seeded."""
+        seed = self.edit.seed + int(batch["position"][0])
+        regenerate = self._edit_masks(batch["index"], list(batch["name"]))
+        cond = edit_classes(self.edit, batch["label"], batch["position"], self.num_classes, self._num_edit_images)
+        out = edit_images(self.net, self.tokenizer.to(self.device), batch["image"], regenerate, cond, self.sampler,
+                          self.edit.placement(self.sampler.policy), self.edit.samples_per_image,
+                          torch.Generator(device=self.device).manual_seed(seed), choice_generator(seed, self.device))
+        return {**out, "inputs": batch["image"], "regenerate": regenerate, "labels": batch["label"], "targets": cond,
+                "index": batch["index"], "names": list(batch["name"])}
 
     def _sample(self, batch: dict) -> dict:
         """Samples for `{"label", "seed"}` requests (`generate`'s dict); one generator per batch, seeded."""

@@ -66,12 +66,13 @@ def known_first(order: Tensor, known: Tensor) -> Tensor:
 
     Args:
         order: (b, n) a permutation per row.
-        known: (b, n) bool per raster cell; every row must have the same number of known cells.
+        known: (b, n) bool per raster cell; rows may know different numbers of cells.
 
     Returns:
         (b, n) the order a decoder uses when the known cells are given as context.
     """
-    known_cells = (~known).to(torch.uint8).argsort(dim=1, stable=True)  # known cells first, ascending
-    rest = order.gather(1, known.gather(1, order).to(torch.uint8).argsort(dim=1, stable=True))
-    num_known = int(known[0].sum()) if known.shape[0] else 0
-    return torch.cat([known_cells[:, :num_known], rest[:, : order.shape[1] - num_known]], dim=1)
+    b, n = order.shape
+    steps = torch.arange(n, device=order.device).expand(b, n)
+    position = torch.empty_like(order).scatter_(1, order, steps)  # (b, n): the step of each cell in `order`
+    key = torch.where(known, steps, n + position)  # known cells by raster index, then the others by step
+    return key.argsort(dim=1)  # the keys of a row are distinct

@@ -5,6 +5,13 @@ A policy names candidate cells each step (`candidates`), picks one per row from 
 and hears the choice (`advance`). Fixed-order policies offer one candidate; the confidence policy
 offers every unwritten cell and takes the one whose prediction is most confident (OAR order inference).
 
+Known cells (inpainting, outpainting, editing): `start` hears every row's known cells (rows may know
+different numbers), and the policy decides when each is written; the loop gives a known cell its known
+token whenever it is written. `prefix` names the steps every row spends on known cells first, which the
+loop gives as context in one pass. Known cells go first (raster order), so every generated cell sees all
+of them, or, for fixed orders with `known_in_order`, stay where the order puts them (teacher-forced in
+place: how a raster model edits, each generated cell seeing only the known cells before it).
+
 Order-choice noise (MaskGIT's "choice temperature"): Gumbel noise times T_k is added to the scores
 before the arg-max, with T_k constant or annealed linearly to 0 over the generated steps; it is drawn
 from its own generator (`choice_generator`), so the token draws are those of the greedy choice. T = 0
@@ -20,6 +27,7 @@ from models.logits import SCORES, TokenSampler, gumbel
 from models.orders import drop_cells, known_first, random_order, raster_order, unwritten_cells
 
 POLICIES = ("raster", "random", "given", "confidence")
+FIXED_POLICIES = ("raster", "random", "given")  # policies whose order is fixed before decoding
 SCHEDULES = ("constant", "linear")
 
 
@@ -28,8 +36,14 @@ class OrderPolicy:
     """Chooses the cell written at each step: `candidates` names cells, `choose` picks one per row, then
     `advance` hears the choice."""
 
-    def start(self, written: Tensor) -> None:
-        """Called once before the loop; written (b, n) bool marks the known (prefilled) cells."""
+    def start(self, known: Tensor) -> None:
+        """Called once before the loop with the known cells (b, n) bool (all False: nothing known); rows
+        may know different numbers of cells."""
+
+    def prefix(self) -> Tensor | None:
+        """The cells (b, p) every row writes first, all known, which the loop gives as context in one pass
+        before its first step (None: none)."""
+        return None
 
     def candidates(self, t: int, written: Tensor) -> Tensor:
         """Candidate cells (b, m) for step t (t cells are written in every row)."""
@@ -48,13 +62,23 @@ class OrderPolicy:
 
 
 class FixedOrderPolicy(OrderPolicy):
-    """An order fixed before decoding; known cells go first, the rest keep the order's sequence."""
+    """An order fixed before decoding. Known cells go first (raster order; the rest keep the order's
+    sequence), or with `known_in_order` stay where the order puts them (teacher-forced in place)."""
+
+    def __init__(self, known_in_order: bool = False):
+        self.known_in_order = known_in_order
 
     def full_order(self, b: int, n: int, device: torch.device) -> Tensor:
         raise NotImplementedError
 
-    def start(self, written: Tensor) -> None:
-        self.order = known_first(self.full_order(*written.shape, written.device), written)
+    def start(self, known: Tensor) -> None:
+        order = self.full_order(*known.shape, known.device)
+        self.order = order if self.known_in_order else known_first(order, known)
+        leading = known.gather(1, self.order).long().cumprod(dim=1).sum(dim=1)  # (b,) known steps before an unknown
+        self.leading = int(leading.min()) if known.shape[0] else 0
+
+    def prefix(self) -> Tensor:
+        return self.order[:, : self.leading]
 
     def candidates(self, t: int, written: Tensor) -> Tensor:
         return self.order[:, t : t + 1]
@@ -71,7 +95,8 @@ class RasterPolicy(FixedOrderPolicy):
 class RandomPolicy(FixedOrderPolicy):
     """A fresh random order per image, drawn from `generator` when decoding starts."""
 
-    def __init__(self, generator: torch.Generator | None = None):
+    def __init__(self, generator: torch.Generator | None = None, known_in_order: bool = False):
+        super().__init__(known_in_order)
         self.generator = generator
 
     def full_order(self, b: int, n: int, device: torch.device) -> Tensor:
@@ -81,7 +106,8 @@ class RandomPolicy(FixedOrderPolicy):
 class GivenPolicy(FixedOrderPolicy):
     """A given order (b, n), e.g. one extracted from a training image."""
 
-    def __init__(self, order: Tensor):
+    def __init__(self, order: Tensor, known_in_order: bool = False):
+        super().__init__(known_in_order)
         self.given = order
 
     def full_order(self, b: int, n: int, device: torch.device) -> Tensor:
@@ -92,6 +118,10 @@ class GivenPolicy(FixedOrderPolicy):
 
 class ConfidencePolicy(OrderPolicy):
     """Every unwritten cell is a candidate; write the one with the best (optionally noisy) confidence.
+
+    Known cells go first, in raster order: the fewest any row knows as the prefix, then each row's others
+    in the loop's first steps (those rows take their next known cell whatever the scores say). The noise
+    schedule and `random_first` count each row's generated cells.
 
     Args:
         score: a key of `SCORES`.
@@ -114,25 +144,33 @@ class ConfidencePolicy(OrderPolicy):
         self.choice_temperature, self.choice_schedule = choice_temperature, choice_schedule
         self.random_first, self.choice_generator = random_first, choice_generator
         self.token_sampler, self.generator = token_sampler or TokenSampler(), generator
-        self.t = self.known = self.total = 0
+        self.t = self.fewest = self.most = 0
+        self.known = self.total = torch.zeros(1, dtype=torch.long)  # (b,) per row, set by `start`
         self.drawn: Tensor | None = None
 
-    def start(self, written: Tensor) -> None:
-        self.known = int(written[0].sum()) if written.shape[0] else 0
-        self.total = written.shape[1] - self.known  # cells to generate
-        self.unwritten = unwritten_cells(written, self.total)  # (b, m) ascending; `advance` keeps it current
+    def start(self, known: Tensor) -> None:
+        b, n = known.shape
+        self.known = known.sum(dim=1)  # (b,) known cells per row
+        self.total = n - self.known  # (b,) cells to generate
+        self.known_cells = (~known).to(torch.uint8).argsort(dim=1, stable=True)  # (b, n) known first, raster order
+        self.fewest, self.most = torch.stack([self.known.min(), self.known.max()]).tolist() if b else (0, 0)
+        written = torch.zeros_like(known).scatter_(1, self.prefix(), True)
+        self.unwritten = unwritten_cells(written, n - self.fewest)  # (b, m) ascending; `advance` keeps it current
+
+    def prefix(self) -> Tensor:
+        return self.known_cells[:, : self.fewest]
 
     def candidates(self, t: int, written: Tensor) -> Tensor:
-        self.t = t
+        self.t, self.offered = t, self.unwritten
         return self.unwritten
 
     def advance(self, choice: Tensor) -> None:
         self.unwritten = drop_cells(self.unwritten, choice[:, None])  # no sort of the written mask per step
 
-    def temperature_at(self, k: int) -> float:
-        """T at the k-th generated cell (k = 0 first)."""
+    def temperature_at(self, k: int | Tensor) -> float | Tensor:
+        """T at the k-th generated cell of each row (k = 0 first; an int or (b,))."""
         if self.choice_schedule == "linear":
-            return self.choice_temperature * (1.0 - k / max(self.total, 1))
+            return self.choice_temperature * (1.0 - k / self.total.clamp(min=1))
         return self.choice_temperature
 
     def scores(self, logits: Tensor) -> Tensor:
@@ -144,13 +182,22 @@ class ConfidencePolicy(OrderPolicy):
         return logits.float().log_softmax(dim=-1).gather(-1, self.drawn[..., None]).squeeze(-1)
 
     def choose(self, logits: Tensor) -> Tensor:
-        scores, k = self.scores(logits), self.t - self.known
-        if k < self.random_first:  # a uniformly random cell: every score replaced by noise
-            return torch.rand(scores.shape, generator=self.choice_generator, device=scores.device).argmax(dim=-1)
-        temperature = self.temperature_at(k)
-        if temperature > 0:
-            scores = scores + temperature * gumbel(scores.shape, self.choice_generator, scores.device)
-        return scores.argmax(dim=-1)
+        scores = self.scores(logits)
+        if self.choice_temperature > 0 or self.t - self.most < self.random_first:  # some row still takes noise
+            k = self.t - self.known  # (b,) cells generated so far in each row (< 0 while known cells go in)
+            noise = gumbel(scores.shape, self.choice_generator, scores.device)
+            temperature = torch.as_tensor(self.temperature_at(k), device=scores.device).expand(k.shape)
+            at_random = (k < self.random_first)[:, None]  # a uniformly random cell: its scores are only noise
+            scores = torch.where(at_random, noise, scores + temperature[:, None] * noise)
+        return self._known_next(scores.argmax(dim=-1))
+
+    def _known_next(self, choice: Tensor) -> Tensor:
+        """Rows that still have known cells to give (t < their count) take the next one among the candidates."""
+        if self.t >= self.most:
+            return choice
+        cell = self.known_cells[:, self.t]  # (b,) each row's next known cell (meaningful where t < known)
+        column = (self.offered == cell[:, None]).to(torch.uint8).argmax(dim=1)
+        return torch.where(self.t < self.known, column, choice)
 
     def drawn_token(self, choice: Tensor) -> Tensor | None:
         if self.drawn is None:
@@ -179,16 +226,17 @@ class ShortlistConfidencePolicy(ConfidencePolicy):
             raise ValueError(f"shortlist and refresh must be >= 1, got {shortlist} and {refresh}")
         self.shortlist, self.refresh = shortlist, refresh
 
-    def start(self, written: Tensor) -> None:
-        super().start(written)
+    def start(self, known: Tensor) -> None:
+        super().start(known)
         self.steps, self.stale, self.listed = 0, None, None  # stale (b, m): latest score of each unwritten cell
 
     def candidates(self, t: int, written: Tensor) -> Tensor:
         unwritten = super().candidates(t, written)
-        random_cell = t - self.known < self.random_first  # uniformly random among all cells, not the list
-        full = random_cell or self.steps % self.refresh == 0 or unwritten.shape[1] <= self.shortlist
+        random_cell = t - self.most < self.random_first  # uniformly random among all cells, not the list
+        full = random_cell or t < self.most or self.steps % self.refresh == 0 or unwritten.shape[1] <= self.shortlist
         self.listed = None if full else self.stale.topk(self.shortlist, dim=1).indices  # (b, shortlist)
-        return unwritten if full else unwritten.gather(1, self.listed)
+        self.offered = unwritten if full else unwritten.gather(1, self.listed)  # every cell while known ones go in
+        return self.offered
 
     def scores(self, logits: Tensor) -> Tensor:
         self.latest = super().scores(logits)  # noise-free; (b, m) or (b, shortlist)

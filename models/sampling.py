@@ -20,6 +20,14 @@ Choices documented here:
   samplers that see the same logits consume the generator identically.
 - The confidence policy keeps the unwritten cells as a list it updates (`advance`), not a sort per step;
   `shortlist > 0` rescores only the best-ranked cells between full rankings (approximate, faster).
+- Known cells (inpainting, outpainting, class editing; any number per row): a known cell always receives
+  its known token, whenever the policy writes it. `known_placement="first"` writes every row's known
+  cells first (raster order): the steps all rows spend on known cells go in as one `extend` (the
+  prefill), and a row that knows more cells than the others gives its extra ones in the loop's first
+  steps, teacher-forced, while the others generate. `"in_order"` (fixed orders only) keeps each known
+  cell at its step of the order, teacher-forced in place: a raster model's standard way of editing, where
+  a generated cell sees only the known cells before it. Every row's sequence is exactly what decoding
+  that row alone would give; only the shared random draws differ.
 
 Modified from: https://github.com/FoundationVision/LlamaGen (autoregressive/models/generate.py:
 logit processing and CFG) and https://github.com/idiap/sigma-gpt (scoring all cells against a cache).
@@ -33,6 +41,7 @@ from torch import Tensor
 
 from models.logits import SCORES, ClassifierFreeGuidance, NoGuidance, TokenSampler, check_setting, make_guidance
 from models.policies import (
+    FIXED_POLICIES,
     POLICIES,
     SCHEDULES,
     ConfidencePolicy,
@@ -109,18 +118,27 @@ class SamplerSettings:
             check_setting(key, ok, expected, getattr(self, key))
 
 
+KNOWN_PLACEMENTS = ("first", "in_order")  # where known cells go in the sequence (see the module docstring)
+
+
 def make_policy(
     settings: SamplerSettings, order: Tensor | None = None, generator: torch.Generator | None = None,
-    choice_generator: torch.Generator | None = None,
+    choice_generator: torch.Generator | None = None, known_placement: str = "first",
 ) -> OrderPolicy:
-    """Build the policy `settings.policy` names ("given" needs `order`)."""
+    """Build the policy `settings.policy` names ("given" needs `order`); `known_placement` in KNOWN_PLACEMENTS."""
     policy = settings.policy
     if (order is not None) != (policy == "given"):
         raise ValueError("pass `order` exactly when policy == 'given'")
+    if known_placement not in KNOWN_PLACEMENTS:
+        raise ValueError(f"known_placement must be one of {list(KNOWN_PLACEMENTS)}, got {known_placement!r}")
+    in_order = known_placement == "in_order"
+    if in_order and policy not in FIXED_POLICIES:
+        raise ValueError(f"known cells stay in order only under a fixed order ({', '.join(FIXED_POLICIES)}); "
+                         f"the {policy} policy writes them first")
     builders = {
-        "raster": RasterPolicy,
-        "random": lambda: RandomPolicy(generator),
-        "given": lambda: GivenPolicy(order),
+        "raster": lambda: RasterPolicy(in_order),
+        "random": lambda: RandomPolicy(generator, in_order),
+        "given": lambda: GivenPolicy(order, in_order),
         "confidence": lambda: confidence_policy(settings, choice_generator, generator),
     }
     return builders[policy]()
@@ -147,7 +165,7 @@ def sample(
     net, cond: Tensor, settings: SamplerSettings | str | None = None, order: Tensor | None = None,
     generator: torch.Generator | None = None, choice_generator: torch.Generator | None = None,
     known_tokens: Tensor | None = None, known_mask: Tensor | None = None, return_logits: bool = False,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None, known_placement: str = "first",
 ) -> SampleOutput:
     """Generate token grids with a KV cache, choosing cells as `settings` say (put `net` in eval mode first).
 
@@ -158,19 +176,22 @@ def sample(
         order: (b, n) the order for policy "given".
         generator: for the token draws (and the random orders).
         choice_generator: for the order-choice noise of the confidence policy (default: torch's global RNG).
-        known_tokens: (b, n) or (b, h, w) tokens for inpainting / outpainting, read where known_mask.
-        known_mask: (b, n), (b, h, w), (n,) or (h, w) bool, the same number of known cells in every
-            row. Known cells are given as context first (raster order); only the others are generated.
+        known_tokens: (b, n) or (b, h, w) tokens for inpainting / outpainting / editing, read where known_mask.
+        known_mask: (b, n), (b, h, w), (n,) or (h, w) bool; rows may know different numbers of cells. Known
+            cells keep their tokens; only the others are generated.
         return_logits: also return the logits of the cell written at every step.
         dtype: overrides `settings.precision`: run a copy of the network in `dtype`, e.g. torch.bfloat16,
             with fp32 logits (see `models.precision`).
+        known_placement: "first" (known cells first, raster order: every generated cell sees them all) |
+            "in_order" (raster / random / given: each known cell at its step of the order, teacher-forced).
 
     Returns:
         SampleOutput(tokens (b, n), order (b, n) (known cells first), logits (b, n, v) or None).
     """
     settings = as_settings(settings)
     net = cast_for_inference(net, dtype or resolve_dtype(settings.precision, cond.device))
-    policy = make_policy(settings, order=order, generator=generator, choice_generator=choice_generator)
+    policy = make_policy(settings, order=order, generator=generator, choice_generator=choice_generator,
+                         known_placement=known_placement)
     guidance = make_guidance(net, settings.cfg_scale)
     return decode(net, cond, policy, guidance, token_sampler(settings), generator, known_tokens, known_mask,
                   return_logits)
@@ -201,9 +222,10 @@ def decode(
     b, n = cond.shape[0], net.num_tokens
     cache = net.new_cache(guidance.cond(cond))
     state = _DecodeState.empty(b, n, net.vocab_size if return_logits else 0, cond.device)
-    if known_mask is not None:
-        _prefill(net, cache, guidance, state, known_tokens, known_mask)
-    policy.start(state.written)
+    known = known_cells(known_tokens, known_mask, b, n)
+    policy.start(known.mask if known else torch.zeros(b, n, dtype=torch.bool, device=cond.device))
+    if known:
+        _prefill(net, cache, guidance, state, known.tokens, policy.prefix())
     rows = guidance.rows
     for t in range(cache.length, n):
         cells = policy.candidates(t, state.written)
@@ -211,19 +233,42 @@ def decode(
         logits = guidance.combine(logits)  # (b, m, v)
         choice = policy.choose(logits)
         net.append_candidate(cache, kv, rows(choice))
-        _write_choice(state, t, policy, sampler, generator, cells, logits, choice)
+        _write_choice(state, t, policy, sampler, generator, cells, logits, choice, known)
     return SampleOutput(state.tokens, state.order, state.logits if return_logits else None)
 
 
+class KnownCells(NamedTuple):
+    """The cells whose tokens are given: tokens (b, n) read where mask (b, n) bool."""
+
+    tokens: Tensor
+    mask: Tensor
+
+
+def known_cells(known_tokens: Tensor | None, known_mask: Tensor | None, b: int, n: int) -> KnownCells | None:
+    """`sample`'s known cells as (b, n) tensors (a mask of one row applies to every row); None when no mask."""
+    if known_mask is None:
+        return None
+    if known_tokens is None:
+        raise ValueError("known_mask needs known_tokens: the tokens of the known cells")
+    shapes = f"known_tokens {tuple(known_tokens.shape)} and known_mask {tuple(known_mask.shape)}"
+    if known_mask.numel() not in (n, b * n) or known_tokens.numel() not in (n, b * n):
+        raise ValueError(f"{shapes} do not fit {b} rows of {n} cells: give (b, n), (b, h, w), (n,) or (h, w)")
+    return KnownCells(known_tokens.reshape(-1, n).expand(b, n).long(), known_mask.reshape(-1, n).expand(b, n).bool())
+
+
 def _write_choice(state: "_DecodeState", t: int, policy: OrderPolicy, sampler: TokenSampler,
-                  generator: torch.Generator | None, cells: Tensor, logits: Tensor, choice: Tensor) -> None:
-    """Write step t: the chosen candidate's cell and its token (drawn by the policy, or now)."""
+                  generator: torch.Generator | None, cells: Tensor, logits: Tensor, choice: Tensor,
+                  known: KnownCells | None = None) -> None:
+    """Write step t: the chosen candidate's cell and its token (drawn by the policy, or now; a known cell's own)."""
     b, _, v = logits.shape
     chosen = logits.gather(1, choice.view(b, 1, 1).expand(b, 1, v)).squeeze(1)  # (b, v)
     token = policy.drawn_token(choice)
     if token is None:
         token = sampler(chosen, generator)
-    state.write(t, cells.gather(1, choice[:, None]).squeeze(1), token, chosen)
+    cell = cells.gather(1, choice[:, None])  # (b, 1)
+    if known is not None:  # teacher-forced: a known cell keeps its token, whenever it is written
+        token = torch.where(known.mask.gather(1, cell)[:, 0], known.tokens.gather(1, cell)[:, 0], token)
+    state.write(t, cell[:, 0], token, chosen)
     policy.advance(choice)
 
 
@@ -257,17 +302,11 @@ class _DecodeState:
         self.prev_token, self.prev_cell = token, cell
 
 
-def _prefill(net, cache, guidance, state: _DecodeState, known_tokens: Tensor, known_mask: Tensor) -> None:
-    """Give the known cells as context in raster order with one `extend`; record them as written."""
-    b, n = state.tokens.shape
-    known_tokens = known_tokens.reshape(-1, n).expand(b, n)
-    known_mask = known_mask.reshape(-1, n).expand(b, n).bool()
-    num_known = int(known_mask[0].sum())
-    if not bool((known_mask.sum(dim=1) == num_known).all()):
-        raise ValueError("every row needs the same number of known cells")
-    if num_known == 0:
+def _prefill(net, cache, guidance, state: _DecodeState, known_tokens: Tensor, cells: Tensor | None) -> None:
+    """Give the known cells (b, p) every row writes first as context with one `extend`; record them as written."""
+    if cells is None or cells.shape[1] == 0:
         return
-    cells = (~known_mask).to(torch.uint8).argsort(dim=1, stable=True)[:, :num_known]  # raster order
+    b, num_known = cells.shape
     prev_cells = torch.cat([cells.new_full((b, 1), CLASS_CELL), cells[:, :-1]], dim=1)
     prev_tokens = known_tokens.gather(1, prev_cells.clamp(min=0))
     rows = guidance.rows
@@ -279,28 +318,37 @@ def _prefill(net, cache, guidance, state: _DecodeState, known_tokens: Tensor, kn
 
 @torch.no_grad()
 def naive_confidence_sample(
-    net, cond: Tensor, settings: SamplerSettings | None = None, generator: torch.Generator | None = None,
-    choice_generator: torch.Generator | None = None,
+    net, cond: Tensor, settings: SamplerSettings | str | None = None, generator: torch.Generator | None = None,
+    choice_generator: torch.Generator | None = None, known_tokens: Tensor | None = None,
+    known_mask: Tensor | None = None, known_placement: str = "first",
 ) -> SampleOutput:
-    """Reference confidence sampler without a cache: a full forward per candidate per step.
+    """Reference sampler without a cache: a full forward per candidate per step (every policy but "given").
 
-    Consumes `generator` and `choice_generator` exactly as `sample` with the same settings (policy
-    "confidence", with or without a shortlist), so both agree under one seed.
+    Consumes `generator` and `choice_generator` exactly as `sample` with the same settings and known cells,
+    so both agree under one seed; the prefix's known cells are written one step each, their logits
+    recomputed in full too.
     """
-    settings = settings or SamplerSettings()
+    settings = as_settings(settings)
     b, n = cond.shape[0], net.num_tokens
     guidance, sampler = make_guidance(net, settings.cfg_scale), token_sampler(settings)
-    policy = make_policy(settings, generator=generator, choice_generator=choice_generator)
+    policy = make_policy(settings, generator=generator, choice_generator=choice_generator,
+                         known_placement=known_placement)
     full_cond = guidance.cond(cond)
     state = _DecodeState.empty(b, n, net.vocab_size, cond.device)
-    policy.start(state.written)
+    known = known_cells(known_tokens, known_mask, b, n)
+    policy.start(known.mask if known else state.written)
+    prefix = policy.prefix() if known else None
+    p = 0 if prefix is None else prefix.shape[1]
     for t in range(n):
-        cells = policy.candidates(t, state.written)
+        cells = prefix[:, t : t + 1] if t < p else policy.candidates(t, state.written)
         logits = torch.stack([
             guidance.combine(net(guidance.rows(state.tokens),
                                  guidance.rows(torch.cat([state.order[:, :t], cells[:, j : j + 1]], dim=1)),
                                  full_cond)[:, -1])
             for j in range(cells.shape[1])
         ], dim=1)  # (b, m, v)
-        _write_choice(state, t, policy, sampler, generator, cells, logits, policy.choose(logits))
+        if t < p:
+            state.write(t, cells[:, 0], known.tokens.gather(1, cells)[:, 0], logits[:, 0])
+        else:
+            _write_choice(state, t, policy, sampler, generator, cells, logits, policy.choose(logits), known)
     return SampleOutput(state.tokens, state.order, state.logits)

@@ -72,8 +72,9 @@ def test_network_sizes_are_typed_only_in_the_size_presets():
 def test_tokenizer_path_and_sampler_settings_are_typed_once():
     assert files_typing("tokenizer_ckpt") == ["any_order.yaml"]  # later stages read it from their checkpoint
     typed = {key: files_typing(f"sampler.{key}") for key in SAMPLER_KEYS}
-    assert typed == {**{key: [] for key in SAMPLER_KEYS}, "policy": ["experiment/raster.yaml", "sample.yaml"],
-                     "precision": ["sample.yaml"]}  # the sampling stage runs bf16 where it pays
+    assert typed == {**{key: [] for key in SAMPLER_KEYS},
+                     "policy": ["edit.yaml", "experiment/raster.yaml", "sample.yaml"],
+                     "precision": ["edit.yaml", "sample.yaml"]}  # sampling and editing run bf16 where it pays
 
 
 def test_the_stage_configs_include_their_small_preset_last():
@@ -220,5 +221,5 @@ def test_the_tokenizer_is_injected_not_found(tokenizer_run):
 
 
 def test_an_unknown_predict_task_is_refused():
-    with pytest.raises(ValueError, match="model.init_args.predict_task must be one of sample, extract, got 'edit'"):
-        tiny_module("edit")
+    with pytest.raises(ValueError, match="predict_task must be one of sample, extract, edit, got 'paint'"):
+        tiny_module("paint")

@@ -34,7 +34,7 @@ from tests.conftest import (
 )
 
 STAGES = ("tokenizer", "any_order", "raster", "distill")
-PREDICT = ("sample", "extract_orders")
+PREDICT = ("sample", "extract_orders", "edit")  # edit.yaml runs in tests/test_editing.py
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 

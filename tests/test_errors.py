@@ -265,8 +265,8 @@ CASES = {
         predict_args("extract_orders", STAGE1_CKPT, "--model.init_args.predict_task", "sample",
                      "--data.init_args.predict_split", "samples"),
         ("OrderWriter writes extracted orders", "predict_task is sample", "configs/extract_orders.yaml")),
-    "unknown predict_task": fixed(predict_args("sample", STAGE1_CKPT, "--model.init_args.predict_task", "edit"),
-                                  ("model.init_args.predict_task must be one of sample, extract", "edit")),
+    "unknown predict_task": fixed(predict_args("sample", STAGE1_CKPT, "--model.init_args.predict_task", "paint"),
+                                  ("model.init_args.predict_task must be one of sample, extract, edit", "paint")),
     "corrupt orders.pt": corrupt_orders_file_case,
 }
 
