@@ -20,6 +20,7 @@ from torchvision.utils import make_grid
 
 from callbacks.heatmaps import MIN_TILE_PX, colorbar_image, step_map_to_rgb
 from callbacks.tensorboard import tensorboard_writer
+from callbacks.writers import check_predict_task
 from fileio import atomic_write, save_npz
 
 MASK_GREY = 128  # the regenerated cells of the "masked input" column
@@ -80,10 +81,7 @@ class EditWriter(BasePredictionWriter):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        task = getattr(pl_module, "predict_task", None)
-        if stage == "predict" and task != "edit":
-            raise ValueError(f"callbacks.edit_writer.EditWriter writes edits, but model.init_args.predict_task is "
-                             f"{task}: set it to edit, or use configs/edit.yaml")
+        check_predict_task(pl_module, stage, "edit", "callbacks.edit_writer.EditWriter", "edits", "configs/edit.yaml")
 
     def _folder(self, trainer) -> Path:
         return Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)

@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from callbacks.heatmaps import order_map_images
 from callbacks.tensorboard import tensorboard_writer
+from callbacks.writers import check_predict_task
 from datamodules.orders_file import (
     EXTRACT_CMD,
     consolidate,
@@ -77,11 +78,8 @@ class OrderWriter(BasePredictionWriter):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        task = getattr(pl_module, "predict_task", None)
-        if stage == "predict" and task != "extract":
-            raise ValueError(f"callbacks.order_writer.OrderWriter writes extracted orders, but "
-                             f"model.init_args.predict_task is {task}: set it to extract, or use "
-                             "configs/extract_orders.yaml")
+        check_predict_task(pl_module, stage, "extract", "callbacks.order_writer.OrderWriter", "extracted orders",
+                           "configs/extract_orders.yaml")
         if stage == "predict":
             # A fresh name per process and run keeps shards of resumed runs and other ranks apart.
             self._path, self._count, self._run = None, 0, os.urandom(4).hex()

@@ -16,6 +16,14 @@ from callbacks.heatmaps import samples_with_heatmaps_grid
 from fileio import save_npz
 
 
+def check_predict_task(pl_module, stage: str, task: str, writer: str, writes: str, config: str) -> None:
+    """Stop with one line when `writer` (which writes `writes`) runs under a module with another predict task."""
+    actual = getattr(pl_module, "predict_task", None)
+    if stage == "predict" and actual != task:
+        raise ValueError(f"{writer} writes {writes}, but model.init_args.predict_task is {actual}: set it to "
+                         f"{task}, or use {config}")
+
+
 class SampleWriter(BasePredictionWriter):
     """Writes what `predict` sampled: `samples.npz` and `samples.png` (images beside their order maps).
 
@@ -34,10 +42,8 @@ class SampleWriter(BasePredictionWriter):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        task = getattr(pl_module, "predict_task", None)
-        if stage == "predict" and task != "sample":
-            raise ValueError(f"callbacks.writers.SampleWriter writes samples, but model.init_args.predict_task is "
-                             f"{task}: set it to sample, or use configs/sample.yaml")
+        check_predict_task(pl_module, stage, "sample", "callbacks.writers.SampleWriter", "samples",
+                           "configs/sample.yaml")
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         if not predictions:

@@ -26,6 +26,18 @@ from evaluation.scene import scene_rates
 # Synthetic sunsets
 
 
+
+def with_wrong_cloud_tints(source: SunsetSource, seed: int) -> torch.Tensor:
+    """Every image of `source` rendered again with its clouds in another (random) tint."""
+    rng = np.random.default_rng(seed)
+    tints = num_cloud_tints(source.num_hues)
+    wrong = []
+    for i in range(len(source)):
+        params = source.sample_params(i)
+        bad_tint = (params.cloud_tint + int(rng.integers(1, tints))) % tints
+        wrong.append(source.render(dataclasses.replace(params, cloud_tint=bad_tint)))
+    return torch.stack(wrong)
+
 def test_sunset_items_are_deterministic_and_independent():
     a, b = SunsetSource(num_images=50, seed=3), SunsetSource(num_images=50, seed=3)
     image, label = a[17]
@@ -84,14 +96,7 @@ def test_analyser_reads_the_untinted_variant():
     results = analyse_sunset(images)
     assert all(r.sun_hue == source.sample_params(i).hue for i, r in enumerate(results))
     assert scene_rates(images) == {"consistency": 1.0, "sun_share": 1.0, "cloud_share": 1.0}
-    rng = np.random.default_rng(1)
-    tints = num_cloud_tints(source.num_hues)
-    wrong = []
-    for i in range(len(source)):
-        params = source.sample_params(i)
-        bad_tint = (params.cloud_tint + int(rng.integers(1, tints))) % tints
-        wrong.append(source.render(dataclasses.replace(params, cloud_tint=bad_tint)))
-    assert scene_rates(torch.stack(wrong))["consistency"] <= 0.05  # recoloured clouds are flagged
+    assert scene_rates(with_wrong_cloud_tints(source, seed=1))["consistency"] <= 0.05  # recoloured clouds are flagged
 
 
 def test_scene_heads_name_every_target():
@@ -135,14 +140,7 @@ def test_analyser_reads_fresh_samples():
 
 def test_analyser_flags_wrong_cloud_tints():
     source = SunsetSource(num_images=1000, seed=202)
-    rng = np.random.default_rng(0)
-    tints = num_cloud_tints(source.num_hues)
-    wrong = []
-    for i in range(len(source)):
-        params = source.sample_params(i)
-        bad_tint = (params.cloud_tint + int(rng.integers(1, tints))) % tints
-        wrong.append(source.render(dataclasses.replace(params, cloud_tint=bad_tint)))
-    results = analyse_sunset(torch.stack(wrong))
+    results = analyse_sunset(with_wrong_cloud_tints(source, seed=0))
     assert np.mean([not r.consistent for r in results]) >= 0.95
 
 
