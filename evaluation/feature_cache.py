@@ -67,7 +67,9 @@ def feature_net_for(dm, path: Path, epochs: int, feature_images: int, check: tor
         train_idx = dm.split_indices()[0][:feature_images]
     heads, _, label_head = targets_for(dm.source, check[:1], torch.zeros(1))
     # width 16 learns the scene factors as well as 32 at a third of the time (measured); classes keep 32
-    net = SmallConvNetFeatures(heads, width=16 if structured else 32)
+    with torch.random.fork_rng():  # the same initial weights in every run, whatever the global random state
+        torch.manual_seed(FEATURE_SEED)
+        net = SmallConvNetFeatures(heads, width=16 if structured else 32)
     split = hashlib.sha256(torch.cat(dm.split_indices()).numpy().tobytes()).hexdigest()[:16]
     key = {"fingerprint": source.fingerprint(), "split": split, "net_spec": net_spec(net), "epochs": epochs,
            "feature_images": feature_images, "check": check.tolist()}

@@ -235,3 +235,16 @@ def test_feature_network_is_trained_once_cached_and_retrained_when_damaged(tmp_p
     with pytest.raises(AssertionError, match="trained again"):  # a damaged cache is not trusted
         feature_cache.feature_net_for(SunsetData(), path, epochs=1, feature_images=16, check=check)
     assert "unreadable" in caplog.text
+
+
+def test_feature_network_does_not_depend_on_the_global_random_state(tmp_path):
+    """Two runs train the same feature network (else FIDs of two runs are in two feature spaces)."""
+    from evaluation import feature_cache
+
+    nets = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        net, _ = feature_cache.feature_net_for(SunsetData(), tmp_path / f"features{state}.pt", epochs=1,
+                                               feature_images=16, check=torch.arange(16, 20))
+        nets.append(net.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(nets[0].values(), nets[1].values(), strict=True))
