@@ -43,6 +43,7 @@ from torchvision.io import write_png
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from benchmarks.experiment import data_overrides  # noqa: E402
 from benchmarks.experiment_eval import build_datamodule, load_arm  # noqa: E402
 from callbacks.edit_writer import masked_inputs  # noqa: E402
 from datamodules.sources.synthetic import analyse_sunset, expected_tint  # noqa: E402
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.experiment is not None:
         exp = json.loads((args.experiment / "experiment.json").read_text())
         data, tokenizer = exp["data"], tokenizer or exp["tokenizer_ckpt"]
-        overrides = {**exp.get("data_overrides", {}), **overrides}
+        overrides = {**data_overrides(exp, args.experiment.parent), **overrides}  # the data its stages read
     if tokenizer is None:
         raise ValueError("give --tokenizer (the checkpoint the arms were trained with) or --experiment")
     overrides = {**overrides, "data.init_args.tokenizer_ckpt": str(tokenizer),

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from benchmarks import quality_report as report  # noqa: E402
+from benchmarks.experiment import data_overrides  # noqa: E402
 from evaluation.feature_cache import feature_net_for  # noqa: E402
 from evaluation.fid import FeatureDistances  # noqa: E402
 from evaluation.image_metrics import ImageMetrics  # noqa: E402
@@ -63,8 +64,7 @@ def build_datamodule(config_files: list[str], overrides: dict) -> LightningDataM
 def datamodule(exp: dict, out: Path, tokenizer_ckpt: Path):
     """The experiment's data, exactly as its stages read it (stage-1 config, data overlay, overrides)."""
     files = [str(CONFIGS / "any_order.yaml"), str(CONFIGS / "data" / f"{exp['data']}.yaml")]
-    overrides = {"data.init_args.cache_dir": str(out / "cache"), **exp.get("data_overrides", {}),
-                 "data.init_args.tokenizer_ckpt": str(tokenizer_ckpt)}
+    overrides = {**data_overrides(exp, out), "data.init_args.tokenizer_ckpt": str(tokenizer_ckpt)}
     return build_datamodule(files, overrides)
 
 

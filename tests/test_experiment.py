@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import experiment
+from tests.conftest import TOKENIZER_CKPT
 from tests.test_compare_orders import table_rows
 
 SMOKE = experiment.ROOT / "benchmarks" / "experiments" / "smoke.yaml"
@@ -81,3 +82,15 @@ def test_a_given_tokenizer_replaces_the_tokenizer_stage(tmp_path):
     before = jobs["raster (seed 0)"].key()
     tokenizer.write_bytes(b"another tokenizer")  # other contents: every stage after it changes
     assert jobs_of(tmp_path, f"tokenizer={tokenizer}")["raster (seed 0)"].key() != before
+
+
+def test_the_evaluation_reads_the_data_the_stages_trained_on(tokenizer_run, tmp_path):
+    """budget.train_images / val_images size the stages' data; the evaluation must build the same split."""
+    from benchmarks.experiment_eval import datamodule
+
+    exp = experiment.load_experiment(SMOKE, ["budget.train_images=40", "budget.val_images=12"])
+    stage = experiment.data_overrides(exp, tmp_path)
+    dm = datamodule(exp, tmp_path, tokenizer_run / TOKENIZER_CKPT)
+    train, val = dm.split_indices()
+    assert len(dm.source) == stage["data.init_args.source.init_args.num_images"] == 52
+    assert (len(train), len(val)) == (40, 12)
