@@ -74,7 +74,8 @@ def test_tokenizer_path_and_sampler_settings_are_typed_once():
     typed = {key: files_typing(f"sampler.{key}") for key in SAMPLER_KEYS}
     assert typed == {**{key: [] for key in SAMPLER_KEYS},
                      "policy": ["edit.yaml", "experiment/raster.yaml", "sample.yaml"],
-                     "precision": ["edit.yaml", "sample.yaml"]}  # sampling and editing run bf16 where it pays
+                     "precision": ["edit.yaml", "sample.yaml"],  # sampling and editing run bf16 where it pays
+                     "choice_temperature": ["edit.yaml", "sample.yaml"]}  # the noisy choice the study found best
 
 
 def test_the_stage_configs_include_their_small_preset_last():
