@@ -9,6 +9,7 @@ Shapes: M samples, h/w token grid.
 import os
 import platform
 import statistics
+import textwrap
 from pathlib import Path
 
 import torch
@@ -43,9 +44,10 @@ def samples_figure(arms: dict[str, dict], n_steps: int, path: Path, per_arm: int
     panels = [(name, samples_with_heatmaps_grid(s["images"][:per_arm], s["step_maps"][:per_arm], n_steps,
                                                 nrow=per_arm)) for name, s in arms.items()]
     means = torch.stack([mean_step_map(s["step_maps"]) for s in arms.values()])
-    titles = [f"{name}\n(mean over {len(s['step_maps'])})" for name, s in arms.items()]
+    # long arm names wrap, and at most 6 maps share a row, so titles never run into each other
+    titles = [f"{textwrap.fill(name, 24)}\n(mean over {len(s['step_maps'])})" for name, s in arms.items()]
     panels.append(("mean order map per arm (step at which each cell is written)",
-                   labelled_maps_image(means, n_steps, titles, ncols=len(arms), tile_px=160)))
+                   labelled_maps_image(means, n_steps, titles, ncols=min(len(arms), 6), tile_px=160)))
     width = max(p.shape[2] for _, p in panels)
     heights = [p.shape[1] + 30 for _, p in panels]
     fig = Figure(figsize=(width / 100, sum(heights) / 100), dpi=100, facecolor="white")
