@@ -312,8 +312,9 @@ def main(argv: list[str] | None = None) -> dict:
         overrides = {**data_overrides(exp, args.experiment.parent), **overrides}  # the data its stages read
     if tokenizer is None:
         raise ValueError("give --tokenizer (the checkpoint the arms were trained with) or --experiment")
-    overrides = {**overrides, "data.init_args.tokenizer_ckpt": str(tokenizer),
-                 "data.init_args.cache_dir": str(args.out / "cache")}
+    # an experiment's token cache is reused (keyed by data and tokenizer); otherwise one beside the table
+    overrides = {"data.init_args.cache_dir": str(args.out / "cache"), **overrides,
+                 "data.init_args.tokenizer_ckpt": str(tokenizer)}
     dm = build_datamodule([str(CONFIGS / "any_order.yaml"), str(CONFIGS / "data" / f"{data}.yaml")],
                           {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in overrides.items()})
     table = editing_table([parse_arm(a) for a in args.arm], dm, tokenizer, args.images,
