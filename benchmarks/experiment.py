@@ -27,7 +27,9 @@ any-order training side by side on two cores). A stage is finished when its `don
 settings it ran with (its command line, which names every upstream checkpoint, and the content of the
 config files it reads) and its product exists;
 a rerun reuses finished stages, resumes an interrupted fit from its `last.ckpt` and an interrupted
-extraction from its shards, and starts a stage with other settings from scratch.
+extraction from its shards, and starts a stage with other settings from scratch, after renaming the old
+run's folder to `<folder>.replaced-<old key>` (nothing is deleted; keys use resolved paths, so the same
+folder reached through a symlink keeps its stages).
 
 Modified from nothing in particular; the stage DAG is the paper's pipeline (tokenizer -> AR -> orders ->
 distillation), one level per `models:` entry.
@@ -37,7 +39,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -79,10 +80,13 @@ class Job:
     slots: int = 1  # processes it runs (a DDP extraction on two CPU processes takes two of `--jobs`)
 
     def key(self) -> str:
-        """Hash of the command line, the content of every config file it names and the keys of its inputs."""
+        """Hash of the command line, the content of every config file it names and the keys of its inputs.
+
+        Absolute paths enter it resolved, so one folder reached through a symlink or `..` keeps its key."""
         configs = [(ROOT / a).read_text() for a in self.argv if a.startswith("configs/") and (ROOT / a).is_file()]
+        argv = [os.path.realpath(a) if a.startswith("/") else a for a in self.argv]
         upstream = [d.key() for d in self.deps]
-        return hashlib.sha256(json.dumps([self.argv, configs, upstream]).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps([argv, configs, upstream]).encode()).hexdigest()[:16]
 
     def finished(self) -> bool:
         marker = self.folder / "done.json"
@@ -97,11 +101,21 @@ class Job:
         same = marker.is_file() and json.loads(marker.read_text()).get("key") == self.key()
         last = self.folder / "checkpoints" / "last.ckpt"
         if not same and self.folder.exists():
-            shutil.rmtree(self.folder)  # other settings: start from scratch
+            self.set_aside(marker)  # other settings: start from scratch, keeping the old run
         self.folder.mkdir(parents=True, exist_ok=True)
         save_json({"key": self.key(), "argv": self.argv, "finished": False}, marker, indent=1)
         resume = ["--ckpt_path", str(last)] if self.resumable_fit and same and last.is_file() else []
         return [sys.executable, str(self.script), *self.argv, *resume]
+
+    def set_aside(self, marker: Path) -> None:
+        """Rename the folder of a run made with other settings to `<folder>.replaced-<its key>` (never delete it)."""
+        old = json.loads(marker.read_text()).get("key", "unknown") if marker.is_file() else "unknown"
+        target, n = self.folder.with_name(f"{self.folder.name}.replaced-{old}"), 1
+        while target.exists():
+            target, n = self.folder.with_name(f"{self.folder.name}.replaced-{old}-{n}"), n + 1
+        self.folder.rename(target)
+        print(f"[stage] {self.name:<28} settings changed: the previous run is kept in {target} "
+              "(delete it when no longer needed)", flush=True)
 
     def mark_finished(self, seconds: float) -> None:
         save_json({"key": self.key(), "argv": self.argv, "finished": True, "wall_s": seconds},
@@ -340,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.seeds is not None:
         exp["seeds"] = args.seeds
     seeds = exp["seeds"]
-    root = args.out / exp["name"]
+    root = args.out.resolve() / exp["name"]
     root.mkdir(parents=True, exist_ok=True)
     jobs, ckpts = plan(exp, root, seeds)
     save_json(exp, root / "experiment.json", indent=1)

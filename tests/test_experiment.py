@@ -40,6 +40,16 @@ def test_an_interrupted_fit_resumes_from_its_last_checkpoint(tmp_path):
     assert job.command()[-2:] == ["--ckpt_path", str(job.folder / "checkpoints" / "last.ckpt")]
     other = jobs_of(tmp_path, "budget.steps=5")["raster (seed 0)"]  # other settings: from scratch
     assert "--ckpt_path" not in other.command() and not (job.folder / "checkpoints").exists()
+    kept = job.folder.with_name(f"{job.folder.name}.replaced-{job.key()}") / "checkpoints" / "last.ckpt"
+    assert kept.read_bytes() == b"weights"  # the old run is set aside, never deleted
+
+
+def test_a_folder_reached_through_a_symlink_keeps_its_stage_keys(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    direct, linked = jobs_of(tmp_path / "real"), jobs_of(tmp_path / "link")
+    assert all(direct[n].key() == linked[n].key() for n in direct)
+    assert linked["raster (seed 0)"].argv != direct["raster (seed 0)"].argv  # the paths are spelt differently
 
 
 @pytest.mark.slow
