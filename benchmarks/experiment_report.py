@@ -23,8 +23,9 @@ from benchmarks import quality_report as ev
 from fileio import atomic_write, save_json, save_text
 
 CURVE_METRICS = [("fid", "FID ↓"), ("consistency", "consistency ↑"), ("class_accuracy", "class accuracy ↑"),
-                 ("nll_random", "NLL random order (bits)"), ("nll_inferred", "NLL inferred order (bits)")]
-VAL_SCALARS = ["val/nll_raster", "val/nll_random", "val/nll_inferred"]
+                 ("nll_random", "NLL random order (bits)"), ("nll_inferred", "NLL inferred order (bits)"),
+                 ("nll_own", "NLL own order (bits)")]
+VAL_SCALARS = ["val/nll_raster", "val/nll_random", "val/nll_inferred", "val/nll_own"]
 
 
 def load_evals(root: Path, seeds: list[int]) -> tuple[dict, dict]:

@@ -65,7 +65,8 @@ def samples_figure(arms: dict[str, dict], n_steps: int, path: Path, per_arm: int
 # ----------------------------------------------------------------------------------------- report
 COLUMNS = [("FID ↓", "fid", ".4g"), ("KID ↓", "kid", ".3g"), ("class acc. ↑", "class_accuracy", ".3f"),
            ("NLL raster", "nll_raster", ".3f"), ("NLL random", "nll_random", ".3f"),
-           ("NLL inferred", "nll_inferred", ".3f"), ("consistency ↑", "consistency", ".3f"),
+           ("NLL inferred", "nll_inferred", ".3f"), ("NLL own order", "nll_own", ".3f"),
+           ("consistency ↑", "consistency", ".3f"),
            ("sun found", "sun_share", ".3f"), ("clouds found", "cloud_share", ".3f"),
            ("diversity", "diversity", ".3f"), ("samples/s", "samples_per_s", ".1f")]
 CEILING, REFERENCE = "tokenizer reconstruction (ceiling)", "real images (reference)"
@@ -73,8 +74,9 @@ CEILING, REFERENCE = "tokenizer reconstruction (ceiling)", "real images (referen
 
 def summarise(per_seed: list[dict]) -> dict:
     """metric -> [mean, std over seeds] (std 0 for one seed)."""
+    keys = [k for k in per_seed[0] if all(k in d for d in per_seed)]  # an older run may lack a newer metric
     return {k: [statistics.fmean(d[k] for d in per_seed),
-                statistics.stdev(d[k] for d in per_seed) if len(per_seed) > 1 else 0.0] for k in per_seed[0]}
+                statistics.stdev(d[k] for d in per_seed) if len(per_seed) > 1 else 0.0] for k in keys}
 
 
 def _cell(stat: list[float] | None, spec: str, seeds: int) -> str:

@@ -5,8 +5,14 @@ An any-order model gives each image one likelihood per order. Three orders are r
 (validation logs `val/nll_<order>`, the comparison's table the `nll_<order>` columns):
 - raster: the scan a raster model is trained on;
 - random: one uniformly random order per sequence (from a seeded generator: the same every time);
-- inferred: the model's own teacher-forced greedy order (`models.extraction.extract_orders`). It is
-  chosen knowing the true tokens, so it is a lower bound rather than a proper likelihood.
+- inferred: the teacher-forced greedy order of the extraction (`models.extraction.extract_orders`, with
+  the extraction's score: the paper's `true_prob` places, at each step, the cell whose *true* token is
+  most likely). It is chosen knowing the tokens still to come, so it is a lower bound, not a likelihood:
+  a worse model can score better by choosing its order from the answer.
+- own: the order greedy confidence sampling would take on these tokens (at each step the cell of
+  highest max-probability given the tokens already placed: extraction with `max_prob`). Each choice
+  depends only on the tokens before it, so this is a proper likelihood of the model with its own order
+  policy, the fair number to set against raster and random order.
 
 The per-sequence maths (`models.extraction.nll_under_order`: one forward, cross-entropy of the true
 tokens) stays with the network's scoring code: it is the training loss per sequence, in bits.
@@ -30,11 +36,11 @@ def nll_under_orders(net, tokens: Tensor, cond: Tensor, generator: torch.Generat
         tokens: (b, n) token sequences in raster cell order.
         cond: (b,) class labels.
         generator: draws the random orders (on its own device); None: the global generator.
-        inferred: also the model's inferred order (about n/2 forward passes' worth of work).
+        inferred: also the inferred and the own order (about n/2 forward passes' worth of work each).
         score: the extraction score of the inferred order ("true_prob" or "max_prob").
 
     Returns:
-        {"raster": (b,), "random": (b,)[, "inferred": (b,)]}.
+        {"raster": (b,), "random": (b,)[, "inferred": (b,), "own": (b,)]}.
     """
     b, n = tokens.shape
     device = generator.device if generator is not None else tokens.device
@@ -42,6 +48,7 @@ def nll_under_orders(net, tokens: Tensor, cond: Tensor, generator: torch.Generat
               "random": random_order(b, n, generator=generator, device=device).to(tokens.device)}
     if inferred:
         orders["inferred"] = extract_orders(net, tokens, cond, score=score)
+        orders["own"] = orders["inferred"] if score == "max_prob" else extract_orders(net, tokens, cond, "max_prob")
     return {name: nll_under_order(net, tokens, order, cond) for name, order in orders.items()}
 
 
