@@ -2,6 +2,7 @@
 
     python benchmarks/experiment_eval.py RUN_FOLDER rows              (feature network, reference rows)
     python benchmarks/experiment_eval.py RUN_FOLDER model SEED MODEL [--step K]
+    python benchmarks/experiment_eval.py RUN_FOLDER nll SEED MODEL [--step K]  (NLL only, no sampling)
 
 RUN_FOLDER is `runs/experiments/<name>` (it holds `experiment.json`). `rows` trains the domain feature
 network once per data (cached in `<out>/features/`) and measures the two real-image rows (reference:
@@ -9,7 +10,9 @@ held-out half A against half B; ceiling: A through the tokenizer against B). `mo
 of one trained model (`budget.samples` images, labels cycling over the classes, one seeded generator
 per arm) and measures it against B, plus the model's NLL under raster, random and inferred orders on
 held-out token grids. `--step K` evaluates the kept checkpoint `step=K.ckpt` instead (learning curves,
-`budget.curve_samples` images). Results are JSON files under `RUN_FOLDER/seed<k>/eval/`.
+`budget.curve_samples` images). Results are JSON files under `RUN_FOLDER/seed<k>/eval/`. `nll` measures
+the NLL columns again without sampling (`<model>.nll.json`, merged into the model's arms by the report):
+it brings a run evaluated by an older version up to the current columns.
 """
 
 import argparse
@@ -124,10 +127,22 @@ def evaluate_model(exp: dict, ctx: dict, ckpt: Path, tokenizer_ckpt: Path, model
     return metrics, shown
 
 
+def save_nll(exp: dict, run_folder: Path, seed: int, model: str, step: int | None, device: str) -> None:
+    """The NLL columns of one model's arms on the held-out tokens, into `seed<k>/eval/<model>[@step].nll.json`."""
+    ckpt = run_folder / f"seed{seed}" / model / "checkpoints" / (f"step={step}.ckpt" if step else "last.ckpt")
+    dm = datamodule(exp, run_folder.parent, Path(exp["tokenizer_ckpt"]))
+    tokens, labels = val_tokens(dm, exp["budget"].get("nll_images", 500))
+    nll = mean_nll_bits(load_net(ckpt).to(device), tokens.to(device), labels.to(device), seed=1234)
+    log.info("%s: %s", model, nll)
+    name = f"{model}@{step}" if step else model
+    save_json({"adds": {a["name"]: nll for a in exp["arms"] if a["model"] == model}, "ckpt": str(ckpt), "step": step},
+              run_folder / f"seed{seed}" / "eval" / f"{name}.nll.json", indent=1)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_folder", type=Path)
-    p.add_argument("what", choices=["rows", "model"])
+    p.add_argument("what", choices=["rows", "model", "nll"])
     p.add_argument("seed", type=int, nargs="?")
     p.add_argument("model", nargs="?")
     p.add_argument("--step", type=int, default=None)
@@ -136,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     exp = json.loads((args.run_folder / "experiment.json").read_text())
     out, tokenizer_ckpt = args.run_folder.parent, Path(exp["tokenizer_ckpt"])
+    if args.what == "nll":
+        save_nll(exp, args.run_folder, args.seed, args.model, args.step, args.device)
+        return
     ctx = context(exp, out, tokenizer_ckpt, args.device)
     if args.what == "rows":
         save_json({"rows": real_rows(ctx, tokenizer_ckpt, args.device), "feature_name": ctx["feature_name"],

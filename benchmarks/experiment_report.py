@@ -32,13 +32,19 @@ def load_evals(root: Path, seeds: list[int]) -> tuple[dict, dict]:
     """({arm: [metrics per seed]} of the final weights, {(arm, step): [metrics per seed]} of kept steps)."""
     final, steps = {}, {}
     for seed in seeds:
+        found, adds = {}, {}
         for path in sorted((root / f"seed{seed}" / "eval").glob("*.json")):
             data = json.loads(path.read_text())
-            for arm, metrics in data["metrics"].items():
-                if data.get("step"):
-                    steps.setdefault((arm, data["step"]), []).append(metrics)
-                else:
-                    final.setdefault(arm, []).append(metrics)
+            for arm, metrics in data.get("metrics", {}).items():
+                found[(arm, data.get("step"))] = metrics
+            for arm, metrics in data.get("adds", {}).items():  # `<model>.nll.json`: columns measured again
+                adds[(arm, data.get("step"))] = metrics
+        for (arm, step), metrics in found.items():
+            metrics = {**metrics, **adds.get((arm, step), {})}
+            if step:
+                steps.setdefault((arm, step), []).append(metrics)
+            else:
+                final.setdefault(arm, []).append(metrics)
     return final, steps
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import experiment
+from benchmarks import experiment, experiment_eval
 from tests.conftest import TOKENIZER_CKPT
 from tests.test_compare_orders import table_rows
 
@@ -69,6 +69,14 @@ def test_smoke_experiment_runs_into_a_report_and_reuses_every_stage(tmp_path, ca
     experiment.main([str(SMOKE), "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "running" not in printed and printed.count("reused") == 14
+    own = float(rows["any-order AR, random order"]["NLL own order"])
+    (run / "seed0" / "eval" / "any_order.json").write_text(json.dumps(  # as an older version wrote it
+        {"metrics": {a: {k: v for k, v in m.items() if k != "nll_own"} for a, m in
+                     json.loads((run / "seed0" / "eval" / "any_order.json").read_text())["metrics"].items()}}))
+    experiment_eval.main([str(run), "nll", "0", "any_order"])
+    experiment.main([str(SMOKE), "--out", str(tmp_path), "--only", "report"])
+    again = table_rows((run / "report.md").read_text())
+    assert float(again["any-order AR, confidence order"]["NLL own order"]) == pytest.approx(own, abs=2e-3)
 
 
 @pytest.mark.slow
@@ -104,3 +112,17 @@ def test_the_evaluation_reads_the_data_the_stages_trained_on(tokenizer_run, tmp_
     train, val = dm.split_indices()
     assert len(dm.source) == stage["data.init_args.source.init_args.num_images"] == 52
     assert (len(train), len(val)) == (40, 12)
+
+
+def test_the_report_merges_columns_measured_again_into_every_arm_of_the_model(tmp_path):
+    from benchmarks.experiment_report import load_evals
+
+    folder = tmp_path / "seed0" / "eval"
+    folder.mkdir(parents=True)
+    (folder / "m.json").write_text(json.dumps({"metrics": {"a": {"fid": 1.0}, "b": {"fid": 2.0}}, "step": None}))
+    (folder / "m@5.json").write_text(json.dumps({"metrics": {"a": {"fid": 3.0}}, "step": 5}))
+    (folder / "m.nll.json").write_text(json.dumps({"adds": {"a": {"nll_own": 4.0}, "b": {"nll_own": 4.0}},
+                                                   "step": None}))
+    final, steps = load_evals(tmp_path, [0])
+    assert final == {"a": [{"fid": 1.0, "nll_own": 4.0}], "b": [{"fid": 2.0, "nll_own": 4.0}]}
+    assert steps == {("a", 5): [{"fid": 3.0}]}
