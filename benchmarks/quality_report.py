@@ -110,8 +110,9 @@ def how_to_read(samples: int, nll_images: int, batch: int, device: str, inceptio
                   "checks the pipeline; compare arms on full runs.") if quick else ""
     space = "Inception-v3 (pool3)" if inception else "the domain feature network described above"
     return f"""## How to read this
-Rows 2 and 3 are the same network (so the same NLLs); they differ only in the sampling order. Row 4
-starts from that network and is fine-tuned on the orders it extracted from the training images.
+Rows of one model share its network (so the same NLLs) and differ only in the sampling order; an OAR
+(distilled) model starts from the any-order network and is fine-tuned on the orders it extracted from the
+training images.
 FID and KID compare {samples} samples with a set B of {samples} real validation images in the space of
 {space}; with so few samples they rank arms within this table only and are not comparable with
 published FIDs. The validation images are split into two disjoint halves A and B that no
@@ -120,9 +121,11 @@ ceiling row is A passed through the tokenizer (encode, decode) against B: no AR 
 beat it. Class accuracy (class-conditional data) is the share of images the feature network assigns to the
 label they were sampled for (a model that ignores the class scores near 1 / classes).
 NLL is in bits per token on {nll_images} held-out images, under the raster order, one random order per
-image, and the order the model itself infers (teacher-forced greedy, chosen knowing the true tokens, so it
-is a lower bound rather than a proper likelihood): a raster model is expected to be poor under random
-orders; an order-aware model should be best in its own order.
+image, the inferred order (the extraction's teacher-forced greedy order: with the paper's score each cell
+is chosen knowing its true token, so it is a lower bound, not a likelihood) and the model's own order
+(greedy by max-probability given the tokens already placed, the order confidence sampling takes: a proper
+likelihood, comparable with raster and random). A raster model is expected to be poor under random orders;
+an order-aware model should be best in its own order.
 Synthetic data only: consistency is the share of images whose cloud tint is the one their sun's hue causes;
 sun found and clouds found are the shares of images in which the analyser finds a sun and clouds at all
 (`evaluation.scene.scene_rates`); an image without a sun or clouds is not consistent.
