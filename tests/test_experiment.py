@@ -126,3 +126,14 @@ def test_the_report_merges_columns_measured_again_into_every_arm_of_the_model(tm
     final, steps = load_evals(tmp_path, [0])
     assert final == {"a": [{"fid": 1.0, "nll_own": 4.0}], "b": [{"fid": 2.0, "nll_own": 4.0}]}
     assert steps == {("a", 5): [{"fid": 3.0}]}
+
+
+@pytest.mark.parametrize("path", sorted((experiment.ROOT / "benchmarks" / "experiments").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_experiment_file_plans_its_stages_and_arms(path, tmp_path):
+    """Each shipped experiment file parses, names models its arms use, and plans one fit per model and seed."""
+    exp = experiment.load_experiment(path, [])
+    jobs, _ = experiment.plan(exp, tmp_path / exp["name"], exp["seeds"])
+    names = {j.name for j in jobs}
+    assert {a["model"] for a in exp["arms"]} <= set(exp["models"])
+    assert all(f"{m} (seed {s})" in names for m in exp["models"] for s in exp["seeds"])
