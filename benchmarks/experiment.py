@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.seeds is not None:
         exp["seeds"] = args.seeds
     seeds = exp["seeds"]
-    root = args.out.resolve() / exp["name"]
+    root = args.out / exp["name"]
     root.mkdir(parents=True, exist_ok=True)
     jobs, ckpts = plan(exp, root, seeds)
     save_json(exp, root / "experiment.json", indent=1)

@@ -8,8 +8,8 @@ RUN_FOLDER is `runs/experiments/<name>` (it holds `experiment.json`). `rows` tra
 network once per data (cached in `<out>/features/`) and measures the two real-image rows (reference:
 held-out half A against half B; ceiling: A through the tokenizer against B). `model` samples every arm
 of one trained model (`budget.samples` images, labels cycling over the classes, one seeded generator
-per arm) and measures it against B, plus the model's NLL under raster, random and inferred orders on
-held-out token grids. `--step K` evaluates the kept checkpoint `step=K.ckpt` instead (learning curves,
+per arm) and measures it against B, plus the model's NLL under raster, random, inferred and own orders
+on held-out token grids. `--step K` evaluates the kept checkpoint `step=K.ckpt` instead (learning curves,
 `budget.curve_samples` images). Results are JSON files under `RUN_FOLDER/seed<k>/eval/`. `nll` measures
 the NLL columns again without sampling (`<model>.nll.json`, merged into the model's arms by the report):
 it brings a run evaluated by an older version up to the current columns.
@@ -127,16 +127,14 @@ def evaluate_model(exp: dict, ctx: dict, ckpt: Path, tokenizer_ckpt: Path, model
     return metrics, shown
 
 
-def save_nll(exp: dict, run_folder: Path, seed: int, model: str, step: int | None, device: str) -> None:
-    """The NLL columns of one model's arms on the held-out tokens, into `seed<k>/eval/<model>[@step].nll.json`."""
-    ckpt = run_folder / f"seed{seed}" / model / "checkpoints" / (f"step={step}.ckpt" if step else "last.ckpt")
+def save_nll(exp: dict, run_folder: Path, ckpt: Path, model: str, step: int | None, out: Path, device: str) -> None:
+    """The NLL columns of one model's arms on the held-out tokens, into `out` (`<model>[@step].nll.json`)."""
     dm = datamodule(exp, run_folder.parent, Path(exp["tokenizer_ckpt"]))
     tokens, labels = val_tokens(dm, exp["budget"].get("nll_images", 500))
     nll = mean_nll_bits(load_net(ckpt).to(device), tokens.to(device), labels.to(device), seed=1234)
     log.info("%s: %s", model, nll)
-    name = f"{model}@{step}" if step else model
     save_json({"adds": {a["name"]: nll for a in exp["arms"] if a["model"] == model}, "ckpt": str(ckpt), "step": step},
-              run_folder / f"seed{seed}" / "eval" / f"{name}.nll.json", indent=1)
+              out, indent=1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,20 +149,21 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     exp = json.loads((args.run_folder / "experiment.json").read_text())
     out, tokenizer_ckpt = args.run_folder.parent, Path(exp["tokenizer_ckpt"])
+    if args.what != "rows":
+        ckpt = (args.run_folder / f"seed{args.seed}" / args.model / "checkpoints"
+                / (f"step={args.step}.ckpt" if args.step else "last.ckpt"))
+        name = f"{args.model}@{args.step}" if args.step else args.model
+        folder = args.run_folder / f"seed{args.seed}" / "eval"
     if args.what == "nll":
-        save_nll(exp, args.run_folder, args.seed, args.model, args.step, args.device)
+        save_nll(exp, args.run_folder, ckpt, args.model, args.step, folder / f"{name}.nll.json", args.device)
         return
     ctx = context(exp, out, tokenizer_ckpt, args.device)
     if args.what == "rows":
         save_json({"rows": real_rows(ctx, tokenizer_ckpt, args.device), "feature_name": ctx["feature_name"],
                    "feature_info": ctx["feature_info"]}, args.run_folder / "rows.json", indent=1, default=str)
         return
-    folder = args.run_folder / f"seed{args.seed}" / args.model
-    ckpt = folder / "checkpoints" / (f"step={args.step}.ckpt" if args.step else "last.ckpt")
     samples = exp["budget"]["curve_samples"] if args.step else exp["budget"]["samples"]
     metrics, shown = evaluate_model(exp, ctx, ckpt, tokenizer_ckpt, args.model, samples, args.device)
-    name = f"{args.model}@{args.step}" if args.step else args.model
-    folder = args.run_folder / f"seed{args.seed}" / "eval"
     if not args.step:  # the figure's samples and order maps
         save_torch(shown, folder / f"{name}.samples.pt")
     save_json({"metrics": metrics, "ckpt": str(ckpt), "samples": samples, "step": args.step}, folder / f"{name}.json",
