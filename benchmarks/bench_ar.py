@@ -10,14 +10,16 @@ row runs in each dtype asked for (fp32 and bf16 by default, side by side; bf16 =
   (f) cached raster sampling, the loop of commit 461859e in fp32 (today) / this loop   goal >= 2
   (g) confidence sampling (exact) / random-order sampling                   goal <= 4
   (h) confidence sampling with a shortlist (approximate) / random-order sampling     goal <= 4
-Sampling rows use batch 64 and 64 tokens (8x8), the small preset (width 256, depth 4, heads 4, vocab 512).
+  (i) as (c), at the base preset (width 768, depth 14, heads 12), batch 16         goal >= 0.5
+Sampling rows use batch 64 and 64 tokens (8x8), the small preset (width 256, depth 4, heads 4, vocab 512);
+(i) shows how far (c) is a property of the small preset's narrow matmuls (inner dimension 256).
 
     python benchmarks/bench_ar.py --threads 1 [--quick] [--dtype fp32 bf16] [--device cpu|cuda] [--json out.json]
 """
 
 import contextlib
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -63,6 +65,11 @@ class Settings:
     matmul_size: int = 2048  # (c): the reference square matmul
     shortlist: int = 8  # (h): cells rescored between full rankings
     refresh: int = 8  # (h): a full ranking every `refresh` steps
+    base_width: int = 768  # (i): the base preset (configs/model/ar/base.yaml)
+    base_depth: int = 14
+    base_heads: int = 12
+    base_batch: int = 16
+    base_repeats: int = 2
     repeats: int = 5
     naive_repeats: int = 3
     warmup: int = 1
@@ -71,7 +78,8 @@ class Settings:
     def from_args(cls, args) -> "Settings":
         if args.smoke:
             s = cls(width=32, depth=1, heads=2, grid=2, vocab=16, batch=2, naive_batch=2, naive_grid=2,
-                    sample_batch=2, matmul_size=64, shortlist=1, refresh=2, repeats=1, naive_repeats=1, warmup=0)
+                    sample_batch=2, matmul_size=64, shortlist=1, refresh=2, repeats=1, naive_repeats=1, warmup=0,
+                    base_width=64, base_depth=1, base_heads=2, base_batch=2, base_repeats=1)
         elif args.quick:
             s = cls(naive_grid=4, repeats=3, naive_repeats=2)
         else:
@@ -79,6 +87,11 @@ class Settings:
         if args.repeats:
             s.repeats = s.naive_repeats = args.repeats
         return s
+
+    def base(self) -> "Settings":
+        """These settings with the base preset's network and batch (row (i))."""
+        return replace(self, width=self.base_width, depth=self.base_depth, heads=self.base_heads,
+                       sample_batch=self.base_batch, repeats=self.base_repeats)
 
     def net(self, device: torch.device, grid: int | None = None) -> OrderedTransformer:
         grid = grid or self.grid
@@ -248,15 +261,10 @@ def bench_sampling(s: Settings, device, dtype: str) -> list[Row]:
     t = dict(zip(fns, time_alternately(list(fns.values()), s.repeats, s.warmup, device, samples=raw), strict=True))
     raw = dict(zip(fns, raw, strict=True))
     ratio = lambda a_, b_: median_ratio(raw[a_], raw[b_])  # noqa: E731
-    flops = sampling_flops(b, s.grid**2, s.width, s.depth, int(s.width * s.mlp_ratio), s.vocab)
-    width_note = {} if s.width >= 256 else {"note": "goal stated for width >= 256"}
-    extra = {"sampler_flops": flops, "sampler_gflops_per_s": flops / t["confidence"] / 1e9,
-             "matmul_gflops_per_s": matmul_flops / t["matmul"] / 1e9, **width_note}
+    flops, extra = _flops(s, b, t, matmul_flops)
     short = f"shortlist {s.shortlist}, full ranking every {s.refresh} steps"
     rows = [
-        Row("(c) confidence sampler FLOP/s / matmul FLOP/s", f"confidence sampling (b={b})",
-            f"{s.matmul_size}^3 matmul, {dtype}", flops / matmul_flops * ratio("matmul", "confidence"),
-            "A FLOP/s / B FLOP/s", ">=", 0.5, t["confidence"], t["matmul"], extra, raw["confidence"], raw["matmul"]),
+        _peak_row("(c) confidence sampler FLOP/s / matmul FLOP/s", s, dtype, flops / matmul_flops, t, raw, extra),
         Row("(d) cached sampling, random / raster", f"random order (b={b})", f"raster (b={b})",
             ratio("random", "raster"), RATIO, "<=", 1.1, t["random"], t["raster"], {}, raw["random"], raw["raster"]),
         Row("(f) cached raster sampling, today's loop (fp32) / this loop", f"loop of commit 461859e, fp32 (b={b})",
@@ -270,6 +278,39 @@ def bench_sampling(s: Settings, device, dtype: str) -> list[Row]:
             {"shortlist": s.shortlist, "refresh": s.refresh}, raw["shortlist"], raw["random"]),
     ]
     return rows
+
+
+def _flops(s: Settings, b: int, t: dict, matmul_flops: float) -> tuple[float, dict]:
+    """The confidence sampler's analytic FLOPs and the (c)/(i) row's extra figures."""
+    flops = sampling_flops(b, s.grid**2, s.width, s.depth, int(s.width * s.mlp_ratio), s.vocab)
+    width_note = {} if s.width >= 256 else {"note": "goal stated for width >= 256"}
+    return flops, {"sampler_flops": flops, "sampler_gflops_per_s": flops / t["confidence"] / 1e9,
+                   "matmul_gflops_per_s": matmul_flops / t["matmul"] / 1e9, "width": s.width, "depth": s.depth,
+                   **width_note}
+
+
+def _peak_row(name: str, s: Settings, dtype: str, flops_ratio: float, t: dict, raw: dict, extra: dict) -> Row:
+    """A row: the confidence sampler's FLOP/s over the square matmul's, both timed alternately."""
+    return Row(name, f"confidence sampling (b={s.sample_batch}, width {s.width}, depth {s.depth})",
+               f"{s.matmul_size}^3 matmul, {dtype}", flops_ratio * median_ratio(raw["matmul"], raw["confidence"]),
+               "A FLOP/s / B FLOP/s", ">=", 0.5, t["confidence"], t["matmul"], extra, raw["confidence"],
+               raw["matmul"])
+
+
+def bench_base_preset(s: Settings, device, dtype: str) -> Row:
+    """(i): row (c) at the base preset, where the matmuls are 3x wider."""
+    s = s.base()
+    net = s.net(device).eval()
+    _, cond = s.data(s.sample_batch, s.grid, device)
+    matmul, matmul_flops = matmul_rate(s.matmul_size, device, DTYPES[dtype])
+    fns = {"matmul": matmul,
+           "confidence": _sampler(net, cond, "confidence", 2, contextlib.nullcontext(), dtype=DTYPES[dtype])}
+    raw: list[list[float]] = []
+    t = dict(zip(fns, time_alternately(list(fns.values()), s.repeats, s.warmup, device, samples=raw), strict=True))
+    raw = dict(zip(fns, raw, strict=True))
+    flops, extra = _flops(s, len(cond), t, matmul_flops)
+    return _peak_row("(i) confidence sampler FLOP/s / matmul FLOP/s, base preset", s, dtype, flops / matmul_flops, t,
+                     raw, extra)
 
 
 def _tag(rows: list[Row], dtype: str) -> list[Row]:
@@ -292,7 +333,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         ctx = autocast(device, dtype)
         dtype_rows = bench_train(s, device, ctx)
         naive = bench_naive(s, device, ctx, strict=dtype == "fp32")
-        dtype_rows += [naive, *bench_sampling(s, device, dtype)]
+        dtype_rows += [naive, *bench_sampling(s, device, dtype), bench_base_preset(s, device, dtype)]
         rows += _tag(dtype_rows, dtype)
         peak = next(r for r in dtype_rows if r.name.startswith("(c)")).extra["matmul_gflops_per_s"]
         notes.append(f"{dtype}: {s.matmul_size}^3 matmul {peak:.0f} GFLOP/s (this run); (b) outputs identical "
