@@ -13,6 +13,8 @@ row runs in each dtype asked for (fp32 and bf16 by default, side by side; bf16 =
   (i) as (c), at the base preset (width 768, depth 14, heads 12), batch 16         goal >= 0.5
 Sampling rows use batch 64 and 64 tokens (8x8), the small preset (width 256, depth 4, heads 4, vocab 512);
 (i) shows how far (c) is a property of the small preset's narrow matmuls (inner dimension 256).
+`--preset base --grid 16` runs every row at the base preset on 256-token grids (the GPU table:
+benchmarks/gpu_table.sh).
 
     python benchmarks/bench_ar.py --threads 1 [--quick] [--dtype fp32 bf16] [--device cpu|cuda] [--json out.json]
 """
@@ -32,6 +34,7 @@ from benchmarks.legacy_decode import legacy_sample  # noqa: E402
 from benchmarks.report import (  # noqa: E402
     DTYPES,
     Row,
+    ar_preset,
     autocast,
     common_parser,
     contention_note,
@@ -80,10 +83,12 @@ class Settings:
             s = cls(width=32, depth=1, heads=2, grid=2, vocab=16, batch=2, naive_batch=2, naive_grid=2,
                     sample_batch=2, matmul_size=64, shortlist=1, refresh=2, repeats=1, naive_repeats=1, warmup=0,
                     base_width=64, base_depth=1, base_heads=2, base_batch=2, base_repeats=1)
-        elif args.quick:
-            s = cls(naive_grid=4, repeats=3, naive_repeats=2)
         else:
-            s = cls()
+            s = cls(**ar_preset(args.preset)[0])
+            if args.quick:
+                s.naive_grid, s.repeats, s.naive_repeats = 4, 3, 2
+            if args.grid:
+                s.grid = args.grid
         if args.repeats:
             s.repeats = s.naive_repeats = args.repeats
         return s
@@ -324,7 +329,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = common_parser(__doc__.splitlines()[0]).parse_args(argv)
     device = setup_torch(args)
     s = Settings.from_args(args)
-    config = {"width": s.width, "depth": s.depth, "heads": s.heads, "mlp_ratio": s.mlp_ratio,
+    config = {"preset": "smoke" if args.smoke else args.preset, "width": s.width, "depth": s.depth, "heads": s.heads, "mlp_ratio": s.mlp_ratio,
               "grid": f"{s.grid}x{s.grid}", "vocab": s.vocab, "num_classes": s.num_classes, "batch": s.batch,
               "naive_batch": s.naive_batch, "naive_grid": f"{s.naive_grid}x{s.naive_grid}",
               "sample_batch": s.sample_batch, "repeats": s.repeats, **environment(args, device)}
@@ -333,7 +338,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
         ctx = autocast(device, dtype)
         dtype_rows = bench_train(s, device, ctx)
         naive = bench_naive(s, device, ctx, strict=dtype == "fp32")
-        dtype_rows += [naive, *bench_sampling(s, device, dtype), bench_base_preset(s, device, dtype)]
+        dtype_rows += [naive, *bench_sampling(s, device, dtype)]
+        if s.width < s.base_width:  # (i) would repeat (c)
+            dtype_rows.append(bench_base_preset(s, device, dtype))
         rows += _tag(dtype_rows, dtype)
         peak = next(r for r in dtype_rows if r.name.startswith("(c)")).extra["matmul_gflops_per_s"]
         notes.append(f"{dtype}: {s.matmul_size}^3 matmul {peak:.0f} GFLOP/s (this run); (b) outputs identical "

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 from benchmarks.report import (  # noqa: E402
     DTYPES,
     Row,
+    ar_preset,
     autocast,
     common_parser,
     contention_note,
@@ -39,33 +40,7 @@ from benchmarks.timing import median_ratio, time_alternately  # noqa: E402
 from models.extraction import extract_orders, naive_extract_orders  # noqa: E402
 from models.transformer import OrderedTransformer  # noqa: E402
 
-PRESET = ROOT / "configs" / "model" / "ar" / "small.yaml"
-FALLBACK = {"width": 256, "depth": 6, "heads": 4}  # used when the preset file does not exist (yet)
 FASHION_MNIST_TRAIN = 60000
-
-
-def _find_net_args(node) -> dict | None:
-    """The first mapping in a parsed YAML that holds a `width` (the net's init_args)."""
-    if isinstance(node, dict):
-        if "width" in node:
-            return node
-        for value in node.values():
-            found = _find_net_args(value)
-            if found is not None:
-                return found
-    return None
-
-
-def small_preset(path: Path = PRESET) -> tuple[dict, str]:
-    """width / depth / heads (/ mlp_ratio) of the small AR preset, and where they came from."""
-    if path.exists():
-        from omegaconf import OmegaConf
-
-        found = _find_net_args(OmegaConf.to_container(OmegaConf.load(path)))
-        if found:
-            keys = ("width", "depth", "heads", "mlp_ratio")
-            return {**FALLBACK, **{k: found[k] for k in keys if k in found}}, str(path.relative_to(ROOT))
-    return dict(FALLBACK), "fallback (no configs/model/ar/small.yaml)"
 
 
 @dataclass
@@ -91,8 +66,10 @@ class Settings:
             s = cls(width=32, depth=1, heads=2, grid=2, vocab=16, naive_batch=2, naive_grid=2, batch=4, repeats=1,
                     preset="smoke")
         else:
-            preset, source = small_preset()
+            preset, source = ar_preset(args.preset)
             s = cls(**preset, preset=source)
+            if args.grid:
+                s.grid = args.grid
             if args.quick:
                 s.naive_grid, s.batch, s.repeats = 4, 16, 2
         if args.repeats:

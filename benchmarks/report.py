@@ -26,7 +26,41 @@ def common_parser(description: str) -> argparse.ArgumentParser:
                         help="torch threads (default: all CPUs; 1 is faster on a CPU shared with other jobs)")
     parser.add_argument("--repeats", type=int, default=None, help="override every benchmark's timed repeats")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--preset", default="small", help="network size: configs/model/ar/<preset>.yaml")
+    parser.add_argument("--grid", type=int, default=None, help="token grid side (default 8: 8x8 = 64 tokens)")
     return parser
+
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "model" / "ar"
+FALLBACK = {"width": 256, "depth": 4, "heads": 4}  # the small preset, if its file is missing
+
+
+def _find_net_args(node) -> dict | None:
+    """The first mapping in a parsed YAML that holds a `width` (the net's init_args)."""
+    if isinstance(node, dict):
+        if "width" in node:
+            return node
+        for value in node.values():
+            found = _find_net_args(value)
+            if found is not None:
+                return found
+    return None
+
+
+def ar_preset(name: str = "small") -> tuple[dict, str]:
+    """width / depth / heads (/ mlp_ratio) of an AR size preset, and the file they came from."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if path.exists():
+        from omegaconf import OmegaConf
+
+        found = _find_net_args(OmegaConf.to_container(OmegaConf.load(path)))
+        if found:
+            keys = ("width", "depth", "heads", "mlp_ratio")
+            return {**FALLBACK, **{k: found[k] for k in keys if k in found}}, f"configs/model/ar/{name}.yaml"
+    if name != "small":
+        presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise SystemExit(f"--preset {name}: no configs/model/ar/{name}.yaml; choose one of {presets}")
+    return dict(FALLBACK), "fallback (no configs/model/ar/small.yaml)"
 
 
 def setup_torch(args: argparse.Namespace) -> torch.device:

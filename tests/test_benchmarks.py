@@ -77,3 +77,13 @@ def test_legacy_loop_samples_what_the_new_loop_samples(policy):
     tokens, order = legacy_sample(net, cond, policy, torch.Generator().manual_seed(5), draw=TokenSampler())
     new = sample(net, cond, policy, generator=torch.Generator().manual_seed(5))
     assert torch.equal(tokens, new.tokens) and torch.equal(order, new.order)
+
+
+def test_presets_come_from_the_config_files():
+    from benchmarks.report import ar_preset
+
+    base, source = ar_preset("base")
+    assert source == "configs/model/ar/base.yaml" and (base["width"], base["depth"], base["heads"]) == (768, 14, 12)
+    assert ar_preset("small")[0]["width"] == 256
+    with pytest.raises(SystemExit, match="configs/model/ar/nope.yaml"):
+        ar_preset("nope")
