@@ -11,6 +11,7 @@ row runs in each dtype asked for (fp32 and bf16 by default, side by side; bf16 =
   (g) confidence sampling (exact) / random-order sampling                   goal <= 4
   (h) confidence sampling with a shortlist (approximate) / random-order sampling     goal <= 4
   (i) as (c), at the base preset (width 768, depth 14, heads 12), batch 16         goal >= 0.5
+  (j) as (g), the next cell entering before the last block (next_pos_layer = depth - 1)  goal <= 4
 Sampling rows use batch 64 and 64 tokens (8x8), the small preset (width 256, depth 4, heads 4, vocab 512);
 (i) shows how far (c) is a property of the small preset's narrow matmuls (inner dimension 256).
 `--preset base --grid 16` runs every row at the base preset on 256-token grids (the GPU table:
@@ -98,10 +99,10 @@ class Settings:
         return replace(self, width=self.base_width, depth=self.base_depth, heads=self.base_heads,
                        sample_batch=self.base_batch, repeats=self.base_repeats)
 
-    def net(self, device: torch.device, grid: int | None = None) -> OrderedTransformer:
+    def net(self, device: torch.device, grid: int | None = None, next_pos_layer: int = 0) -> OrderedTransformer:
         grid = grid or self.grid
         return OrderedTransformer(self.vocab, (grid, grid), self.num_classes, self.width, self.depth, self.heads,
-                                  self.mlp_ratio).to(device)
+                                  self.mlp_ratio, next_pos_layer=next_pos_layer).to(device)
 
     def data(self, b: int, grid: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(seed)
@@ -261,7 +262,8 @@ def bench_sampling(s: Settings, device, dtype: str) -> list[Row]:
            "raster": _sampler(net, cond, "raster", 3, ctx, dtype=cast),
            "shortlist": _sampler(net, cond, "confidence", 2, ctx, dtype=cast, shortlist=s.shortlist,
                                  refresh=s.refresh),
-           "legacy": _legacy_raster(net, cond, 3)}
+           "legacy": _legacy_raster(net, cond, 3),
+           "late": _sampler(s.net(device, next_pos_layer=s.depth - 1).eval(), cond, "confidence", 2, ctx, dtype=cast)}
     raw: list[list[float]] = []
     t = dict(zip(fns, time_alternately(list(fns.values()), s.repeats, s.warmup, device, samples=raw), strict=True))
     raw = dict(zip(fns, raw, strict=True))
@@ -281,6 +283,10 @@ def bench_sampling(s: Settings, device, dtype: str) -> list[Row]:
         Row("(h) confidence with a shortlist / random-order sampling", f"confidence, {short} (b={b})",
             f"random order (b={b})", ratio("shortlist", "random"), RATIO, "<=", 4.0, t["shortlist"], t["random"],
             {"shortlist": s.shortlist, "refresh": s.refresh}, raw["shortlist"], raw["random"]),
+        Row("(j) confidence (exact), next cell before the last block / random-order sampling",
+            f"confidence, next_pos_layer {s.depth - 1} of {s.depth} (b={b})", f"random order (b={b})",
+            ratio("late", "random"), RATIO, "<=", 4.0, t["late"], t["random"], {"next_pos_layer": s.depth - 1},
+            raw["late"], raw["random"]),
     ]
     return rows
 

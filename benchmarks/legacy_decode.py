@@ -60,9 +60,9 @@ def legacy_sample(
     for t in range(n):
         fixed = isinstance(policy, FixedOrderPolicy)
         cells = policy.candidates(t, written) if fixed else unwritten_cells(written, n - t)
-        x = net._embed(cond, prev_token[:, None], prev_cell[:, None], cells)
+        x, nxt = net._embed(cond, prev_token[:, None], prev_cell[:, None], cells)
         memory = _LegacyCandidates(k, v, t, cells.shape[1])
-        logits = net._run(x, net.own_pos.rotation(prev_cell[:, None]), memory)
+        logits = net._head(net._run(x, nxt, net.own_pos.rotation(prev_cell[:, None]), memory))
         choice = policy.choose(logits) if fixed else SCORES["max_prob"](logits).argmax(dim=-1)
         index = choice.view(1, b, 1, 1, 1).expand(net.depth, b, net.heads, 1, net.head_dim)
         k[:, :, :, t : t + 1], v[:, :, :, t : t + 1] = memory.new_k.gather(3, index), memory.new_v.gather(3, index)

@@ -4,7 +4,9 @@
 Sequence position t = 0..n-1 predicts the token of cell order[t]. Its input is
 - t = 0: the class token (class embedding; the null class for CFG / no conditioning);
 - t >= 1: the token written at step t - 1, i.e. the content of tokens[order[t-1]] and its own cell;
-- every t: the embedding of the next cell to predict, order[t] (double positional encoding).
+- every t: the embedding of the next cell to predict, order[t] (double positional encoding), added at
+  the input (`next_pos_layer` 0, sigma-GPT) or before block `next_pos_layer` (blocks before it see only
+  the written tokens and their cells, so scoring m candidate cells runs them once, not m times).
 So position t sees the class and tokens[order[:t]], and knows which cell it predicts.
 
 One method per purpose (decoding loops live outside, in `models/sampling.py`, `models/extraction.py`):
@@ -77,11 +79,14 @@ class KVCache:
 @dataclass
 class CandidateKV:
     """Keys and values (2, depth, b, heads, m, head_dim) of m candidates scored at cache position `position`:
-    a view of the cache's free slots, valid until the next `score_candidates` or `extend` on that cache."""
+    a view of the cache's free slots, valid until the next `score_candidates` or `extend` on that cache.
+    Layers before `first_layer` (the net's `next_pos_layer`) hold the input token once, in slot `position`,
+    shared by every candidate."""
 
     kv: Tensor
     position: int
     version: int
+    first_layer: int = 0
 
 
 class _Causal:
@@ -177,6 +182,9 @@ class OrderedTransformer(nn.Module):
         dropout: dropout on embeddings, attention and MLP.
         next_pos: "relative" (offset from the own cell to the target, paper v1) or "absolute".
         own_pos: "learned" (row + col embedding added at the input) or "rope" (2-D rotary).
+        next_pos_layer: the block before which the next-cell embedding is added, 0..depth-1: 0 at the input
+            (the paper); k > 0 lets candidate scoring (confidence sampling, extraction) run blocks 0..k-1 once
+            per step instead of once per candidate.
     """
 
     def __init__(
@@ -191,11 +199,16 @@ class OrderedTransformer(nn.Module):
         dropout: float = 0.0,
         next_pos: str = "relative",
         own_pos: str = "learned",
+        next_pos_layer: int = 0,
     ):
         super().__init__()
         record_init(self, locals())
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
+        if not 0 <= next_pos_layer < depth:
+            raise ValueError(f"next_pos_layer {next_pos_layer} must be a block index in [0, {depth - 1}] "
+                             "(model.init_args.net.init_args.next_pos_layer)")
+        self.next_pos_layer = next_pos_layer
         self.vocab_size, self.num_classes, self.null_class = vocab_size, num_classes, num_classes
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         self.num_tokens = self.grid_size[0] * self.grid_size[1]
@@ -242,8 +255,8 @@ class OrderedTransformer(nn.Module):
         class_cell = order.new_full((order.shape[0], 1), CLASS_CELL)
         prev_cells = torch.cat([class_cell, order[:, :-1]], dim=1)
         prev_tokens = tokens.gather(1, prev_cells.clamp(min=0))
-        x = self._embed(cond, prev_tokens, prev_cells, order)
-        return self._run(x, self.own_pos.rotation(prev_cells), _Causal())
+        x, nxt = self._embed(cond, prev_tokens, prev_cells, order)
+        return self._head(self._run(x, nxt, self.own_pos.rotation(prev_cells), _Causal()))
 
     def drop_labels(self, cond: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
         """Replace each label by the null class with probability p (classifier-free guidance training)."""
@@ -281,9 +294,9 @@ class OrderedTransformer(nn.Module):
         new, start = prev_tokens.shape[1], cache.length
         if start + new > cache.capacity:
             raise ValueError(f"cache holds {cache.capacity} positions; {start} + {new} do not fit")
-        x = self._embed(cache.cond, prev_tokens, prev_cells, next_cells)
+        x, nxt = self._embed(cache.cond, prev_tokens, prev_cells, next_cells)
         mask = self.causal_mask[start : start + new, : start + new]  # (new, length + new)
-        logits = self._run(x, self.own_pos.rotation(prev_cells), _Write(cache, new, mask))
+        logits = self._head(self._run(x, nxt, self.own_pos.rotation(prev_cells), _Write(cache, new, mask)))
         cache.length += new
         cache.version += 1  # the slots candidates were scored in now hold these positions
         return logits
@@ -314,26 +327,33 @@ class OrderedTransformer(nn.Module):
             raise ValueError(f"{m} candidates do not fit the {cache.capacity - length} free cache slots; "
                              "score at most the unwritten cells")
         prev_token, prev_cell = prev_token.unsqueeze(1), prev_cell.unsqueeze(1)
-        x = self._embed(cache.cond, prev_token, prev_cell, next_cells)  # (b, m, d) by broadcasting
+        x, nxt = self._embed(cache.cond, prev_token, prev_cell, next_cells)  # (b, 1, d), (b, m, d)
+        rotate, first = self.own_pos.rotation(prev_cell), self.next_pos_layer
+        if first:  # blocks before the next cell enters: the input token once, in slot `length`
+            x = self._run(x, nxt, rotate, _Write(cache, 1, None), stop=first)
         n = self.num_tokens  # the band's column n is the candidates' first slot
         mask = None if m == 1 else self.candidate_band[:m, n - length : n + m]  # (m, length + m)
-        logits = self._run(x, self.own_pos.rotation(prev_cell), _Write(cache, m, mask))
+        logits = self._head(self._run(x, nxt, rotate, _Write(cache, m, mask), start=first))
         cache.version += 1
-        return logits, CandidateKV(cache.kv[..., length : length + m, :], length, cache.version)
+        return logits, CandidateKV(cache.kv[..., length : length + m, :], length, cache.version, first)
 
     def append_candidate(self, cache: KVCache, candidate_kv: CandidateKV, choice: Tensor) -> None:
         """Write candidate choice[i] (an index into the m candidates) of every row i at position `length`."""
         if candidate_kv.position != cache.length or candidate_kv.version != cache.version:
             raise ValueError("candidates were scored at another cache position; append right after scoring")
-        _, depth, b, heads, m, head_dim = candidate_kv.kv.shape
+        first = candidate_kv.first_layer  # layers before it hold the shared input token in slot `length`
+        kv = candidate_kv.kv[:, first:]
+        _, depth, b, heads, m, head_dim = kv.shape
         if m > 1:  # with one candidate it already sits in slot `length`
             index = choice.view(1, 1, b, 1, 1, 1).expand(2, depth, b, heads, 1, head_dim)
-            cache.kv[..., cache.length : cache.length + 1, :] = candidate_kv.kv.gather(4, index)
+            cache.kv[:, first:, ..., cache.length : cache.length + 1, :] = kv.gather(4, index)
         cache.length += 1
 
     # ------------------------------------------------------------------------------------- internals
-    def _embed(self, cond: Tensor, prev_tokens: Tensor, prev_cells: Tensor, next_cells: Tensor) -> Tensor:
-        """Input embeddings (b, k, d): content + own position + next position (shapes broadcast).
+    def _embed(self, cond: Tensor, prev_tokens: Tensor, prev_cells: Tensor,
+               next_cells: Tensor) -> tuple[Tensor, Tensor]:
+        """Input embeddings: content + own position (b, k, d), and the next position (b, k or m, d), which
+        `_run` adds before block `next_pos_layer` (at the input when 0, the two summed before dropout).
 
         cond (b,); prev_tokens, prev_cells (b, k) or (b, 1) (candidates share the input token);
         next_cells (b, k) or (b, m).
@@ -343,12 +363,21 @@ class OrderedTransformer(nn.Module):
             is_class, self.cls_emb(cond)[:, None], self.tok_emb(prev_tokens.masked_fill(is_class[..., 0], 0))
         )  # (b, k, d)
         x = self.own_pos.add_to(content, prev_cells)  # + own cell (learned); rope rotates q, k instead
-        x = x + self.next_pos(prev_cells.expand_as(next_cells), next_cells)  # + next cell: (b, k or m, d)
-        return self.drop(x)
+        nxt = self.next_pos(prev_cells.expand_as(next_cells), next_cells)  # next cell: (b, k or m, d)
+        if self.next_pos_layer == 0:
+            return self.drop(x + nxt), nxt  # `_run` adds nothing more
+        return self.drop(x), self.drop(nxt)
 
-    def _run(self, x: Tensor, rotate: Rotate, memory: Memory) -> Tensor:
-        """Embeddings x (b, k, d) through every block (each reads/writes its layer of `memory`) -> fp32
-        logits (b, k, v)."""
-        for layer, block in enumerate(self.blocks):
-            x = block(x, rotate, memory, layer)  # (b, k, d)
-        return self.head(self.norm(x)).float()  # (b, k, v)
+    def _run(self, x: Tensor, nxt: Tensor, rotate: Rotate, memory: Memory, start: int = 0,
+             stop: int | None = None) -> Tensor:
+        """Hidden states x (b, k, d) through blocks start..stop-1 (each reads/writes its layer of `memory`);
+        the next-cell embedding nxt joins before block `next_pos_layer` (> 0; at 0 `_embed` added it)."""
+        for layer in range(start, self.depth if stop is None else stop):
+            if layer == self.next_pos_layer and layer > 0:
+                x = x + nxt  # (b, k or m, d)
+            x = self.blocks[layer](x, rotate, memory, layer)
+        return x
+
+    def _head(self, x: Tensor) -> Tensor:
+        """Final hidden states (b, k, d) -> fp32 logits (b, k, v)."""
+        return self.head(self.norm(x)).float()

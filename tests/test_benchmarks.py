@@ -41,7 +41,7 @@ def _check(path, prefixes):
 
 def test_bench_ar_smoke(tmp_path, capsys):
     bench_ar.main(["--smoke", "--threads", "1", "--json", str(tmp_path / "ar.json"), "--dtype", "fp32", "bf16"])
-    payload = _check(tmp_path / "ar.json", ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)", "(g)", "(h)", "(i)"])
+    payload = _check(tmp_path / "ar.json", ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)", "(g)", "(h)", "(i)", "(j)"])
     rows = {row["name"][:3] + row["extra"]["dtype"]: row for row in payload["rows"]}
     assert rows["(b)fp32"]["extra"]["identical_outputs"]
     assert rows["(c)bf16"]["extra"]["matmul_gflops_per_s"] > 0 and rows["(c)fp32"]["extra"]["matmul_gflops_per_s"] > 0

@@ -123,9 +123,10 @@ def test_cached_logits_equal_forward_with_cfg(policy):
         dict(score="least_confident", choice_temperature=0.5),
     ],
 )
-@pytest.mark.parametrize("next_pos,own_pos", [("relative", "learned"), ("absolute", "rope")])
-def test_confidence_sample_equals_naive(kwargs, next_pos, own_pos):
-    net = tiny_net(next_pos, own_pos, seed=1)
+@pytest.mark.parametrize("next_pos,own_pos,next_pos_layer",
+                         [("relative", "learned", 0), ("absolute", "rope", 0), ("absolute", "learned", 1)])
+def test_confidence_sample_equals_naive(kwargs, next_pos, own_pos, next_pos_layer):
+    net = tiny_net(next_pos, own_pos, seed=1, next_pos_layer=next_pos_layer)
     settings = SamplerSettings(**kwargs)
     fast = sample(net, COND, settings, generator=gen(7), choice_generator=gen(8), return_logits=True)
     slow = naive_confidence_sample(net, COND, settings, generator=gen(7), choice_generator=gen(8))

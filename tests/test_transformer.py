@@ -16,10 +16,13 @@ VOCAB, GRID, N, CLASSES = 16, (4, 4), 16, 3
 VARIANTS = list(itertools.product(["relative", "absolute"], ["learned", "rope"]))
 
 
-def tiny_net(next_pos: str = "relative", own_pos: str = "learned", seed: int = 0, spread: float = 0.3):
-    """A tiny eval-mode net; weights are spread wider than at init so predictions differ clearly."""
+def tiny_net(next_pos: str = "relative", own_pos: str = "learned", seed: int = 0, spread: float = 0.3,
+             next_pos_layer: int = 0):
+    """A tiny eval-mode net (2 blocks); weights are spread wider than at init so predictions differ clearly.
+    next_pos_layer 1: the next cell enters before the second block only."""
     torch.manual_seed(seed)
-    net = OrderedTransformer(VOCAB, GRID, CLASSES, 64, 2, 4, next_pos=next_pos, own_pos=own_pos)
+    net = OrderedTransformer(VOCAB, GRID, CLASSES, 64, 2, 4, next_pos=next_pos, own_pos=own_pos,
+                             next_pos_layer=next_pos_layer)
     if spread:
         with torch.no_grad():
             for p in net.parameters():
@@ -55,8 +58,9 @@ def test_initial_loss_is_log_vocab():
 
 
 @pytest.mark.parametrize("next_pos,own_pos", VARIANTS)
-def test_causality(next_pos, own_pos):
-    net = tiny_net(next_pos, own_pos)
+@pytest.mark.parametrize("next_pos_layer", [0, 1])
+def test_causality(next_pos, own_pos, next_pos_layer):
+    net = tiny_net(next_pos, own_pos, next_pos_layer=next_pos_layer)
     tokens, order, cond = batch()
     logits = net(tokens, order, cond)
     j = 6  # change the tokens written at steps >= j and the cells visited after step j
@@ -88,8 +92,9 @@ def extend_all(net, cache, tokens, order, chunks):
 
 
 @pytest.mark.parametrize("next_pos,own_pos", VARIANTS)
-def test_extend_in_chunks_equals_forward(next_pos, own_pos):
-    net = tiny_net(next_pos, own_pos)
+@pytest.mark.parametrize("next_pos_layer", [0, 1])
+def test_extend_in_chunks_equals_forward(next_pos, own_pos, next_pos_layer):
+    net = tiny_net(next_pos, own_pos, next_pos_layer=next_pos_layer)
     tokens, order, cond = batch()
     cache = net.new_cache(cond)
     logits = extend_all(net, cache, tokens, order, [1, 4, 1, 10])
@@ -99,8 +104,9 @@ def test_extend_in_chunks_equals_forward(next_pos, own_pos):
 
 @pytest.mark.parametrize("next_pos,own_pos", VARIANTS)
 @pytest.mark.parametrize("length", [0, 1, 7])
-def test_score_candidates_equals_forward(next_pos, own_pos, length):
-    net = tiny_net(next_pos, own_pos)
+@pytest.mark.parametrize("next_pos_layer", [0, 1])
+def test_score_candidates_equals_forward(next_pos, own_pos, length, next_pos_layer):
+    net = tiny_net(next_pos, own_pos, next_pos_layer=next_pos_layer)
     tokens, order, cond = batch()
     b = tokens.shape[0]
     cache = net.new_cache(cond)
@@ -156,6 +162,24 @@ def test_rebuild_from_spec():
     copy.load_state_dict(net.state_dict())
     tokens, order, cond = batch()
     torch.testing.assert_close(copy(tokens, order, cond), net(tokens, order, cond))
+
+
+def test_next_pos_layer_must_be_a_block():
+    with pytest.raises(ValueError, match="next_pos_layer 2 must be a block index in \\[0, 1\\]"):
+        OrderedTransformer(VOCAB, GRID, width=32, depth=2, heads=2, next_pos_layer=2)
+
+
+def test_late_next_pos_blocks_before_it_ignore_the_target():
+    """With next_pos_layer k, the cache keys of blocks < k do not depend on the next cell; later ones do."""
+    net = tiny_net("absolute", next_pos_layer=1)
+    tokens, order, cond = batch()
+    keys = []
+    for other in (order, torch.cat([order[:, :-1], order[:, :1]], dim=1)):  # same inputs, other last target
+        cache = net.new_cache(cond)
+        extend_all(net, cache, tokens, other, [N])
+        keys.append(cache.k[:, :, :, N - 1].clone())  # (depth, b, heads, hd) of the last position
+    torch.testing.assert_close(keys[0][0], keys[1][0], atol=0, rtol=0)
+    assert not torch.allclose(keys[0][1], keys[1][1], atol=1e-4)
 
 
 def test_unknown_variant_raises():
