@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = common_parser(__doc__.splitlines()[0]).parse_args(argv)
     device = setup_torch(args)
     s = Settings.from_args(args)
-    config = {"preset": "smoke" if args.smoke else args.preset, "width": s.width, "depth": s.depth, "heads": s.heads, "mlp_ratio": s.mlp_ratio,
+    config = {"preset": "smoke" if args.smoke else args.preset,
+              "width": s.width, "depth": s.depth, "heads": s.heads, "mlp_ratio": s.mlp_ratio,
               "grid": f"{s.grid}x{s.grid}", "vocab": s.vocab, "num_classes": s.num_classes, "batch": s.batch,
               "naive_batch": s.naive_batch, "naive_grid": f"{s.naive_grid}x{s.naive_grid}",
               "sample_batch": s.sample_batch, "repeats": s.repeats, **environment(args, device)}
