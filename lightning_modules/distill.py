@@ -13,7 +13,7 @@ import logging
 import torch
 
 from lightning_modules.any_order import AnyOrderModule, check_trained_tokenizer
-from models.checkpoint import check_finite, net_spec, net_weights, read_checkpoint
+from models.checkpoint import check_finite, full_init_args, net_spec, net_weights, read_checkpoint
 from models.orders import random_order
 
 log = logging.getLogger("oar.train")
@@ -72,7 +72,7 @@ class DistillModule(AnyOrderModule):
                                 getattr(self.trainer, "datamodule", None))
         state = net_weights(ckpt)
         check_finite(state, self.init_from, INIT_WHAT)
-        theirs, ours = ckpt["net_spec"]["init_args"], net_spec(self.net)["init_args"]
+        theirs, ours = full_init_args(ckpt["net_spec"]), full_init_args(net_spec(self.net))
         differ = sorted(k for k in set(theirs) | set(ours) if _plain(theirs.get(k)) != _plain(ours.get(k)))
         if differ:
             raise ValueError(f"{INIT_WHAT} {self.init_from} has another network ({', '.join(differ)} "

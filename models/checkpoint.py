@@ -10,6 +10,7 @@ truncated, a text file, code inside, NaN weights) becomes a one-line error namin
 
 import dataclasses
 import importlib
+import inspect
 import os
 import pickle
 import zipfile
@@ -42,10 +43,21 @@ def net_spec(net: nn.Module) -> dict:
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(net.init_args)}
 
 
-def build_net(spec: dict) -> nn.Module:
+def _net_class(spec: dict) -> type:
     module_name, _, cls_name = spec["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(**spec["init_args"])
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
+def build_net(spec: dict) -> nn.Module:
+    return _net_class(spec)(**spec["init_args"])
+
+
+def full_init_args(spec: dict) -> dict:
+    """A spec's constructor arguments with the class's defaults filled in, so a checkpoint written before an
+    argument existed compares equal to a network built with that argument's default."""
+    params = inspect.signature(_net_class(spec)).parameters.values()
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return {**defaults, **spec["init_args"]}
 
 
 def plain_data(obj):

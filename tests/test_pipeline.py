@@ -140,6 +140,20 @@ def test_distill_fits_and_resumes_with_optimizer_state(orders_run, tmp_path, mon
     assert resumed["global_step"] == 4 and adam_step(resumed) == adam_step(saved) + 2
 
 
+def test_distill_starts_from_a_stage1_checkpoint_written_before_a_network_argument_existed(orders_run, tmp_path,
+                                                                                          monkeypatch, caplog):
+    """A checkpoint whose net_spec lacks an argument added later (here next_pos_layer) means its default."""
+    monkeypatch.chdir(copy_run(orders_run, tmp_path))
+    ckpt = load_ckpt(STAGE1_CKPT)
+    del ckpt["net_spec"]["init_args"]["next_pos_layer"]
+    torch.save(ckpt, STAGE1_CKPT)
+    with caplog.at_level(logging.INFO, logger="oar.train"):
+        cli = fit("distill", *RECORD)
+    assert "loaded the stage-1 weights" in caplog.text
+    assert cli.model.net.next_pos_layer == 0
+    assert torch.equal(recorder(cli).first_weight, next(load_net(STAGE1_CKPT).parameters()))
+
+
 # ---- (5) stale or missing orders are refused ---------------------------------------------------------------------
 @pytest.mark.parametrize("change", ["dataset", "tokenizer"])
 def test_distill_refuses_stale_orders(change, orders_run, tmp_path, monkeypatch):
