@@ -69,9 +69,7 @@ class Settings:
     matmul_size: int = 2048  # (c): the reference square matmul
     shortlist: int = 8  # (h): cells rescored between full rankings
     refresh: int = 8  # (h): a full ranking every `refresh` steps
-    base_width: int = 768  # (i): the base preset (configs/model/ar/base.yaml)
-    base_depth: int = 14
-    base_heads: int = 12
+    base_net: dict | None = None  # (i): width / depth / heads of configs/model/ar/base.yaml
     base_batch: int = 16
     base_repeats: int = 2
     repeats: int = 5
@@ -83,9 +81,9 @@ class Settings:
         if args.smoke:
             s = cls(width=32, depth=1, heads=2, grid=2, vocab=16, batch=2, naive_batch=2, naive_grid=2,
                     sample_batch=2, matmul_size=64, shortlist=1, refresh=2, repeats=1, naive_repeats=1, warmup=0,
-                    base_width=64, base_depth=1, base_heads=2, base_batch=2, base_repeats=1)
+                    base_net=dict(width=64, depth=1, heads=2), base_batch=2, base_repeats=1)
         else:
-            s = cls(**ar_preset(args.preset)[0])
+            s = cls(**ar_preset(args.preset)[0], base_net=ar_preset("base")[0])
             if args.quick:
                 s.naive_grid, s.repeats, s.naive_repeats = 4, 3, 2
             if args.grid:
@@ -96,8 +94,7 @@ class Settings:
 
     def base(self) -> "Settings":
         """These settings with the base preset's network and batch (row (i))."""
-        return replace(self, width=self.base_width, depth=self.base_depth, heads=self.base_heads,
-                       sample_batch=self.base_batch, repeats=self.base_repeats)
+        return replace(self, **self.base_net, sample_batch=self.base_batch, repeats=self.base_repeats)
 
     def net(self, device: torch.device, grid: int | None = None, next_pos_layer: int = 0) -> OrderedTransformer:
         grid = grid or self.grid
@@ -264,9 +261,7 @@ def bench_sampling(s: Settings, device, dtype: str) -> list[Row]:
                                  refresh=s.refresh),
            "legacy": _legacy_raster(net, cond, 3),
            "late": _sampler(s.net(device, next_pos_layer=s.depth - 1).eval(), cond, "confidence", 2, ctx, dtype=cast)}
-    raw: list[list[float]] = []
-    t = dict(zip(fns, time_alternately(list(fns.values()), s.repeats, s.warmup, device, samples=raw), strict=True))
-    raw = dict(zip(fns, raw, strict=True))
+    t, raw = _timed(fns, s, device)
     ratio = lambda a_, b_: median_ratio(raw[a_], raw[b_])  # noqa: E731
     flops, extra = _flops(s, b, t, matmul_flops)
     short = f"shortlist {s.shortlist}, full ranking every {s.refresh} steps"
@@ -289,6 +284,13 @@ def bench_sampling(s: Settings, device, dtype: str) -> list[Row]:
             raw["late"], raw["random"]),
     ]
     return rows
+
+
+def _timed(fns: dict, s: Settings, device) -> tuple[dict, dict]:
+    """Time named callables alternately: median seconds and the raw samples, by name."""
+    raw: list[list[float]] = []
+    medians = time_alternately(list(fns.values()), s.repeats, s.warmup, device, samples=raw)
+    return dict(zip(fns, medians, strict=True)), dict(zip(fns, raw, strict=True))
 
 
 def _flops(s: Settings, b: int, t: dict, matmul_flops: float) -> tuple[float, dict]:
@@ -316,9 +318,7 @@ def bench_base_preset(s: Settings, device, dtype: str) -> Row:
     matmul, matmul_flops = matmul_rate(s.matmul_size, device, DTYPES[dtype])
     fns = {"matmul": matmul,
            "confidence": _sampler(net, cond, "confidence", 2, contextlib.nullcontext(), dtype=DTYPES[dtype])}
-    raw: list[list[float]] = []
-    t = dict(zip(fns, time_alternately(list(fns.values()), s.repeats, s.warmup, device, samples=raw), strict=True))
-    raw = dict(zip(fns, raw, strict=True))
+    t, raw = _timed(fns, s, device)
     flops, extra = _flops(s, len(cond), t, matmul_flops)
     return _peak_row("(i) confidence sampler FLOP/s / matmul FLOP/s, base preset", s, dtype, flops / matmul_flops, t,
                      raw, extra)
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         dtype_rows = bench_train(s, device, ctx)
         naive = bench_naive(s, device, ctx, strict=dtype == "fp32")
         dtype_rows += [naive, *bench_sampling(s, device, dtype)]
-        if s.width < s.base_width:  # (i) would repeat (c)
+        if s.width < s.base_net["width"]:  # (i) would repeat (c)
             dtype_rows.append(bench_base_preset(s, device, dtype))
         rows += _tag(dtype_rows, dtype)
         peak = next(r for r in dtype_rows if r.name.startswith("(c)")).extra["matmul_gflops_per_s"]
