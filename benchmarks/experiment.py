@@ -17,7 +17,9 @@ elsewhere instead of training one (`budget.tokenizer_steps`):
 Budget keys: `tokenizer_steps`, `steps` (stage 1; a model's own `steps:` wins), `finetune_steps`
 (distillation), `val_every`, `limit_val_batches`, `train_images` / `val_images` (split sizes),
 `keep_every` (keep weights every k steps) with `curve_samples` (learning curves), `extract_processes`
-(order extraction as DDP over that many CPU processes; they count against `--jobs`), and for the
+(order extraction as DDP over that many CPU processes; they count against `--jobs`), `train_processes`
+(each AR fit as DDP over that many CPU processes, each taking batch / processes, so the global batch and
+the recipe stay the single-process ones; a model's own `processes:` wins; they count against `--jobs`), and for the
 evaluation `samples` (per arm, and per held-out real half), `nll_images`, `sample_batch`, `sample_seed`,
 `sample_precision` (fp32 | bf16 | auto; an arm's own `precision` wins), `feature_epochs`, `feature_images`.
 
@@ -299,6 +301,27 @@ def eval_jobs(exp: dict, root: Path, seeds: list[int], ckpts: dict, tokenizer: J
     return jobs
 
 
+def cpu_ddp(processes: int) -> dict:
+    """Trainer overrides for DDP over `processes` CPU processes (gloo), one torch thread each."""
+    return {"trainer.strategy": "ddp", "trainer.accelerator": "cpu", "trainer.devices": processes}
+
+
+def per_process_batch(exp: dict, stage: str, overrides: dict, processes: int) -> int:
+    """The batch each of `processes` DDP processes takes so that the global batch is the single-process one:
+    the model's `data.init_args.batch_size` override, else the last config file of the stage that sets it."""
+    key = "data.init_args.batch_size"
+    batch = overrides.get(key)
+    if batch is None:
+        files = [*stage_config_files(stage), CONFIGS / "data" / f"{exp['data']}.yaml",
+                 CONFIGS / "model" / STAGE_KIND[stage] / f"{exp['preset']}.yaml"]
+        found = [OmegaConf.select(OmegaConf.load(f), key) for f in files if f.is_file()]
+        batch = next((b for b in reversed(found) if b is not None), None)
+    if batch is None or batch % processes:
+        raise SystemExit(f"error: the batch size {batch} of stage {stage} does not split over {processes} "
+                         f"processes: set budget.train_processes (or the model's processes:) to a divisor of it")
+    return batch // processes
+
+
 def model_steps(exp: dict, model: str) -> int:
     spec, budget = exp["models"][model], exp["budget"]
     return spec.get("steps", budget["finetune_steps"] if spec["stage"] == "distill" else budget["steps"])
@@ -324,7 +347,7 @@ def model_jobs(exp: dict, name: str, spec: dict, folder: Path, seed: int, data: 
                    "ckpt_path": str(parent_ckpt)}
         processes = budget.get("extract_processes", 1)
         if processes > 1:  # DDP on CPU processes: each writes its own shards, every order exactly once
-            extract.update({"trainer.strategy": "ddp", "trainer.accelerator": "cpu", "trainer.devices": processes})
+            extract.update(cpu_ddp(processes))
         jobs.append(Job(f"orders {spec['init_from']} {tag} (seed {seed})", orders,
                         stage_argv(exp, "predict", "extract_orders", extract), orders / "orders" / "orders.pt",
                         deps=[tokenizer, parent_job], slots=processes))
@@ -334,8 +357,12 @@ def model_jobs(exp: dict, name: str, spec: dict, folder: Path, seed: int, data: 
     overrides.update(spec.get("overrides", {}))
     if budget.get("keep_every"):
         overrides.update(keep_every(budget["keep_every"]))
+    processes = spec.get("processes", budget.get("train_processes", 1))
+    if processes > 1:  # DDP on CPU processes, the global batch (and so the recipe) unchanged
+        overrides.update({**cpu_ddp(processes),
+                          "data.init_args.batch_size": per_process_batch(exp, stage, overrides, processes)})
     job = Job(f"{name} (seed {seed})", folder / name, stage_argv(exp, "fit", stage, overrides),
-              folder / name / "checkpoints" / "last.ckpt", deps=deps, resumable_fit=True)
+              folder / name / "checkpoints" / "last.ckpt", deps=deps, resumable_fit=True, slots=processes)
     ckpts[name] = (job, job.product)
     return [*jobs, job]
 

@@ -223,6 +223,12 @@ class AnyOrderModule(LightningModule):
             return mixed_order(b, n, self.random_share(self.global_step), device=self.device)
         return random_order(b, n, device=self.device)
 
+    def on_train_start(self) -> None:
+        """Under DDP every rank is seeded alike (`seed_everything`): offset the global generator by the rank,
+        so the ranks draw different training orders (and curriculum or random-order mixes), not the same ones."""
+        if self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
+
     def random_share(self, step: int) -> float:
         """Share of random orders at training step `step` under the raster-to-random curriculum."""
         if step >= self.curriculum_steps:

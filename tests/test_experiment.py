@@ -44,6 +44,21 @@ def test_an_interrupted_fit_resumes_from_its_last_checkpoint(tmp_path):
     assert kept.read_bytes() == b"weights"  # the old run is set aside, never deleted
 
 
+def test_train_processes_run_each_fit_as_cpu_ddp_with_the_global_batch_unchanged(tmp_path):
+    single, ddp = jobs_of(tmp_path), jobs_of(tmp_path, "budget.train_processes=2")
+    for name in ("raster (seed 0)", "any_order (seed 0)", "distill (seed 0)"):
+        args = dict(zip(ddp[name].argv, ddp[name].argv[1:], strict=False))
+        trainer = (args["--trainer.strategy"], args["--trainer.accelerator"], args["--trainer.devices"])
+        assert trainer == ("ddp", "cpu", "2")
+        assert args["--data.init_args.batch_size"] == "8" and ddp[name].slots == 2  # smoke's batch 16, split in two
+        assert ddp[name].key() != single[name].key() and "--trainer.strategy" not in single[name].argv
+    assert ddp["tokenizer"].key() == single["tokenizer"].key()  # the tokenizer stays one process
+    own = jobs_of(tmp_path, "models.raster.processes=2")
+    assert own["raster (seed 0)"].slots == 2 and own["any_order (seed 0)"].slots == 1
+    with pytest.raises(SystemExit, match="does not split over 3 processes: set budget.train_processes"):
+        jobs_of(tmp_path, "budget.train_processes=3")
+
+
 def test_a_folder_reached_through_a_symlink_keeps_its_stage_keys(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")

@@ -4,6 +4,7 @@ import logging
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback
@@ -110,6 +111,22 @@ def test_tokenizer_ddp_two_cpu_processes(tmp_path):
     ckpt = load_ckpt(tmp_path / TOKENIZER_CKPT)
     assert ckpt["global_step"] == 2  # 29 training images per process: 2 batches of 8 each, in step
     load_net(tmp_path / TOKENIZER_CKPT)
+
+
+@pytest.mark.slow
+def test_any_order_ddp_fit_with_order_dumps_finishes(tokenizer_run, tmp_path):
+    """Rank 0 writes the order dumps; the run folder they go to is a collective (trainer.log_dir), so a dump
+    that asked for it on rank 0 only deadlocked the fit at its first dump (seen at the end of training)."""
+    copy_run(tokenizer_run, tmp_path)
+    five_epochs = ("--trainer.max_epochs", "5", "--trainer.limit_val_batches", "1",
+                   "--trainer.max_time", "null")  # the config dumps every 5 epochs, and when training ends
+    run_subprocess(["fit", "--config", config("any_order"), *tiny_preset("ar"), *SMALL_DATA, *QUIET, *five_epochs,
+                    *DDP_CPU, "--data.init_args.batch_size", "8", "--data.init_args.tokenizer_ckpt",
+                    str(TOKENIZER_CKPT), "--fid", "null"], cwd=tmp_path)
+    folder = (tmp_path / STAGE1_CKPT).parents[1] / "orders"
+    assert sorted(p.name for p in folder.glob("*.npz")) == ["epoch_4.npz", "final.npz"]  # validation, then final
+    with np.load(folder / "final.npz") as final:
+        assert int(final["global_step"]) == load_ckpt(tmp_path / STAGE1_CKPT)["global_step"] > 0
 
 
 # ---- (4) distillation from extracted orders, and its resumption ------------------------------------------------

@@ -38,3 +38,19 @@ def test_extraction_settings_checked(key, value):
 
     with pytest.raises(ValueError, match=rf"model\.init_args\.extraction\.{key} = "):
         ExtractionSettings(**{key: value})
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_ddp_ranks_draw_different_training_orders(world_size):
+    """`seed_everything` seeds every DDP rank alike; the module offsets the generator by the rank at the start of
+    training, so two ranks train on different orders (a single process is left as seeded)."""
+    from types import SimpleNamespace
+
+    batch, orders = {"tokens": torch.zeros(8, 4, 4, dtype=torch.long)}, []
+    for rank in range(2):
+        torch.manual_seed(3)
+        m = module()
+        m._trainer = SimpleNamespace(world_size=world_size, global_rank=rank, global_step=0)
+        m.on_train_start()
+        orders.append(m.orders_for(batch, "train"))
+    assert torch.equal(orders[0], orders[1]) == (world_size == 1)
