@@ -150,6 +150,10 @@ def run_jobs(jobs: list[Job], max_parallel: int) -> None:
             blocked = any(d.name in pending or d.name in running for d in job.deps)
             busy = sum(next(j for j in jobs if j.name == r).slots for r in running)
             if busy + min(job.slots, max_parallel) <= max_parallel and not blocked:
+                if job.finished():  # by another invocation in the meantime
+                    print(f"[stage] {name:<28} reused ({job.folder})", flush=True)
+                    del pending[name]
+                    continue
                 command = job.command()
                 log = open(job.folder.parent / f"{job.folder.name}.log", "a")  # noqa: SIM115 - closed with the process
                 print(f"[stage] {name:<28} running (log {log.name})", flush=True)
@@ -276,8 +280,10 @@ def plan(exp: dict, root: Path, seeds: list[int]) -> tuple[list[Job], dict]:
             jobs += [j for j in model_jobs(exp, name, spec, folder, seed, token_data, seed_ckpts, tok)
                      if j.name not in planned]  # an extraction two distilled models share runs once
         ckpts[seed] = seed_ckpts
-    jobs += eval_jobs(exp, root, seeds, ckpts, tok)
-    return jobs, ckpts
+    rows, *evals = eval_jobs(exp, root, seeds, ckpts, tok)
+    # The real-image rows (and the feature network) need only the tokenizer: next in line after it, so the
+    # evaluations do not wait for them at the end.
+    return [jobs[0], rows, *jobs[1:], *evals], ckpts
 
 
 def eval_jobs(exp: dict, root: Path, seeds: list[int], ckpts: dict, tokenizer: Job) -> list[Job]:
@@ -385,11 +391,10 @@ def main(argv: list[str] | None = None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     jobs, ckpts = plan(exp, root, seeds)
     save_json(exp, root / "experiment.json", indent=1)
-    evaluation = [j for j in jobs if j.script != RUN_PY]
-    if args.only in (None, "train"):
-        run_jobs([j for j in jobs if j.script == RUN_PY], args.jobs)
-    if args.only in (None, "eval"):
-        run_jobs(evaluation, args.jobs)
+    # One queue: an evaluation starts as soon as its model (and the rows) are done, beside the other seeds' stages.
+    selected = {None: jobs, "train": [j for j in jobs if j.script == RUN_PY],
+                "eval": [j for j in jobs if j.script != RUN_PY], "report": []}[args.only]
+    run_jobs(selected, args.jobs)
     if args.only in (None, "report"):
         from benchmarks.experiment_report import write_report
 

@@ -59,6 +59,34 @@ def test_train_processes_run_each_fit_as_cpu_ddp_with_the_global_batch_unchanged
         jobs_of(tmp_path, "budget.train_processes=3")
 
 
+def test_the_real_image_rows_run_right_after_the_tokenizer(tmp_path):
+    names = list(jobs_of(tmp_path))
+    assert names[:2] == ["tokenizer", "rows"] and names[-1].startswith("eval ")
+
+
+def test_a_stage_finished_meanwhile_by_another_invocation_is_reused_not_rerun(tmp_path):
+    script = tmp_path / "stage.py"  # writes its product; the first stage also finishes the second one's
+    script.write_text("import json, pathlib, sys\n"
+                      "for folder in sys.argv[1:]:\n"
+                      "    f = pathlib.Path(folder); f.mkdir(parents=True, exist_ok=True)\n"
+                      "    (f / 'product').write_text('made')\n"
+                      "    (f / 'ran').touch() if folder == sys.argv[1] else None\n")
+    second = experiment.Job("second", tmp_path / "second", [], tmp_path / "second" / "product", script=script)
+    second.argv = [str(second.folder)]
+    first = experiment.Job("first", tmp_path / "first", [str(tmp_path / "first"), str(second.folder)],
+                           tmp_path / "first" / "product", script=script)
+    second.deps = [first]
+    real_mark = first.mark_finished
+
+    def mark_both(seconds: float) -> None:  # the other invocation records the second stage as finished
+        real_mark(seconds)
+        second.mark_finished(0.0)
+
+    first.mark_finished = mark_both
+    experiment.run_jobs([first, second], max_parallel=1)
+    assert (first.folder / "ran").exists() and not (second.folder / "ran").exists()
+
+
 def test_a_folder_reached_through_a_symlink_keeps_its_stage_keys(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
