@@ -13,6 +13,7 @@ and TensorBoard logs, and writes into RUN_FOLDER (or `--publish DIR`):
 import datetime
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 import torch
@@ -28,8 +29,10 @@ CURVE_METRICS = [("fid", "FID ↓"), ("consistency", "consistency ↑"), ("class
 VAL_SCALARS = ["val/nll_raster", "val/nll_random", "val/nll_inferred", "val/nll_own"]
 
 
-def load_evals(root: Path, seeds: list[int]) -> tuple[dict, dict]:
-    """({arm: [metrics per seed]} of the final weights, {(arm, step): [metrics per seed]} of kept steps)."""
+def load_evals(root: Path, seeds: list[int], by_seed: dict | None = None) -> tuple[dict, dict]:
+    """({arm: [metrics per seed]} of the final weights, {(arm, step): [metrics per seed]} of kept steps).
+
+    `by_seed`, when given, receives the final weights' metrics as {arm: {seed: metrics}}."""
     final, steps = {}, {}
     for seed in seeds:
         found, adds = {}, {}
@@ -45,7 +48,51 @@ def load_evals(root: Path, seeds: list[int]) -> tuple[dict, dict]:
                 steps.setdefault((arm, step), []).append(metrics)
             else:
                 final.setdefault(arm, []).append(metrics)
+                if by_seed is not None:
+                    by_seed.setdefault(arm, {})[seed] = metrics
     return final, steps
+
+
+PAIRED_METRICS = [("fid", "FID", ".2f"), ("consistency", "consistency", ".3f"), ("nll_random", "NLL random", ".3f"),
+                  ("nll_own", "NLL own order", ".3f")]
+
+
+def paired_differences(by_seed: dict, pairs: list) -> list[dict]:
+    """Per `[arm a, arm b]` pair: for each metric both have, a - b in every seed both were evaluated in.
+
+    Arms of one seed share its tokenizer, data and stage-1 weights, so the differences within a seed vary
+    less than the arms themselves; the mean and std are over those per-seed differences."""
+    out = []
+    for a, b in pairs:
+        seeds = sorted(set(by_seed.get(a, {})) & set(by_seed.get(b, {})))
+        if not seeds:
+            continue
+        diffs = {}
+        for key, _, _ in PAIRED_METRICS:
+            values = [by_seed[a][s][key] - by_seed[b][s][key] for s in seeds
+                      if key in by_seed[a][s] and key in by_seed[b][s]]
+            if len(values) == len(seeds):
+                diffs[key] = values
+        out.append({"a": a, "b": b, "seeds": seeds, "diffs": diffs})
+    return out
+
+
+def paired_table(paired: list[dict]) -> str:
+    """Markdown: one row per pair, each cell the mean ± std of a - b over seeds and the per-seed values."""
+    head = "| a − b | seeds | " + " | ".join(f"Δ {label}" for _, label, _ in PAIRED_METRICS) + " |"
+    lines = [head, "|" + "---|" * (2 + len(PAIRED_METRICS))]
+    for p in paired:
+        cells = []
+        for key, _, spec in PAIRED_METRICS:
+            v = p["diffs"].get(key)
+            if v is None:
+                cells.append("–")
+                continue
+            mean = statistics.fmean(v)
+            std = f" ± {statistics.stdev(v):{spec}}" if len(v) > 1 else ""
+            cells.append(f"{mean:+{spec}}{std} ({', '.join(f'{x:+{spec}}' for x in v)})")
+        lines.append(f"| {p['a']} − {p['b']} | {', '.join(map(str, p['seeds']))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def stage_times(root: Path) -> dict[str, float]:
@@ -103,7 +150,9 @@ def write_report(root: Path, command: str, publish: Path | None = None) -> dict:
     """Write report.md / report.json / samples.png / curves.png for the run in `root`; returns the numbers."""
     exp = json.loads((root / "experiment.json").read_text())
     seeds, budget = exp["seeds"], exp["budget"]
-    final, steps = load_evals(root, seeds)
+    by_seed = {}
+    final, steps = load_evals(root, seeds, by_seed)
+    paired = paired_differences(by_seed, exp.get("paired", []))
     rows = json.loads((root / "rows.json").read_text())
     arms = [a for a in exp["arms"] if a["name"] in final]
     summary = {a["name"]: ev.summarise(final[a["name"]]) for a in arms}
@@ -132,12 +181,16 @@ def write_report(root: Path, command: str, publish: Path | None = None) -> dict:
         f"- **feature network**: {rows['feature_name']}",
         f"- **stage wall times (s)**: {json.dumps({k: round(v) for k, v in stage_times(root).items()})}", "",
         ev.markdown_table(summary, rows["rows"], train_steps, len(seeds)), "",
+        *(["## Paired differences (within a seed)", "",
+           "a − b per seed (the arms of one seed share its tokenizer, data and stage-1 weights): mean ± std over "
+           "seeds, then each seed's value. Negative Δ FID and Δ NLL, positive Δ consistency favour a.", "",
+           paired_table(paired), ""] if paired else []),
         "## Sampler settings", "", *(f"- {a['name']}: {json.dumps(a.get('sampler', {}))}" for a in arms), "",
         *figures, "",
         ev.how_to_read(budget["samples"], budget.get("nll_images", 500), budget.get("sample_batch", 100), "cpu",
                        bool(exp.get("inception_weights")), False, False)])
     save_text(text, out / "report.md")
-    result = {"experiment": exp, "summary": summary, "per_seed": final, "rows": rows,
+    result = {"experiment": exp, "summary": summary, "per_seed": final, "paired": paired, "rows": rows,
               "curves": {f"{arm}@{step}": ms for (arm, step), ms in steps.items()}, "val_curves": val,
               "stage_times": stage_times(root)}
     save_json(result, out / "report.json", indent=1, default=str)

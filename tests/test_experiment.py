@@ -171,6 +171,25 @@ def test_the_report_merges_columns_measured_again_into_every_arm_of_the_model(tm
     assert steps == {("a", 5): [{"fid": 3.0}]}
 
 
+def test_paired_differences_use_the_seeds_both_arms_have(tmp_path):
+    from benchmarks.experiment_report import load_evals, paired_differences, paired_table
+
+    values = {0: ({"fid": 10.0, "consistency": 0.9}, {"fid": 12.0, "consistency": 0.8}),
+              1: ({"fid": 11.0, "consistency": 0.9}, {"fid": 15.0, "consistency": 0.6}),
+              2: ({"fid": 99.0, "consistency": 0.0}, None)}  # b was not evaluated in seed 2
+    for seed, (a, b) in values.items():
+        (tmp_path / f"seed{seed}" / "eval").mkdir(parents=True)
+        metrics = {"a": a, **({"b": b} if b else {})}
+        (tmp_path / f"seed{seed}" / "eval" / "m.json").write_text(json.dumps({"metrics": metrics, "step": None}))
+    by_seed = {}
+    load_evals(tmp_path, [0, 1, 2], by_seed)
+    [pair] = paired_differences(by_seed, [["a", "b"], ["a", "not evaluated"]])
+    assert pair["seeds"] == [0, 1] and pair["diffs"]["fid"] == [-2.0, -4.0]
+    assert pair["diffs"]["consistency"] == pytest.approx([0.1, 0.3]) and "nll_own" not in pair["diffs"]
+    row = paired_table([pair]).splitlines()[-1]
+    assert row.startswith("| a − b | 0, 1 | -3.00 ± 1.41 (-2.00, -4.00) | +0.200 ± 0.141 (+0.100, +0.300) | –")
+
+
 @pytest.mark.parametrize("path", sorted((experiment.ROOT / "benchmarks" / "experiments").glob("*.yaml")),
                          ids=lambda p: p.stem)
 def test_every_experiment_file_plans_its_stages_and_arms(path, tmp_path):
@@ -179,4 +198,5 @@ def test_every_experiment_file_plans_its_stages_and_arms(path, tmp_path):
     jobs, _ = experiment.plan(exp, tmp_path / exp["name"], exp["seeds"])
     names = {j.name for j in jobs}
     assert {a["model"] for a in exp["arms"]} <= set(exp["models"])
+    assert {name for pair in exp.get("paired", []) for name in pair} <= {a["name"] for a in exp["arms"]}
     assert all(f"{m} (seed {s})" in names for m in exp["models"] for s in exp["seeds"])
