@@ -53,6 +53,15 @@ def load_evals(root: Path, seeds: list[int], by_seed: dict | None = None) -> tup
     return final, steps
 
 
+def partial_note(by_seed: dict, arms: list[str], seeds: list[int]) -> list[str]:
+    """A line naming the arms evaluated in fewer seeds than the report's (a report written mid-run)."""
+    short = [f"{a} (seeds {', '.join(map(str, sorted(by_seed[a])))})"
+             for a in arms if len(by_seed.get(a, {})) < len(seeds)]
+    if not short:
+        return []
+    return [f"**Not every seed evaluated yet**; mean ± std over fewer seeds for: {'; '.join(short)}.", ""]
+
+
 PAIRED_METRICS = [("fid", "FID", ".2f"), ("consistency", "consistency", ".3f"), ("nll_random", "NLL random", ".3f"),
                   ("nll_own", "NLL own order", ".3f")]
 
@@ -181,6 +190,7 @@ def write_report(root: Path, command: str, publish: Path | None = None) -> dict:
         f"- **feature network**: {rows['feature_name']}",
         f"- **stage wall times (s)**: {json.dumps({k: round(v) for k, v in stage_times(root).items()})}", "",
         ev.markdown_table(summary, rows["rows"], train_steps, len(seeds)), "",
+        *partial_note(by_seed, [a["name"] for a in arms], seeds),
         *(["## Paired differences (within a seed)", "",
            "a − b per seed (the arms of one seed share its tokenizer, data and stage-1 weights): mean ± std over "
            "seeds, then each seed's value. Negative Δ FID and Δ NLL, positive Δ consistency favour a.", "",

@@ -186,6 +186,11 @@ def test_paired_differences_use_the_seeds_both_arms_have(tmp_path):
     [pair] = paired_differences(by_seed, [["a", "b"], ["a", "not evaluated"]])
     assert pair["seeds"] == [0, 1] and pair["diffs"]["fid"] == [-2.0, -4.0]
     assert pair["diffs"]["consistency"] == pytest.approx([0.1, 0.3]) and "nll_own" not in pair["diffs"]
+    from benchmarks.experiment_report import partial_note
+
+    assert "a (seeds" not in " ".join(partial_note(by_seed, ["a", "b"], [0, 1, 2]))
+    assert "b (seeds 0, 1)" in partial_note(by_seed, ["a", "b"], [0, 1, 2])[0]
+    assert partial_note(by_seed, ["a"], [0, 1, 2]) == []
     row = paired_table([pair]).splitlines()[-1]
     assert row.startswith("| a − b | 0, 1 | -3.00 ± 1.41 (-2.00, -4.00) | +0.200 ± 0.141 (+0.100, +0.300) | –")
 
