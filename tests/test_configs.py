@@ -114,7 +114,7 @@ def test_extract_orders_config_writes_orders(orders_run):
     assert (orders[train].sort(dim=-1).values == torch.arange(h * w)).all()
     assert (orders[val] == -1).all()  # only the train split is extracted
     manifest = read_manifest(orders_run / ORDERS)
-    assert manifest["split"] == "train" and manifest["settings"]["score"] == "true_prob"
+    assert manifest["split"] == "train" and manifest["settings"]["score"] == "max_prob"
     assert 0 <= manifest["statistics"]["adjacency_share"] <= 1
 
 
