@@ -19,7 +19,7 @@ from torchvision.io import write_png
 from torchvision.utils import make_grid
 
 from callbacks.heatmaps import MIN_TILE_PX, colorbar_image, step_map_to_rgb
-from callbacks.tensorboard import tensorboard_writer
+from callbacks.tensorboard import run_folder, tensorboard_writer
 from callbacks.writers import check_predict_task
 from fileio import atomic_write, save_npz
 
@@ -84,7 +84,7 @@ class EditWriter(BasePredictionWriter):
         check_predict_task(pl_module, stage, "edit", "callbacks.edit_writer.EditWriter", "edits", "configs/edit.yaml")
 
     def _folder(self, trainer) -> Path:
-        return Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
+        return run_folder(trainer, self.out_dir)
 
     def _suffix(self, trainer) -> str:
         return f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.heatmaps import order_map_images, samples_with_heatmaps_grid
 from callbacks.schedule import final_evaluation_due, is_due
-from callbacks.tensorboard import tensorboard_writer
+from callbacks.tensorboard import run_folder, tensorboard_writer
 from evaluation.sampling import cycle_labels, eval_mode, generate_batches
 from fileio import save_npz
 
@@ -58,7 +58,7 @@ class OrderDumpCallback(pl.Callback):
 
     def dump(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> Path | None:
         """Sample (or reuse this step's samples), write `orders/<name>.npz` and log the heatmaps; rank 0 only."""
-        root = self.folder(trainer)  # every rank asks: trainer.log_dir is a collective (a broadcast) under DDP
+        root = run_folder(trainer, self.out_dir)  # on every rank: a collective under DDP
         if not trainer.is_global_zero:
             return None
         if not hasattr(pl_module, "generate"):
@@ -79,15 +79,11 @@ class OrderDumpCallback(pl.Callback):
                 self.log_images(writer, out, pl_module.num_classes, trainer.global_step)
         return self.write(out, trainer, name, root)
 
-    def folder(self, trainer: pl.Trainer) -> Path:
-        """The folder of `orders/`: `out_dir`, else the run folder. Under DDP every rank must call it."""
-        return Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
-
     def write(self, out: dict[str, torch.Tensor], trainer: pl.Trainer, name: str | None = None,
               root: Path | None = None) -> Path:
         """Save one dump as `<root>/orders/<name>.npz` (default name `epoch_<current epoch>`, default root
-        `folder(trainer)`); returns its path."""
-        root = self.folder(trainer) if root is None else root
+        `callbacks.tensorboard.run_folder`); returns its path."""
+        root = run_folder(trainer, self.out_dir) if root is None else root
         path = root / "orders" / f"{name or f'epoch_{trainer.current_epoch}'}.npz"
         save_npz(
             path,

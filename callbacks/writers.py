@@ -5,7 +5,6 @@ A writer relies on the module's `predict_task` (the stage config's choice), not 
 
 import json
 from dataclasses import asdict, is_dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,6 +12,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torchvision.io import write_png
 
 from callbacks.heatmaps import samples_with_heatmaps_grid
+from callbacks.tensorboard import run_folder
 from fileio import save_npz
 
 
@@ -52,7 +52,7 @@ class SampleWriter(BasePredictionWriter):
         settings = pl_module.sampler
         settings = asdict(settings) if is_dataclass(settings) else dict(settings)
         suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
-        out_dir = Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
+        out_dir = run_folder(trainer, self.out_dir)
         save_npz(out_dir / f"samples{suffix}.npz", {
             "images": cat["images"].permute(0, 2, 3, 1).numpy(), "tokens": cat["tokens"].numpy(),
             "orders": cat["step_map"].numpy(), "labels": cat["labels"].numpy(),
