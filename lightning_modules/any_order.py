@@ -4,6 +4,7 @@ A thin adapter: the network and optimizer are injected; orders come from `models
 from `models.sampling`. Validation reports NLL in bits per token under raster and random orders.
 """
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -200,6 +201,8 @@ class AnyOrderModule(LightningModule):
         self.predict_task, self.tokenizer_ckpt = predict_task, tokenizer_ckpt
         self.val_order_seed = val_order_seed
         self.inferred_nll_every_n_epochs, self.inferred_nll_batches = inferred_nll_every_n_epochs, inferred_nll_batches
+        self._draw_seed: int | None = None  # the seed of the training draws (see `train_generator`)
+        self._draws = (-1, 0)  # (global step, batches drawn at it)
         # Frozen; a submodule, so checkpoints hold it too and stay self-contained.
         self.tokenizer = None if tokenizer_ckpt is None else \
             load_net(tokenizer_ckpt, what=TOKENIZER_WHAT, fix=TOKENIZER_FIX).requires_grad_(False)
@@ -214,20 +217,38 @@ class AnyOrderModule(LightningModule):
         return tuple(self.net.grid_size)
 
     # ---- training ---------------------------------------------------------------------------------
-    def orders_for(self, batch: dict, stage: str) -> torch.Tensor:
-        """The order each sequence of the batch is trained on, (b, n)."""
+    def orders_for(self, batch: dict, stage: str, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The order each sequence of the batch is trained on, (b, n); random draws from `generator`."""
         b, n = batch["tokens"].shape[0], batch["tokens"][0].numel()
         if self.train_order == "raster":
             return raster_order(b, n, device=self.device)
         if stage == "train" and self.global_step < self.curriculum_steps:
-            return mixed_order(b, n, self.random_share(self.global_step), device=self.device)
-        return random_order(b, n, device=self.device)
+            return mixed_order(b, n, self.random_share(self.global_step), generator=generator, device=self.device)
+        return random_order(b, n, generator=generator, device=self.device)
+
+    def on_fit_start(self) -> None:
+        """Fix the seed of the training draws: the run's seed on a fresh fit, the checkpoint's on a resume
+        (`on_load_checkpoint` runs first)."""
+        if self._draw_seed is None:
+            self._draw_seed = torch.initial_seed()
 
     def on_train_start(self) -> None:
-        """Under DDP every rank is seeded alike (`seed_everything`): offset the global generator by the rank,
-        so the ranks draw different training orders (and curriculum or random-order mixes), not the same ones."""
+        """Under DDP every rank is seeded alike (`seed_everything`): offset the global generator by the rank, so
+        what still draws from it (dropout) differs between ranks. The training draws use `train_generator`."""
         if self.trainer.world_size > 1:
             torch.manual_seed(torch.initial_seed() + self.global_rank)
+
+    def train_generator(self) -> torch.Generator:
+        """The generator of one training batch's draws (orders, curriculum and random-order mixes, label
+        dropout), seeded by the run's seed, the DDP rank, the global step and the batch's place within the step
+        (gradient accumulation): the draws depend on the step, not on what ran before, so a resumed fit draws
+        what an uninterrupted one would (the global generator restarts from the seed), and ranks differ."""
+        step = self.global_step
+        count = self._draws[1] + 1 if self._draws[0] == step else 0
+        self._draws = (step, count)
+        base = torch.initial_seed() if self._draw_seed is None else self._draw_seed
+        digest = hashlib.sha256(f"{base}/{self.global_rank}/{step}/{count}".encode()).digest()
+        return torch.Generator(device=self.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
     def random_share(self, step: int) -> float:
         """Share of random orders at training step `step` under the raster-to-random curriculum."""
@@ -241,9 +262,10 @@ class AnyOrderModule(LightningModule):
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         tokens, cond = batch["tokens"].flatten(1), batch["label"]
+        generator = self.train_generator() if stage == "train" else None
         if stage == "train" and self.label_dropout > 0:
-            cond = self.net.drop_labels(cond, self.label_dropout)
-        loss = self._loss(tokens, self.orders_for(batch, stage), cond)
+            cond = self.net.drop_labels(cond, self.label_dropout, generator=generator)
+        loss = self._loss(tokens, self.orders_for(batch, stage, generator), cond)
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train", batch_size=len(tokens))
         return loss
 
@@ -284,6 +306,7 @@ class AnyOrderModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the network's spec and the tokenizer; keep hyper-parameters plain data (weights_only loads)."""
         checkpoint["net_spec"] = net_spec(self.net)
+        checkpoint["draw_seed"] = self._draw_seed  # a resume draws on from the same seed (`train_generator`)
         if "hyper_parameters" in checkpoint:
             checkpoint["hyper_parameters"] = plain_data(checkpoint["hyper_parameters"])
         record = tokenizer_record(getattr(self._trainer, "datamodule", None))
@@ -292,6 +315,7 @@ class AnyOrderModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """`--ckpt_path` (resume, sample, extract): refuse a checkpoint trained on another tokenizer."""
+        self._draw_seed = checkpoint.get("draw_seed", self._draw_seed)
         if self._trainer is not None:  # not under `load_from_checkpoint`: no data to compare with
             what, datamodule = f"{self._trainer.ckpt_path} (--ckpt_path)", getattr(self._trainer, "datamodule", None)
             check_trained_tokenizer(checkpoint, what, datamodule)

@@ -86,13 +86,13 @@ class DistillModule(AnyOrderModule):
             log.info("resuming from a checkpoint: init_from (%s) is ignored, weights and optimizer come from "
                      "the checkpoint", self.init_from)
 
-    def orders_for(self, batch: dict, stage: str) -> torch.Tensor:
+    def orders_for(self, batch: dict, stage: str, generator: torch.Generator | None = None) -> torch.Tensor:
         """Stored orders in training (with random ones mixed in); random orders where none are stored."""
         if "order" not in batch:
-            return super().orders_for(batch, stage)
+            return super().orders_for(batch, stage, generator)
         order = batch["order"]
         if stage == "train" and self.random_order_prob > 0:
             b, n = order.shape
-            use_random = torch.rand(b, 1, device=order.device) < self.random_order_prob
-            order = torch.where(use_random, random_order(b, n, device=order.device), order)
+            use_random = torch.rand(b, 1, generator=generator, device=order.device) < self.random_order_prob
+            order = torch.where(use_random, random_order(b, n, generator=generator, device=order.device), order)
         return order

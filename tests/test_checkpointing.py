@@ -117,6 +117,40 @@ def test_resume_after_a_mid_epoch_stop_continues_at_the_next_step(stage, request
     assert resumed["global_step"] == 6 and adam_step(resumed) == 6
 
 
+class TrainOrders(Callback):
+    """The training orders of every global step (it wraps the module's `orders_for`)."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.orders, inner = {}, pl_module.orders_for
+
+        def recording(batch, stage, generator=None):
+            order = inner(batch, stage, generator)
+            if stage == "train":
+                self.orders[trainer.global_step] = order.clone()
+            return order
+
+        pl_module.orders_for = recording
+
+
+def test_a_resumed_fit_trains_on_the_orders_an_uninterrupted_one_would(request, tmp_path, monkeypatch):
+    """The training orders are drawn per step, not from the global generator (which a resume restarts from the
+    seed): stopped mid-epoch at step 4 and resumed, the fit draws at steps 4-5 what one run of 6 steps drew."""
+    monkeypatch.chdir(work_folder("any_order", request, tmp_path))
+    record = ("--trainer.callbacks+=tests.test_checkpointing.TrainOrders",)
+
+    def orders(cli) -> dict:
+        return next(c for c in cli.trainer.callbacks if isinstance(c, TrainOrders)).orders
+
+    whole = orders(stage_fit("any_order", *MID_EPOCH, "--trainer.max_steps", "6", *record))
+    shutil.rmtree(ckpt_dir("any_order"))
+    stage_fit("any_order", *MID_EPOCH, "--trainer.max_steps", "4")
+    resumed = orders(stage_fit("any_order", *MID_EPOCH, "--trainer.max_steps", "6",
+                               "--ckpt_path", ckpt_dir("any_order") / "last.ckpt", *record))
+    assert sorted(whole) == list(range(6)) and sorted(resumed) == [4, 5]
+    assert all(torch.equal(resumed[s], whole[s]) for s in (4, 5))
+    assert not any(torch.equal(resumed[4], whole[s]) for s in range(4))  # nothing replayed from the start
+
+
 def test_last_ckpt_is_written_every_n_steps(tmp_path, monkeypatch):
     """Periodic saves (one in the middle of an epoch), then the final one; a second run replaces the file."""
     monkeypatch.chdir(tmp_path)

@@ -40,17 +40,32 @@ def test_extraction_settings_checked(key, value):
         ExtractionSettings(**{key: value})
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_ddp_ranks_draw_different_training_orders(world_size):
-    """`seed_everything` seeds every DDP rank alike; the module offsets the generator by the rank at the start of
-    training, so two ranks train on different orders (a single process is left as seeded)."""
+def draws(rank: int = 0, step: int = 0, seed: int = 3, calls: int = 1) -> torch.Tensor:
+    """The training orders a module draws for its `calls`-th batch at `step` on `rank`, the global generator
+    in some other state each time."""
     from types import SimpleNamespace
 
-    batch, orders = {"tokens": torch.zeros(8, 4, 4, dtype=torch.long)}, []
-    for rank in range(2):
-        torch.manual_seed(3)
-        m = module()
-        m._trainer = SimpleNamespace(world_size=world_size, global_rank=rank, global_step=0)
-        m.on_train_start()
-        orders.append(m.orders_for(batch, "train"))
-    assert torch.equal(orders[0], orders[1]) == (world_size == 1)
+    torch.manual_seed(torch.seed())  # the global generator anywhere: the draws must not depend on it
+    m = module()
+    m._trainer, m._draw_seed = SimpleNamespace(world_size=2, global_rank=rank, global_step=step), seed
+    batch = {"tokens": torch.zeros(8, 4, 4, dtype=torch.long)}
+    return [m.orders_for(batch, "train", m.train_generator()) for _ in range(calls)][-1]
+
+
+def test_training_draws_depend_on_seed_rank_step_and_batch_only():
+    """The same (seed, rank, step, batch within the step) draws the same orders whatever ran before, so a resumed
+    fit draws what an uninterrupted one would; any other rank, step, accumulated batch or seed draws others."""
+    assert torch.equal(draws(), draws())
+    for other in (draws(rank=1), draws(step=1), draws(seed=4), draws(calls=2)):
+        assert not torch.equal(draws(), other)
+
+
+def test_draw_seed_travels_with_the_checkpoint():
+    m, checkpoint = module(), {}
+    m.on_fit_start()
+    m._draw_seed = 17
+    m.on_save_checkpoint(checkpoint)
+    resumed = module()
+    resumed.on_load_checkpoint(checkpoint)
+    resumed.on_fit_start()  # a resume keeps the checkpoint's seed, not the new run's
+    assert checkpoint["draw_seed"] == 17 and resumed._draw_seed == 17
