@@ -40,6 +40,7 @@ from evaluation.image_metrics import ImageMetrics  # noqa: E402
 from evaluation.nll import mean_nll_bits  # noqa: E402
 from evaluation.real import held_out_halves, images_of, reconstruct, val_tokens  # noqa: E402
 from evaluation.sampling import sample_set  # noqa: E402
+from evaluation.scene import content_steps  # noqa: E402
 from fileio import save_json, save_torch  # noqa: E402
 from lightning_modules.any_order import AnyOrderModule  # noqa: E402
 from models.checkpoint import load_net  # noqa: E402
@@ -120,6 +121,8 @@ def evaluate_model(exp: dict, ctx: dict, ckpt: Path, tokenizer_ckpt: Path, model
             tokens, labels = ctx["val_tokens"]
             nll = mean_nll_bits(module.net, tokens.to(device), labels.to(device), seed=1234)
         m = {**ctx["metrics"](s["images"], s["labels"]), **nll, "samples_per_s": samples / s["seconds"]}
+        if exp["data"].startswith("synthetic"):  # when the order writes the sun and the clouds
+            m.update(content_steps(s["images"], s["step_maps"]))
         metrics[arm["name"]] = m
         shown[arm["name"]] = {"images": s["images"][:16], "step_maps": s["step_maps"], "labels": s["labels"]}
         log.info("%s: %s (%.0f s)", arm["name"], ", ".join(f"{k} {v:.3g}" for k, v in m.items()),

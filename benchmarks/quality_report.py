@@ -68,6 +68,7 @@ COLUMNS = [("FID ↓", "fid", ".4g"), ("KID ↓", "kid", ".3g"), ("class acc. �
            ("NLL inferred", "nll_inferred", ".3f"), ("NLL own order", "nll_own", ".3f"),
            ("consistency ↑", "consistency", ".3f"),
            ("sun found", "sun_share", ".3f"), ("clouds found", "cloud_share", ".3f"),
+           ("sun step", "sun_step", ".2f"), ("cloud step", "cloud_step", ".2f"),
            ("diversity", "diversity", ".3f"), ("samples/s", "samples_per_s", ".1f")]
 CEILING, REFERENCE = "tokenizer reconstruction (ceiling)", "real images (reference)"
 
@@ -128,7 +129,10 @@ likelihood, comparable with raster and random). A raster model is expected to be
 an order-aware model should be best in its own order.
 Synthetic data only: consistency is the share of images whose cloud tint is the one their sun's hue causes;
 sun found and clouds found are the shares of images in which the analyser finds a sun and clouds at all
-(`evaluation.scene.scene_rates`); an image without a sun or clouds is not consistent.
+(`evaluation.scene.scene_rates`); an image without a sun or clouds is not consistent. Sun step and cloud
+step say when the sampling order writes the content: the mean step, as a share of all steps (0 first, 1 last),
+of the cells holding sun pixels and of those holding cloud pixels (`evaluation.scene.content_steps`; a random
+order gives 0.5, raster gives where the sun sits in the scan).
 Diversity is the {div} among samples of one class (higher = more varied; compare with the reference row).
 Samples/s is the sampler's throughput at batch {batch} on {device}, tokenizer decoding included (it
 depends on the machine's load: see the load averages above).

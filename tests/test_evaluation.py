@@ -3,6 +3,7 @@ trustworthy metric must give (real < blurred < shuffled patches < noise), divers
 order maps and the seeded sampling loop."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from evaluation.diversity import diversity
 from evaluation.fid import FidKid
 from evaluation.order_stats import mean_step_map, per_class_mean_maps
 from evaluation.sampling import cycle_labels, eval_mode, generate_batches, sample_set
-from evaluation.scene import scene_rates
+from evaluation.scene import content_steps, scene_rates
 from models.orders import order_to_step_map, random_order
 
 
@@ -136,6 +137,26 @@ def test_scene_rates_count_missing_suns_and_clouds():
     assert rates["sun_share"] >= 0.95 and rates["cloud_share"] == 0.0 and rates["consistency"] == 0.0
     black = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
     assert scene_rates(black) == {"consistency": 0.0, "sun_share": 0.0, "cloud_share": 0.0}
+
+
+def test_content_steps_say_when_an_order_writes_the_sun():
+    """An order that writes the sun's cells first scores a low sun step, its reverse a high one, random orders
+    about 0.5 for every kind of cell; images without a sun or clouds give nan for them."""
+    from datamodules.sources.synthetic import sunset_pixels
+    from models.orders import order_to_step_map, random_order
+
+    source = SunsetSource(num_images=24, seed=505)
+    images = torch.stack([source.render(source.sample_params(i)) for i in range(24)])
+    sun_cells = torch.nn.functional.adaptive_max_pool2d(sunset_pixels(images)[0].float()[:, None], (8, 8)).flatten(1)
+    sun_first = (-sun_cells + 1e-3 * torch.rand(24, 64, generator=torch.Generator().manual_seed(0))).argsort(1)
+    first = content_steps(images, order_to_step_map(sun_first, 8, 8))
+    last = content_steps(images, order_to_step_map(sun_first.flip(1), 8, 8))
+    assert first["sun_step"] < 0.15 and last["sun_step"] > 0.85 and first["rest_step"] > first["sun_step"]
+    many = images.repeat(20, 1, 1, 1)
+    rand = content_steps(many, order_to_step_map(random_order(len(many), 64, torch.Generator().manual_seed(1)), 8, 8))
+    assert all(abs(v - 0.5) < 0.05 for v in rand.values()), rand
+    black = content_steps(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.arange(64).view(1, 8, 8).repeat(2, 1, 1))
+    assert math.isnan(black["sun_step"]) and math.isnan(black["cloud_step"]) and black["rest_step"] == 0.5
 
 
 def test_fid_kid_keeps_its_feature_network_in_eval_mode_and_its_real_features():

@@ -329,6 +329,16 @@ def _nearest(chroma: torch.Tensor, palette: np.ndarray) -> int:
     return int((refs - chroma).norm(dim=1).argmin())
 
 
+def sunset_pixels(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pixels `analyse_sunset` reads as sun (bright, saturated) and as cloud (bright, pastel): two bool
+    masks (b, H, W) of uint8 images (b, 3, H, W)."""
+    rgb = images.float() / 255.0
+    value = rgb.amax(1)
+    saturation = (value - rgb.amin(1)) / value.clamp_min(1e-3)
+    return ((value > _SUN_MIN_VALUE) & (saturation > _SUN_MIN_SAT),
+            (value > _CLOUD_MIN_VALUE) & (saturation < _CLOUD_MAX_SAT))
+
+
 def analyse_sunset(images: torch.Tensor, num_hues: int = 8) -> list[SunsetAnalysis]:
     """Read the sun hue and cloud tint of each image and check the causal rule.
 
@@ -347,12 +357,9 @@ def analyse_sunset(images: torch.Tensor, num_hues: int = 8) -> list[SunsetAnalys
     if images.dim() == 3:
         images = images[None]
     rgb = images.float() / 255.0
-    value = rgb.amax(1)
-    saturation = (value - rgb.amin(1)) / value.clamp_min(1e-3)
     chroma = _opponent(rgb)  # (b, 2, H, W)
-    min_pixels = max(3, round(0.005 * value[0].numel()))
-    sun_mask = (value > _SUN_MIN_VALUE) & (saturation > _SUN_MIN_SAT)
-    cloud_mask = (value > _CLOUD_MIN_VALUE) & (saturation < _CLOUD_MAX_SAT)
+    sun_mask, cloud_mask = sunset_pixels(images)
+    min_pixels = max(3, round(0.005 * sun_mask[0].numel()))
     suns, clouds = sun_palette(num_hues), cloud_palette(num_hues)
 
     results = []
@@ -385,4 +392,5 @@ __all__ = [
     "scene_heads",
     "scene_targets",
     "sun_palette",
+    "sunset_pixels",
 ]
