@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     exp = json.loads((args.experiment / "experiment.json").read_text())
     if not exp["data"].startswith("synthetic"):
-        raise SystemExit(f"error: {args.experiment} is on {exp['data']}: the sun and clouds exist on synthetic data only")
+        raise SystemExit(f"error: {args.experiment} is on {exp['data']}: sun and clouds exist on synthetic data only")
     torch.set_num_threads(1)
     print(f"| arm | {' | '.join(KEYS)} |\n|---|---|---|---|")
     for arm in exp["arms"]:

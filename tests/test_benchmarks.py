@@ -87,3 +87,14 @@ def test_presets_come_from_the_config_files():
     assert ar_preset("small")[0]["width"] == 256
     with pytest.raises(SystemExit, match="configs/model/ar/nope.yaml"):
         ar_preset("nope")
+
+
+def test_order_content_refuses_an_experiment_without_suns(tmp_path):
+    """The sun and cloud steps exist on synthetic data only: another data set is one error line."""
+    import json
+
+    from benchmarks import order_content
+
+    (tmp_path / "experiment.json").write_text(json.dumps({"data": "fashion_mnist", "arms": [], "seeds": [0]}))
+    with pytest.raises(SystemExit, match="synthetic data only"):
+        order_content.main([str(tmp_path)])
