@@ -107,6 +107,16 @@ def real_rows(ctx: dict, tokenizer_ckpt: Path, device: str) -> dict:
             report.CEILING: ctx["metrics"](reconstruct(tokenizer, real_a), labels_a)}
 
 
+def arm_settings(exp: dict, arm: dict) -> SamplerSettings:
+    """An arm's sampler settings: its own, over the budget's sampling precision."""
+    return SamplerSettings(**{"precision": exp["budget"].get("sample_precision", "fp32"), **arm.get("sampler", {})})
+
+
+def model_ckpt(run_folder: Path, seed: int, model: str, step: int | None = None) -> Path:
+    """A trained model's final weights (`last.ckpt`), or those kept at `step`."""
+    return run_folder / f"seed{seed}" / model / "checkpoints" / (f"step={step}.ckpt" if step else "last.ckpt")
+
+
 def evaluate_model(exp: dict, ctx: dict, ckpt: Path, tokenizer_ckpt: Path, model: str, samples: int,
                    device: str) -> tuple[dict, dict]:
     """Metrics of every arm of `model` ({arm: metrics}) and their samples (first images, all step maps)."""
@@ -114,8 +124,7 @@ def evaluate_model(exp: dict, ctx: dict, ckpt: Path, tokenizer_ckpt: Path, model
     nll = None
     for arm in (a for a in exp["arms"] if a["model"] == model):
         start = time.perf_counter()
-        settings = SamplerSettings(**{"precision": budget.get("sample_precision", "fp32"), **arm.get("sampler", {})})
-        module = load_arm(ckpt, tokenizer_ckpt, settings).to(device)
+        module = load_arm(ckpt, tokenizer_ckpt, arm_settings(exp, arm)).to(device)
         s = sample_set(module, samples, budget.get("sample_batch", 100), budget.get("sample_seed", 0))
         if nll is None:
             tokens, labels = ctx["val_tokens"]
@@ -153,8 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     exp = json.loads((args.run_folder / "experiment.json").read_text())
     out, tokenizer_ckpt = args.run_folder.parent, Path(exp["tokenizer_ckpt"])
     if args.what != "rows":
-        ckpt = (args.run_folder / f"seed{args.seed}" / args.model / "checkpoints"
-                / (f"step={args.step}.ckpt" if args.step else "last.ckpt"))
+        ckpt = model_ckpt(args.run_folder, args.seed, args.model, args.step)
         name = f"{args.model}@{args.step}" if args.step else args.model
         folder = args.run_folder / f"seed{args.seed}" / "eval"
     if args.what == "nll":

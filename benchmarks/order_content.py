@@ -19,19 +19,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from benchmarks.experiment_eval import load_arm  # noqa: E402
+from benchmarks.experiment_eval import arm_settings, load_arm, model_ckpt  # noqa: E402
 from evaluation.sampling import sample_set  # noqa: E402
 from evaluation.scene import content_steps  # noqa: E402
-from models.sampling import SamplerSettings  # noqa: E402
 
 KEYS = ("sun_step", "cloud_step", "rest_step")
 
 
 def arm_steps(exp: dict, folder: Path, arm: dict, seed: int, samples: int) -> dict[str, float]:
     budget = exp["budget"]
-    settings = SamplerSettings(**{"precision": budget.get("sample_precision", "fp32"), **arm.get("sampler", {})})
-    module = load_arm(folder / f"seed{seed}" / arm["model"] / "checkpoints" / "last.ckpt", exp["tokenizer_ckpt"],
-                      settings)
+    module = load_arm(model_ckpt(folder, seed, arm["model"]), exp["tokenizer_ckpt"], arm_settings(exp, arm))
     s = sample_set(module, samples, budget.get("sample_batch", 100), budget.get("sample_seed", 0))
     return content_steps(s["images"], s["step_maps"])
 

@@ -12,7 +12,8 @@ import logging
 
 import torch
 
-from lightning_modules.any_order import AnyOrderModule, check_trained_tokenizer
+from lightning_modules.any_order import AnyOrderModule
+from lightning_modules.checkpoint_checks import check_trained_tokenizer
 from models.checkpoint import check_finite, full_init_args, net_spec, net_weights, read_checkpoint
 from models.orders import random_order
 
