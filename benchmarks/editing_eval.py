@@ -16,8 +16,10 @@ images with the next `--images` validation images (half B, never edited, never t
 outpainting) and, on the synthetic sunsets (`--scene`), two scene edits read by the sunset analyser:
 `clouds` (regenerate the cells the clouds cover, given the rest: do they take the tint the kept sun
 causes?) and `hue` (class-edit: regenerate the sun and the clouds under the next hue: is the new sun that
-hue, and do the clouds follow it?). Two rows frame the arms: the input's own tokens decoded (what
-regenerating exactly the original would score: the tokenizer's ceiling) and, for FID, real half A.
+hue, and do the clouds follow it?). On any class-conditional data, `class` regenerates the centre box
+under the next class (label + 1): the share of edits the domain classifier assigns to that class
+(Fashion-MNIST: does a shirt's centre become a trouser's?). Two rows frame the arms: the input's own tokens
+decoded (what regenerating exactly the original would score: the tokenizer's ceiling) and, for FID, real half A.
 
 Writes `editing.md`, `editing.json` and `editing_<mask>.png` (a few images: original | masked | each arm)
 into `--out`. `editing_table(...)` is the function an experiment runner calls.
@@ -48,6 +50,7 @@ from benchmarks.experiment_eval import build_datamodule, load_arm  # noqa: E402
 from callbacks.edit_writer import masked_inputs  # noqa: E402
 from datamodules.sources.synthetic import analyse_sunset, expected_tint  # noqa: E402
 from evaluation.feature_cache import feature_net_for  # noqa: E402
+from evaluation.feature_net import label_accuracy  # noqa: E402
 from evaluation.fid import FeatureDistances  # noqa: E402
 from evaluation.lpips import build_lpips, lpips_input  # noqa: E402
 from evaluation.real import held_out_halves, images_of  # noqa: E402
@@ -60,6 +63,7 @@ from models.sampling import SamplerSettings, choice_generator  # noqa: E402
 log = logging.getLogger("oar.editing")
 CONFIGS = ROOT / "configs"
 SCENE_MASKS = ("clouds", "hue")
+RELABELLED = ("hue", "class")  # edits under another label: their distance to the original means nothing
 CEILING, REAL = "input tokens, decoded (ceiling)", "real images, half A (FID floor)"
 
 
@@ -108,8 +112,9 @@ def edit_masks(kind: str, source, indices: torch.Tensor, labels: torch.Tensor, g
     """(regenerated cells (N, h, w), the class of each edit (N,), which images the edit applies to (N,) bool)."""
     n, size = len(indices), source.image_size
     if kind not in SCENE_MASKS:
-        cells = token_mask(kind, grid, size, center_fraction=0.5, border=1)
-        return cells.expand(n, *grid).clone(), labels, torch.ones(n, dtype=torch.bool)
+        cells = token_mask("center" if kind == "class" else kind, grid, size, center_fraction=0.5, border=1)
+        targets = (labels + 1) % max(num_classes, 1) if kind == "class" else labels
+        return cells.expand(n, *grid).clone(), targets, torch.ones(n, dtype=torch.bool)
     sun, clouds = scene_regions(source, indices)
     cells = image_mask_cells(clouds if kind == "clouds" else sun | clouds, grid)
     usable = cells.flatten(1).any(dim=1)  # a scene whose clouds could not be placed has nothing to regenerate
@@ -137,14 +142,17 @@ def hue_edit_rates(edited: torch.Tensor, targets: torch.Tensor, num_hues: int) -
 
 class Judge:
     """Every metric of an edited set: masked MSE/PSNR and LPIPS against the originals, FID against half B,
-    the scene rates on sunsets."""
+    the scene rates on sunsets, and after a class edit the share the classifier assigns to the target."""
 
-    def __init__(self, distances: FeatureDistances, num_hues: int, lpips=None):
+    def __init__(self, distances: FeatureDistances, num_hues: int, lpips=None, classifier=None):
         self.distances, self.num_hues, self.lpips = distances, num_hues, lpips
+        self.classifier = classifier  # (feature network, its head whose class is the label), or None
 
     def __call__(self, kind: str, edited, original, regenerate, targets) -> dict[str, float | None]:
         m: dict[str, float | None] = {"fid": self.distances(edited)["fid"]}
-        if kind != "hue":  # the class edit changes what it regenerates: its distance to the original means nothing
+        if kind == "class" and self.classifier is not None:
+            m["target_class"] = label_accuracy(*self.classifier, edited, targets)
+        if kind not in RELABELLED:
             mse = masked_mse(edited, original, regenerate)
             m.update(mse=mse, psnr=10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-10))).item())
             if self.lpips is not None:
@@ -202,7 +210,8 @@ def editing_table(arms: list[Arm], dm, tokenizer_ckpt: str, images: int = 500,
         dm: the DataModule of the data the models trained on (`source`, `split_indices()`).
         tokenizer_ckpt: the tokenizer every arm was trained with.
         images: images edited (validation half A) and real images FID compares with (half B).
-        masks: center | top | bottom | left | right | border | clouds | hue (the last two: sunsets only).
+        masks: center | top | bottom | left | right | border | class (class-conditional data) | clouds | hue
+            (the last two: sunsets only).
         batch, seed, device: how the edits run (one generator per batch: seed + its first image).
         feature_path: cache file of the domain feature network (FID space) when no Inception weights.
         feature_epochs, feature_images: its training budget.
@@ -219,7 +228,9 @@ def editing_table(arms: list[Arm], dm, tokenizer_ckpt: str, images: int = 500,
         dm, Path(feature_path), feature_epochs, feature_images, check=idx_a)
     distances = FeatureDistances(real_b, None if net is None else net.to(device), inception_weights, device=device)
     num_hues = source.num_hues if hasattr(source, "scene_heads") else 0  # the sunsets: scene rates
-    judge = Judge(distances, num_hues, build_lpips("alex", lpips_weights).to(device) if lpips_weights else None)
+    label_head = None if net is None else info["label_head"]
+    judge = Judge(distances, num_hues, build_lpips("alex", lpips_weights).to(device) if lpips_weights else None,
+                  None if label_head is None else (net, label_head))
     grid = next(iter(modules.values())).grid if modules else (0, 0)
     tokenizer = next(iter(modules.values())).tokenizer
     with torch.no_grad():
@@ -227,8 +238,9 @@ def editing_table(arms: list[Arm], dm, tokenizer_ckpt: str, images: int = 500,
                            for x in original.split(batch)])
     rows = {}
     for kind in masks:
-        if kind in SCENE_MASKS and not num_hues or kind == "hue" and source.num_classes == 0:
-            log.info("mask %s skipped: it needs the (conditional) synthetic sunsets", kind)
+        if kind in SCENE_MASKS and not num_hues or kind in RELABELLED and source.num_classes == 0:
+            log.info("mask %s skipped: it needs %s", kind, "class-conditional data" if kind == "class"
+                     else "the (conditional) synthetic sunsets")
             continue
         regenerate, cond, usable = edit_masks(kind, source, idx_a, labels, grid, source.num_classes)
         x, regenerate, cond = original[usable], regenerate[usable], cond[usable]
@@ -253,10 +265,12 @@ def editing_table(arms: list[Arm], dm, tokenizer_ckpt: str, images: int = 500,
 COLUMNS = [("mse", "masked MSE ↓", ".4f"), ("psnr", "PSNR dB ↑", ".2f"), ("lpips", "LPIPS ↓", ".3f"),
            ("fid", "FID ↓", ".3g"), ("consistency", "consistency ↑", ".3f"), ("sun_share", "sun found", ".2f"),
            ("cloud_share", "clouds found", ".2f"), ("sun_is_target", "sun = target ↑", ".3f"),
-           ("clouds_follow", "clouds follow ↑", ".3f"), ("edits_per_s", "edits/s", ".1f")]
+           ("clouds_follow", "clouds follow ↑", ".3f"), ("target_class", "target class ↑", ".3f"),
+           ("edits_per_s", "edits/s", ".1f")]
 TITLES = {"center": "centre box (half the side) regenerated", "top": "top half regenerated",
           "bottom": "bottom half regenerated", "left": "left half regenerated", "right": "right half regenerated",
           "border": "outpainting: a one-cell border regenerated",
+          "class": "class edit: the centre box regenerated under the next class (does the classifier see it?)",
           "clouds": "scene edit: the clouds regenerated, the sun kept (do they take its tint?)",
           "hue": "class edit: sun and clouds regenerated under the next hue (does the new sun take it, do the "
                  "clouds follow?)"}
@@ -293,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--set", action="append", default=[], help="data.init_args...=VALUE overrides")
     p.add_argument("--tokenizer", help="the tokenizer checkpoint (without --experiment)")
     p.add_argument("--images", type=int, default=500)
-    p.add_argument("--masks", default="center,top,border,clouds,hue")
+    p.add_argument("--masks", default="center,top,border,class,clouds,hue")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -305,14 +305,30 @@ def test_editing_table_runs_on_tiny_checkpoints(stage1_run, tmp_path):
     table = editing_eval.main([
         "--tokenizer", str(stage1_run / TOKENIZER_CKPT), "--arm", "raster", str(ckpt), "policy=raster",
         "--arm", "confidence", str(ckpt), "policy=confidence", "choice_temperature=3", "--images", "6", "--batch", "4",
-        "--masks", "center,border,clouds,hue", "--set", "data.init_args.source.init_args.num_images=64",
+        "--masks", "center,border,class,clouds,hue", "--set", "data.init_args.source.init_args.num_images=64",
         "--set", "data.init_args.val_fraction=0.25", "--feature-epochs", "1", "--feature-images", "32",
         "--out", str(out), "--device", "cpu"])
-    assert list(table["rows"]) == ["center", "border", "clouds", "hue"]
+    assert list(table["rows"]) == ["center", "border", "class", "clouds", "hue"]
     for kind, rows in table["rows"].items():
         assert list(rows) == ["raster", "confidence", editing_eval.CEILING, editing_eval.REAL]
         assert all(np.isfinite(rows[arm]["fid"]) and 0 <= rows[arm]["consistency"] <= 1 for arm in list(rows)[:3])
-        assert ("mse" in rows["raster"]) == (kind != "hue") and ("sun_is_target" in rows["raster"]) == (kind == "hue")
+        assert ("mse" in rows["raster"]) == (kind not in ("hue", "class"))
+        assert ("sun_is_target" in rows["raster"]) == (kind == "hue")
+        assert ("target_class" in rows["raster"]) == (kind == "class")
+    assert 0 <= table["rows"]["class"]["raster"]["target_class"] <= 1
     assert [a["known_cells"] for a in table["arms"]] == ["in_order", "first"]
     assert (out / "editing.md").is_file() and (out / "editing_hue.png").is_file()
     assert json.loads((out / "editing.json").read_text())["images"] == 6
+
+
+def test_class_edit_regenerates_the_centre_box_under_the_next_class():
+    from types import SimpleNamespace
+
+    from benchmarks import editing_eval
+
+    labels = torch.tensor([0, 3, 9])
+    source, indices = SimpleNamespace(image_size=32), torch.arange(3)
+    cells, targets, usable = editing_eval.edit_masks("class", source, indices, labels, (8, 8), 10)
+    centre, _, _ = editing_eval.edit_masks("center", source, indices, labels, (8, 8), 10)
+    assert torch.equal(cells, centre) and cells[:, 2:6, 2:6].all() and cells.sum() == 3 * 16
+    assert targets.tolist() == [1, 4, 0] and usable.all()
