@@ -5,6 +5,9 @@ and TensorBoard logs, and writes into RUN_FOLDER (or `--publish DIR`):
 - `report.md`: the experiment's own prose (`notes:` in its YAML), the settings, the table of arms
   (mean ± std over seeds) with the real-image rows, the sampler settings of every arm, and how to read it;
 - `report.json`: every number;
+- `evals/seed<k>/*.json` (with `--publish`): each seed's metric files, so that a later session on another
+  machine, whose `runs/` no longer holds the earlier seeds, still reports them beside its own (the report
+  covers the run's seeds and every seed published before; a run's own files take precedence);
 - `samples.png`: per arm the first seed's samples beside their order heatmaps, and the mean order maps;
 - `curves.png` (when checkpoints were kept): metrics of every arm against training steps, and the
   validation NLL the training logged.
@@ -29,14 +32,31 @@ CURVE_METRICS = [("fid", "FID ↓"), ("consistency", "consistency ↑"), ("class
 VAL_SCALARS = ["val/nll_raster", "val/nll_random", "val/nll_inferred", "val/nll_own"]
 
 
-def load_evals(root: Path, seeds: list[int], by_seed: dict | None = None) -> tuple[dict, dict]:
+def eval_files(root: Path, seed: int, published: Path | None = None) -> list[Path]:
+    """A seed's metric files: the run's own (`root/seed<k>/eval`), else those published before."""
+    own = sorted((root / f"seed{seed}" / "eval").glob("*.json"))
+    if own or published is None:
+        return own
+    return sorted((published / "evals" / f"seed{seed}").glob("*.json"))
+
+
+def published_seeds(published: Path | None) -> list[int]:
+    """Seeds whose metric files an earlier `--publish` into this folder left."""
+    if published is None:
+        return []
+    return sorted(int(p.name[4:]) for p in (published / "evals").glob("seed*") if p.name[4:].isdigit())
+
+
+def load_evals(root: Path, seeds: list[int], by_seed: dict | None = None,
+               published: Path | None = None) -> tuple[dict, dict]:
     """({arm: [metrics per seed]} of the final weights, {(arm, step): [metrics per seed]} of kept steps).
 
-    `by_seed`, when given, receives the final weights' metrics as {arm: {seed: metrics}}."""
+    `by_seed`, when given, receives the final weights' metrics as {arm: {seed: metrics}}. A seed without
+    files in `root` is read from `published/evals/seed<k>/` (an earlier session's `--publish`)."""
     final, steps = {}, {}
     for seed in seeds:
         found, adds = {}, {}
-        for path in sorted((root / f"seed{seed}" / "eval").glob("*.json")):
+        for path in eval_files(root, seed, published):
             data = json.loads(path.read_text())
             for arm, metrics in data.get("metrics", {}).items():
                 found[(arm, data.get("step"))] = metrics
@@ -158,37 +178,44 @@ def curves_figure(steps: dict, val: dict, path: Path) -> None:
 def write_report(root: Path, command: str, publish: Path | None = None) -> dict:
     """Write report.md / report.json / samples.png / curves.png for the run in `root`; returns the numbers."""
     exp = json.loads((root / "experiment.json").read_text())
-    seeds, budget = exp["seeds"], exp["budget"]
+    seeds = sorted(set(exp["seeds"]) | set(published_seeds(publish)))
+    exp = {**exp, "seeds": seeds}
+    budget = exp["budget"]
     by_seed = {}
-    final, steps = load_evals(root, seeds, by_seed)
+    final, steps = load_evals(root, seeds, by_seed, publish)
     paired = paired_differences(by_seed, exp.get("paired", []))
     rows = json.loads((root / "rows.json").read_text())
+    earlier = json.loads((publish / "report.json").read_text()) if publish and (publish / "report.json").is_file() else {}
     arms = [a for a in exp["arms"] if a["name"] in final]
     summary = {a["name"]: ev.summarise(final[a["name"]]) for a in arms}
     train_steps = {a["name"]: describe_steps(exp, a["model"]) for a in arms}
     out = publish or root
     out.mkdir(parents=True, exist_ok=True)
     figures = []
-    shown = {a["name"]: torch.load(root / f"seed{seeds[0]}" / "eval" / f"{a['model']}.samples.pt")[a["name"]]
-             for a in arms if (root / f"seed{seeds[0]}" / "eval" / f"{a['model']}.samples.pt").is_file()}
+    shown_seed = next((s for s in seeds if list((root / f"seed{s}" / "eval").glob("*.samples.pt"))), seeds[0])
+    shown = {a["name"]: torch.load(root / f"seed{shown_seed}" / "eval" / f"{a['model']}.samples.pt")[a["name"]]
+             for a in arms if (root / f"seed{shown_seed}" / "eval" / f"{a['model']}.samples.pt").is_file()}
     if shown:
         n_steps = int(next(iter(shown.values()))["step_maps"][0].numel())
         ev.samples_figure(shown, n_steps, out / "samples.png")
-        figures.append("![samples beside their order heatmaps, then the mean order map of each arm](samples.png)")
+        figures.append(f"![samples (seed {shown_seed}) beside their order heatmaps, then the mean order map of each "
+                       "arm](samples.png)")
     val = {}
     if steps:
         models = sorted({a["model"] for a in exp["arms"]})
-        val = val_curves(root, seeds[0], models)
+        val = val_curves(root, shown_seed, models)
         curves_figure(steps, val, out / "curves.png")
         figures.append(f"![learning curves: every arm against training steps ({budget.get('curve_samples')} samples "
                        "a point), and the validation NLL logged in training](curves.png)")
+    times = {**earlier.get("stage_times", {}), **stage_times(root)}
     text = "\n".join([
         f"# {exp.get('title', exp['name'])}", "", exp.get("notes", "").strip(), "",
         f"- **command**: `{command}`", f"- **date**: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- **machine**: {ev.machine('cpu')}", f"- **data**: {exp['data']} {exp.get('data_overrides', {})}",
         f"- **preset**: {exp['preset']}; **budget**: {budget}", f"- **seeds**: {seeds}",
         f"- **feature network**: {rows['feature_name']}",
-        f"- **stage wall times (s)**: {json.dumps({k: round(v) for k, v in stage_times(root).items()})}", "",
+        f"- **stage wall times (s)**: {json.dumps({k: round(v) for k, v in times.items()})}", "",
+        *rows_note(rows, earlier),
         ev.markdown_table(summary, rows["rows"], train_steps, len(seeds)), "",
         *partial_note(by_seed, [a["name"] for a in arms], seeds),
         *(["## Paired differences (within a seed)", "",
@@ -202,11 +229,31 @@ def write_report(root: Path, command: str, publish: Path | None = None) -> dict:
     save_text(text, out / "report.md")
     result = {"experiment": exp, "summary": summary, "per_seed": final, "paired": paired, "rows": rows,
               "curves": {f"{arm}@{step}": ms for (arm, step), ms in steps.items()}, "val_curves": val,
-              "stage_times": stage_times(root)}
+              "stage_times": times}
     save_json(result, out / "report.json", indent=1, default=str)
     if publish and (root / "experiment.json").is_file():
         shutil.copy(root / "experiment.json", out / "experiment.json")
+        for seed in exp["seeds"]:
+            for path in sorted((root / f"seed{seed}" / "eval").glob("*.json")):
+                (out / "evals" / f"seed{seed}").mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, out / "evals" / f"seed{seed}" / path.name)
     return result
+
+
+def rows_note(rows: dict, earlier: dict) -> list[str]:
+    """A warning when the real-image rows differ from those of the report published before.
+
+    The feature network and the tokenizer are retrained per run folder; on another machine they may come
+    out different, and the earlier seeds' FIDs were measured with the earlier network."""
+    before = earlier.get("rows", {}).get("rows", {})
+    moved = {name: (before[name]["fid"], row["fid"]) for name, row in rows["rows"].items()
+             if name in before and abs(before[name]["fid"] - row["fid"]) > 1e-3 * max(1.0, abs(row["fid"]))}
+    if not moved:
+        return []
+    said = "; ".join(f"{name} FID {a:.3f} before, {b:.3f} now" for name, (a, b) in moved.items())
+    return [f"**The real-image rows moved since the earlier seeds were published** ({said}): the feature "
+            "network or tokenizer was retrained differently, so FIDs of seeds from different sessions are not "
+            "strictly comparable.", ""]
 
 
 def describe_steps(exp: dict, model: str) -> str:

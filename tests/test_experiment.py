@@ -195,6 +195,31 @@ def test_paired_differences_use_the_seeds_both_arms_have(tmp_path):
     assert row.startswith("| a − b | 0, 1 | -3.00 ± 1.41 (-2.00, -4.00) | +0.200 ± 0.141 (+0.100, +0.300) | –")
 
 
+def test_the_report_keeps_seeds_published_by_an_earlier_session(tmp_path):
+    from benchmarks.experiment_report import write_report
+
+    root, published = tmp_path / "run", tmp_path / "published"
+    exp = {"name": "e", "seeds": [1], "budget": {"samples": 10, "steps": 4}, "data": "synthetic", "preset": "tiny",
+           "models": {"m": {"stage": "any_order"}}, "arms": [{"name": "a", "model": "m"}], "paired": []}
+    rows = {"rows": {"real images (reference)": {"fid": 2.0}}, "feature_name": "f"}
+    (root / "seed1" / "eval").mkdir(parents=True)
+    (root / "experiment.json").write_text(json.dumps(exp))
+    (root / "rows.json").write_text(json.dumps(rows))
+    (root / "seed1" / "eval" / "m.json").write_text(json.dumps({"metrics": {"a": {"fid": 5.0}}, "step": None}))
+    (published / "evals" / "seed0").mkdir(parents=True)
+    (published / "evals" / "seed0" / "m.json").write_text(json.dumps({"metrics": {"a": {"fid": 3.0}}, "step": None}))
+    (published / "report.json").write_text(json.dumps({"rows": rows, "stage_times": {"seed0/m": 7.0}}))
+    result = write_report(root, "cmd", published)
+    assert result["experiment"]["seeds"] == [0, 1] and result["per_seed"]["a"] == [{"fid": 3.0}, {"fid": 5.0}]
+    assert result["stage_times"] == {"seed0/m": 7.0}
+    assert (published / "evals" / "seed1" / "m.json").is_file()  # the next session finds this seed too
+    assert "moved since" not in (published / "report.md").read_text()
+    rows["rows"]["real images (reference)"]["fid"] = 2.5  # a feature network retrained differently
+    (root / "rows.json").write_text(json.dumps(rows))
+    write_report(root, "cmd", published)
+    assert "FID 2.000 before, 2.500 now" in (published / "report.md").read_text()
+
+
 @pytest.mark.parametrize("path", sorted((experiment.ROOT / "benchmarks" / "experiments").glob("*.yaml")),
                          ids=lambda p: p.stem)
 def test_every_experiment_file_plans_its_stages_and_arms(path, tmp_path):
