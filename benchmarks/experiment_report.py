@@ -8,7 +8,8 @@ and TensorBoard logs, and writes into RUN_FOLDER (or `--publish DIR`):
 - `evals/seed<k>/*.json` (with `--publish`): each seed's metric files, so that a later session on another
   machine, whose `runs/` no longer holds the earlier seeds, still reports them beside its own (the report
   covers the run's seeds and every seed published before; a run's own files take precedence);
-- `samples.png`: per arm the first seed's samples beside their order heatmaps, and the mean order maps;
+- `samples.png`: per arm the samples of the first seed evaluated in RUN_FOLDER, beside their order heatmaps,
+  and the mean order maps;
 - `curves.png` (when checkpoints were kept): metrics of every arm against training steps, and the
   validation NLL the training logged.
 """
@@ -193,7 +194,7 @@ def write_report(root: Path, command: str, publish: Path | None = None) -> dict:
     out = publish or root
     out.mkdir(parents=True, exist_ok=True)
     figures = []
-    shown_seed = next((s for s in seeds if list((root / f"seed{s}" / "eval").glob("*.samples.pt"))), seeds[0])
+    shown_seed = next((s for s in seeds if any((root / f"seed{s}" / "eval").glob("*.samples.pt"))), seeds[0])
     shown = {a["name"]: torch.load(root / f"seed{shown_seed}" / "eval" / f"{a['model']}.samples.pt")[a["name"]]
              for a in arms if (root / f"seed{shown_seed}" / "eval" / f"{a['model']}.samples.pt").is_file()}
     if shown:
@@ -234,10 +235,11 @@ def write_report(root: Path, command: str, publish: Path | None = None) -> dict:
     save_json(result, out / "report.json", indent=1, default=str)
     if publish and (root / "experiment.json").is_file():
         shutil.copy(root / "experiment.json", out / "experiment.json")
-        for seed in exp["seeds"]:
-            for path in sorted((root / f"seed{seed}" / "eval").glob("*.json")):
-                (out / "evals" / f"seed{seed}").mkdir(parents=True, exist_ok=True)
-                shutil.copy(path, out / "evals" / f"seed{seed}" / path.name)
+        for seed in seeds:
+            kept = out / "evals" / f"seed{seed}"
+            for path in (root / f"seed{seed}" / "eval").glob("*.json"):
+                kept.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, kept / path.name)
     return result
 
 
