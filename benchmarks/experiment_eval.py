@@ -44,7 +44,7 @@ from evaluation.scene import content_steps  # noqa: E402
 from fileio import save_json, save_torch  # noqa: E402
 from lightning_modules.any_order import AnyOrderModule  # noqa: E402
 from models.checkpoint import load_net  # noqa: E402
-from models.sampling import SamplerSettings  # noqa: E402
+from models.sampling import AUTO, SamplerSettings  # noqa: E402
 
 log = logging.getLogger("oar.experiment")
 CONFIGS = ROOT / "configs"
@@ -108,7 +108,10 @@ def real_rows(ctx: dict, tokenizer_ckpt: Path, device: str) -> dict:
 
 
 def arm_settings(exp: dict, arm: dict) -> SamplerSettings:
-    """An arm's sampler settings: its own, over the budget's sampling precision."""
+    """An arm's sampler settings: its own, over the budget's sampling precision (an explicit order-choice T)."""
+    if arm.get("sampler", {}).get("choice_temperature") == AUTO:
+        raise SystemExit(f"error: arm {arm['name']!r}: choice_temperature auto is for `run.py predict`; an arm names "
+                         "its T (0 = greedy): fix the arm's sampler in the experiment file")
     return SamplerSettings(**{"precision": exp["budget"].get("sample_precision", "fp32"), **arm.get("sampler", {})})
 
 

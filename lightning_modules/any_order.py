@@ -22,7 +22,7 @@ from models.extraction import SCORES, extract_orders, noise_seeds
 from models.orders import mixed_order, order_to_step_map, random_order, raster_order
 from models.policies import SCHEDULES
 from models.precision import PRECISIONS, resolve_dtype
-from models.sampling import SamplerSettings, choice_generator, sample
+from models.sampling import NOISY_CHOICE_TEMPERATURE, SamplerSettings, choice_generator, sample
 from models.transformer import OrderedTransformer
 
 log = logging.getLogger("oar.train")
@@ -113,7 +113,8 @@ class AnyOrderModule(LightningModule):
         optimizer: injected optimizer factory.
         warmup_steps: linear learning-rate warm-up steps, then cosine decay to `min_lr_ratio`.
         min_lr_ratio: final learning rate as a share of the peak.
-        sampler: settings used by `generate` (callbacks, predict).
+        sampler: settings used by `generate` (callbacks, predict); its choice_temperature "auto" is the one
+            this model samples best with (`auto_choice_temperature`).
         extraction: settings used by `predict` on training tokens.
         edit: settings used by `predict` to edit images (mask, target class, samples per image).
         predict_task: what `predict` does: sample (images for the requested labels, configs/sample.yaml)
@@ -149,7 +150,8 @@ class AnyOrderModule(LightningModule):
         self.train_order, self.label_dropout = train_order, label_dropout
         self.curriculum_steps, self.curriculum_start = curriculum_steps, curriculum_start
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
-        self.sampler, self.extraction, self.edit = replace(sampler), replace(extraction), replace(edit)  # copies
+        self.sampler_settings = replace(sampler)  # as configured ("auto" kept): see `sampler`
+        self.extraction, self.edit = replace(extraction), replace(edit)  # copies
         self.predict_task, self.tokenizer_ckpt = predict_task, tokenizer_ckpt
         self.val_order_seed = val_order_seed
         self.inferred_nll_every_n_epochs, self.inferred_nll_batches = inferred_nll_every_n_epochs, inferred_nll_batches
@@ -274,6 +276,16 @@ class AnyOrderModule(LightningModule):
             check_trained_classes(checkpoint, what, datamodule)
 
     # ---- generation and orders -------------------------------------------------------------------
+    @property
+    def sampler(self) -> SamplerSettings:
+        """The sampler settings in use: choice_temperature "auto" becomes `auto_choice_temperature()`."""
+        return self.sampler_settings.resolved(self.auto_choice_temperature())
+
+    def auto_choice_temperature(self) -> float:
+        """The order-choice noise this model samples best with: a model trained on random orders collapses
+        to easy-first samples under the greedy choice and needs noise (docs/study.md)."""
+        return NOISY_CHOICE_TEMPERATURE
+
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, generator: torch.Generator | None = None,
                  policy: str | None = None, choice_generator: torch.Generator | None = None) -> dict:

@@ -59,6 +59,11 @@ class DistillModule(AnyOrderModule):
             raise ValueError(f"model.init_args.random_order_prob must be in [0, 1], got {random_order_prob}")
         self.init_from, self.random_order_prob = init_from, random_order_prob
 
+    def auto_choice_temperature(self) -> float:
+        """Greedy (0) once fine-tuned on its own orders: its best sampler (docs/study.md, sections 2d and 2e);
+        a fine-tune on random orders only (random_order_prob 1, the control) samples as a stage-1 model."""
+        return super().auto_choice_temperature() if self.random_order_prob >= 1.0 else 0.0
+
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit" and self.init_from is not None:

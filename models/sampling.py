@@ -33,7 +33,7 @@ Modified from: https://github.com/FoundationVision/LlamaGen (autoregressive/mode
 logit processing and CFG) and https://github.com/idiap/sigma-gpt (scoring all cells against a cache).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -53,6 +53,11 @@ from models.policies import (
 )
 from models.positions import CLASS_CELL
 from models.precision import PRECISIONS, cast_for_inference, resolve_dtype
+
+AUTO = "auto"  # choice_temperature: the one the model samples best with (`SamplerSettings.resolved`)
+# The order-choice noise of a model trained on random orders: Gumbel noise of scale 3 on the log-confidence,
+# annealed to 0, the best any-order arm of the ablation (docs/study.md section 2a; greedy collapses).
+NOISY_CHOICE_TEMPERATURE = 3.0
 
 
 class SampleOutput(NamedTuple):
@@ -77,7 +82,10 @@ class SamplerSettings:
         score: confidence of a cell under `confidence` (see `SCORES`): max_prob | neg_entropy | sampled
             (log-probability of the token drawn for the cell, MaskGIT's rule) | margin (top-1 minus
             top-2 log-probability) | least_confident (hardest cell first).
-        choice_temperature: T, the scale of the Gumbel noise added to the scores (0 = greedy choice).
+        choice_temperature: T, the scale of the Gumbel noise added to the scores (0 = greedy choice), or
+            "auto": the T the model samples best with, which only the LightningModule knows (`resolved`):
+            0 for a model fine-tuned on its own orders, `NOISY_CHOICE_TEMPERATURE` for one trained on
+            random orders (docs/study.md).
         choice_schedule: constant | linear (T annealed to 0 over the generated steps).
         random_first: the first this many generated cells are chosen uniformly at random.
         shortlist: `confidence` only: 0 = exact; k > 0 = between full rankings, rescore only the k cells
@@ -94,7 +102,7 @@ class SamplerSettings:
     top_p: float = 1.0
     cfg_scale: float = 1.0
     score: str = "max_prob"
-    choice_temperature: float = 0.0
+    choice_temperature: float | str = 0.0
     choice_schedule: str = "linear"
     random_first: int = 0
     shortlist: int = 0
@@ -107,7 +115,9 @@ class SamplerSettings:
             ("policy", self.policy in POLICIES, f"one of {list(POLICIES)}"),
             ("cfg_scale", self.cfg_scale >= 0, ">= 0 (1 = no guidance)"),
             ("score", self.score in SCORES, f"one of {sorted(SCORES)}"),
-            ("choice_temperature", self.choice_temperature >= 0, ">= 0 (0 = greedy choice)"),
+            ("choice_temperature", self.choice_temperature == AUTO or
+             (not isinstance(self.choice_temperature, str) and self.choice_temperature >= 0),
+             f">= 0 (0 = greedy choice) or {AUTO!r}"),
             ("choice_schedule", self.choice_schedule in SCHEDULES, f"one of {list(SCHEDULES)}"),
             ("random_first", self.random_first >= 0, ">= 0"),
             ("shortlist", self.shortlist >= 0, ">= 0 (0 = exact confidence order)"),
@@ -116,6 +126,11 @@ class SamplerSettings:
         ]
         for key, ok, expected in checks:
             check_setting(key, ok, expected, getattr(self, key))
+
+    def resolved(self, auto_temperature: float) -> "SamplerSettings":
+        """These settings with choice_temperature "auto" replaced by `auto_temperature` (a copy either way)."""
+        return replace(self, choice_temperature=auto_temperature if self.choice_temperature == AUTO
+                       else self.choice_temperature)
 
 
 KNOWN_PLACEMENTS = ("first", "in_order")  # where known cells go in the sequence (see the module docstring)
@@ -147,6 +162,9 @@ def make_policy(
 def confidence_policy(settings: SamplerSettings, choice_generator: torch.Generator | None,
                       generator: torch.Generator | None) -> ConfidencePolicy:
     """The exact confidence policy, or the shortlist one when `settings.shortlist` > 0."""
+    if settings.choice_temperature == AUTO:
+        raise ValueError("choice_temperature 'auto' is resolved by the LightningModule that knows how the model "
+                         "was trained: call settings.resolved(T) first, or pass a number")
     kwargs = dict(score=settings.score, choice_temperature=settings.choice_temperature,
                   choice_schedule=settings.choice_schedule, random_first=settings.random_first,
                   choice_generator=choice_generator, token_sampler=token_sampler(settings), generator=generator)

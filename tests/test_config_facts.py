@@ -75,7 +75,7 @@ def test_tokenizer_path_and_sampler_settings_are_typed_once():
     assert typed == {**{key: [] for key in SAMPLER_KEYS},
                      "policy": ["edit.yaml", "experiment/raster.yaml", "sample.yaml"],
                      "precision": ["edit.yaml", "sample.yaml"],  # sampling and editing run bf16 where it pays
-                     "choice_temperature": ["edit.yaml", "sample.yaml"]}  # the noisy choice the study found best
+                     "choice_temperature": ["edit.yaml", "sample.yaml"]}  # auto: what each checkpoint samples best with
 
 
 def test_the_stage_configs_include_their_small_preset_last():

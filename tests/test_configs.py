@@ -17,6 +17,7 @@ from benchmarks.experiment import stage_config_files
 from datamodules.datamodule import OARDataModule
 from datamodules.orders_file import load_orders, read_manifest
 from datamodules.sources import SunsetSource
+from models.sampling import NOISY_CHOICE_TEMPERATURE
 from tests.conftest import (
     CONFIGS,
     NUM_IMAGES,
@@ -101,6 +102,7 @@ def test_sample_config_writes_samples(stage1_run, tmp_path, monkeypatch):
     assert data["labels"].tolist() == [i % cli.datamodule.num_classes for i in range(5)]
     sampler = json.loads(str(data["sampler"]))
     assert sampler["policy"] == "confidence" and sampler["temperature"] == 1.0
+    assert sampler["choice_temperature"] == NOISY_CHOICE_TEMPERATURE  # `auto` for a stage-1 model: noisy choice
 
 
 def test_extract_orders_config_writes_orders(orders_run):

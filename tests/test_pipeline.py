@@ -1,5 +1,6 @@
 """The pipeline through the CLI: the files between stages, resuming, stale inputs refused, DDP on two CPU processes."""
 
+import json
 import logging
 import subprocess
 from pathlib import Path
@@ -155,6 +156,20 @@ def test_distill_fits_and_resumes_with_optimizer_state(orders_run, tmp_path, mon
     assert not torch.equal(start.first_weight, next(stage1.parameters()))  # the checkpoint, not init_from
     resumed = load_ckpt(DISTILL_CKPT)
     assert resumed["global_step"] == 4 and adam_step(resumed) == adam_step(saved) + 2
+
+
+def test_a_distilled_checkpoint_samples_greedily_under_the_sample_config(orders_run, tmp_path, monkeypatch):
+    """configs/sample.yaml's choice_temperature `auto` is resolved by the checkpoint's own module: a model
+    fine-tuned on its own orders samples with the greedy choice (a stage-1 model: tests/test_configs.py)."""
+    monkeypatch.chdir(copy_run(orders_run, tmp_path))
+    fit("distill")
+    cli = predict("sample", DISTILL_CKPT, "--data.init_args.num_samples", "2")
+    assert type(cli.model).__name__ == "DistillModule" and cli.model.sampler_settings.choice_temperature == "auto"
+    with np.load(tmp_path / "runs" / "sample" / "samples.npz") as data:
+        assert json.loads(str(data["sampler"]))["choice_temperature"] == 0.0
+    cli = predict("sample", DISTILL_CKPT, "--data.init_args.num_samples", "2",
+                  "--model.init_args.sampler.choice_temperature", "1.5")  # a number wins
+    assert cli.model.sampler.choice_temperature == 1.5
 
 
 def test_distill_starts_from_a_stage1_checkpoint_written_before_a_network_argument_existed(orders_run, tmp_path,

@@ -263,10 +263,19 @@ def test_sampled_score_keeps_the_token_it_scored():
 
 @pytest.mark.parametrize("key,value", [("temperature", 0.0), ("temperature", -1.0), ("top_p", 0.0), ("top_k", -1),
                                        ("score", "entropy"), ("policy", "spiral"), ("choice_temperature", -1.0),
+                                       ("choice_temperature", "hot"),
                                        ("choice_schedule", "cosine"), ("random_first", -2)])
 def test_impossible_settings_name_their_key(key, value):
     with pytest.raises(ValueError, match=rf"model\.init_args\.sampler\.{key} must be"):
         SamplerSettings(**{key: value})
+
+
+def test_auto_choice_temperature_is_resolved_before_sampling():
+    auto = SamplerSettings(choice_temperature="auto")  # valid: the LightningModule resolves it
+    with pytest.raises(ValueError, match="resolved"):
+        sample(tiny_net(), COND, auto, generator=gen(0))
+    assert auto.resolved(2.5).choice_temperature == 2.5 and auto.choice_temperature == "auto"  # a copy
+    assert SamplerSettings(choice_temperature=0.5).resolved(2.5).choice_temperature == 0.5  # a number stays
 
 
 def test_mixed_order_share():

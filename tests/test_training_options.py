@@ -1,15 +1,17 @@
-"""Training options of the AR modules: the raster-to-random curriculum."""
+"""Options of the AR modules: the raster-to-random curriculum, the order-choice noise each stage samples with."""
 
 import pytest
 import torch
 
 from lightning_modules.any_order import AnyOrderModule
+from lightning_modules.distill import DistillModule
 from models.orders import is_permutation, raster_order
+from models.sampling import NOISY_CHOICE_TEMPERATURE, SamplerSettings
 from models.transformer import OrderedTransformer
 
 
-def module(**kwargs) -> AnyOrderModule:
-    return AnyOrderModule(OrderedTransformer(16, (4, 4), num_classes=2, width=16, depth=1, heads=2), **kwargs)
+def module(cls=AnyOrderModule, **kwargs) -> AnyOrderModule:
+    return cls(net=OrderedTransformer(16, (4, 4), num_classes=2, width=16, depth=1, heads=2), **kwargs)
 
 
 def test_curriculum_share_rises_from_the_start_share_to_one():
@@ -69,3 +71,14 @@ def test_draw_seed_travels_with_the_checkpoint():
     resumed.on_load_checkpoint(checkpoint)
     resumed.on_fit_start()  # a resume keeps the checkpoint's seed, not the new run's
     assert checkpoint["draw_seed"] == 17 and resumed._draw_seed == 17
+
+
+def test_auto_choice_temperature_follows_how_the_model_was_trained():
+    auto = SamplerSettings(choice_temperature="auto")
+    assert module(sampler=auto).sampler.choice_temperature == NOISY_CHOICE_TEMPERATURE > 0  # random orders: noisy
+    assert module(DistillModule, sampler=auto).sampler.choice_temperature == 0.0  # its own orders: greedy
+    control = module(DistillModule, sampler=auto, random_order_prob=1.0)  # fine-tuned on random orders only
+    assert control.sampler.choice_temperature == NOISY_CHOICE_TEMPERATURE
+    assert module(DistillModule, sampler=auto).sampler_settings.choice_temperature == "auto"  # kept as configured
+    for cls in (AnyOrderModule, DistillModule):  # a number is used as given
+        assert module(cls, sampler=SamplerSettings(choice_temperature=0.5)).sampler.choice_temperature == 0.5
