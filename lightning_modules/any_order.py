@@ -22,7 +22,7 @@ from models.extraction import SCORES, extract_orders, noise_seeds
 from models.orders import mixed_order, order_to_step_map, random_order, raster_order
 from models.policies import SCHEDULES
 from models.precision import PRECISIONS, resolve_dtype
-from models.sampling import NOISY_CHOICE_TEMPERATURE, SamplerSettings, choice_generator, sample
+from models.sampling import AUTO, NOISY_CHOICE_TEMPERATURE, SamplerSettings, choice_generator, sample
 from models.transformer import OrderedTransformer
 
 log = logging.getLogger("oar.train")
@@ -95,8 +95,10 @@ class ExtractionSettings:
                              "integer >= 1 (1 = one order per image view)")
 
 
-# The defaults (shared instances: the module keeps copies). `--print_config` shows every field.
-DEFAULT_SAMPLER, DEFAULT_EXTRACTION, DEFAULT_EDIT = SamplerSettings(), ExtractionSettings(), EditSettings()
+# The defaults (shared instances: the module keeps copies). `--print_config` shows every field. The callbacks'
+# samples (FID, LPIPS, order heatmaps) take the order-choice noise this model samples best with (`sampler`).
+DEFAULT_SAMPLER = SamplerSettings(choice_temperature=AUTO)
+DEFAULT_EXTRACTION, DEFAULT_EDIT = ExtractionSettings(), EditSettings()
 
 
 class AnyOrderModule(LightningModule):

@@ -80,5 +80,7 @@ def test_auto_choice_temperature_follows_how_the_model_was_trained():
     control = module(DistillModule, sampler=auto, random_order_prob=1.0)  # fine-tuned on random orders only
     assert control.sampler.choice_temperature == NOISY_CHOICE_TEMPERATURE
     assert module(DistillModule, sampler=auto).sampler_settings.choice_temperature == "auto"  # kept as configured
+    assert module().sampler.choice_temperature == NOISY_CHOICE_TEMPERATURE  # the default (the callbacks' samples)
+    assert module(DistillModule).sampler.choice_temperature == 0.0
     for cls in (AnyOrderModule, DistillModule):  # a number is used as given
         assert module(cls, sampler=SamplerSettings(choice_temperature=0.5)).sampler.choice_temperature == 0.5
