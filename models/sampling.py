@@ -56,7 +56,7 @@ from models.precision import PRECISIONS, cast_for_inference, resolve_dtype
 
 AUTO = "auto"  # choice_temperature: the one the model samples best with (`SamplerSettings.resolved`)
 # The order-choice noise of a model trained on random orders: Gumbel noise of scale 3 on the log-confidence,
-# annealed to 0, the best any-order arm of the ablation (docs/study.md section 2a; greedy collapses).
+# annealed to 0, the best any-order arm of the ablation (docs/study.md section 2; greedy collapses).
 NOISY_CHOICE_TEMPERATURE = 3.0
 
 
