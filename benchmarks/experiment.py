@@ -22,6 +22,10 @@ Budget keys: `tokenizer_steps`, `steps` (stage 1; a model's own `steps:` wins), 
 the recipe stay the single-process ones; a model's own `processes:` wins; they count against `--jobs`), and for the
 evaluation `samples` (per arm, and per held-out real half), `nll_images`, `sample_batch`, `sample_seed`,
 `sample_precision` (fp32 | bf16 | auto; an arm's own `precision` wins), `feature_epochs`, `feature_images`.
+`auto` (as `sample_precision`, an arm's `precision` or a model's `trainer.precision` override) is resolved when
+the experiment is loaded: bf16 (`bf16-mixed` for training) where this machine's matmuls have native bf16 (AMX,
+AVX512-BF16, bf16 tensor cores), else fp32, where emulated bf16 is many times slower. The resolved value is what
+`experiment.json`, the job keys and the report record.
 
 Every stage is `python run.py ...` in a subprocess (one torch thread, its own log file), in its own
 folder under `runs/experiments/<name>/`; up to `--jobs` independent stages run at once (raster and
@@ -69,6 +73,24 @@ def load_experiment(path: Path, overrides: list[str]) -> dict:
     exp = OmegaConf.to_container(cfg, resolve=True)
     exp.setdefault("name", path.stem)
     exp.setdefault("seeds", [0])
+    return resolve_precisions(exp)
+
+
+def resolve_precisions(exp: dict, device: str = "cpu") -> dict:
+    """`exp` with every `auto` precision made concrete for `device`: bf16 where it pays (`bf16_pays`), else fp32."""
+    from models.precision import bf16_pays
+
+    bf16 = bf16_pays(device)
+    budget = exp.get("budget", {})
+    if budget.get("sample_precision") == "auto":
+        budget["sample_precision"] = "bf16" if bf16 else "fp32"
+    for arm in exp.get("arms", []):
+        if arm.get("sampler", {}).get("precision") == "auto":
+            arm["sampler"]["precision"] = "bf16" if bf16 else "fp32"
+    for spec in exp.get("models", {}).values():
+        overrides = spec.get("overrides", {})
+        if overrides.get("trainer.precision") == "auto":
+            overrides["trainer.precision"] = "bf16-mixed" if bf16 else "32-true"
     return exp
 
 

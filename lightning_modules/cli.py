@@ -16,6 +16,7 @@ stops with one line naming it.
 
 
 import importlib
+import logging
 import sys
 
 from jsonargparse._actions import _ActionPrintConfig
@@ -26,6 +27,7 @@ from datamodules.token_cache import check_image_size
 from lightning_modules.any_order import TOKENIZER_FIX, AnyOrderModule, check_predict_split
 from lightning_modules.distill import read_stage1
 from models.checkpoint import check_finite, read_checkpoint
+from models.precision import emulated_bf16_warning
 
 # Model arguments that describe a run, not the network: a config's values win over the checkpoint's.
 RUN_SETTINGS = ("sampler", "extraction", "edit", "predict_task")
@@ -79,7 +81,11 @@ class OARCLI(LightningCLI):
             raise
 
     def after_instantiate_classes(self) -> None:
-        """A tokenizer network must cut the images into whole tokens; predict runs over its task's split."""
+        """A tokenizer network must cut the images into whole tokens; predict runs over its task's split;
+        bf16 on a device that emulates it is named (it is correct, only slow)."""
+        warning = emulated_bf16_warning(self.trainer.precision, self.trainer.strategy.root_device)
+        if warning:
+            logging.getLogger(__name__).warning(warning)
         net, size = getattr(self.model, "net", None), getattr(self.datamodule, "image_size", None)
         if size is not None and isinstance(getattr(net, "downsample", None), int):
             check_image_size(size, net.downsample, "the tokenizer network (model.init_args.net)")

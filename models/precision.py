@@ -64,3 +64,12 @@ def bf16_pays(device: torch.device | str) -> bool:
         return False
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, hence the getattr
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def emulated_bf16_warning(precision: str | None, device: torch.device | str) -> str | None:
+    """A one-line warning when a Trainer `precision` asks for bf16 on a device that only emulates it (a CPU
+    without AMX or AVX512-BF16: bf16 matmuls there run at a small fraction of fp32's rate), else None."""
+    if precision is None or "bf16" not in str(precision) or bf16_pays(device):
+        return None
+    return (f"trainer.precision {precision} on {torch.device(device).type}, which has no native bf16 matmuls: "
+            "they are emulated, many times slower than fp32 here; pass --trainer.precision 32-true")

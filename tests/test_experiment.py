@@ -59,6 +59,24 @@ def test_train_processes_run_each_fit_as_cpu_ddp_with_the_global_batch_unchanged
         jobs_of(tmp_path, "budget.train_processes=3")
 
 
+@pytest.mark.parametrize("pays", [True, False])
+def test_auto_precision_becomes_bf16_only_where_it_pays_before_the_job_keys(pays, tmp_path, monkeypatch):
+    """`auto` is resolved when the experiment loads: bf16 on AMX-class CPUs, fp32 where bf16 is emulated, and
+    the fit's command line (so its key) carries the concrete precision, the same as writing it out."""
+    monkeypatch.setattr("models.precision.bf16_pays", lambda device: pays)
+    auto = ("models.raster.overrides={trainer.precision: auto}", "budget.sample_precision=auto")
+    exp = experiment.load_experiment(SMOKE, list(auto))
+    train, sample = ("bf16-mixed", "bf16") if pays else ("32-true", "fp32")
+    assert exp["models"]["raster"]["overrides"]["trainer.precision"] == train
+    assert exp["budget"]["sample_precision"] == sample
+    arm = experiment.resolve_precisions({"arms": [{"sampler": {"precision": "auto"}}]})["arms"][0]
+    assert arm["sampler"]["precision"] == sample
+    written = jobs_of(tmp_path, f"models.raster.overrides={{trainer.precision: {train}}}")["raster (seed 0)"]
+    resolved = jobs_of(tmp_path, auto[0])["raster (seed 0)"]
+    assert resolved.key() == written.key() and f"--trainer.precision={train}" in " ".join(
+        f"{a}={b}" for a, b in zip(resolved.argv, resolved.argv[1:], strict=False))
+
+
 def test_the_real_image_rows_run_right_after_the_tokenizer(tmp_path):
     names = list(jobs_of(tmp_path))
     assert names[:2] == ["tokenizer", "rows"] and names[-1].startswith("eval ")

@@ -11,8 +11,9 @@ import torch
 from benchmarks.bench_agreement import greedy_agreement
 from models.extraction import extract_orders, nll_under_order
 from models.orders import is_permutation, random_order
-from models.precision import autocast, bf16_pays, cast_for_inference, resolve_dtype
+from models.precision import autocast, bf16_pays, cast_for_inference, emulated_bf16_warning, resolve_dtype
 from models.sampling import SamplerSettings, sample
+from tests.conftest import QUIET, SMALL_DATA, TOKENIZER_CKPT, copy_run, run_cli, stage_configs, tiny_preset
 from tests.test_transformer import CLASSES, VOCAB, N, tiny_net
 
 BF16 = torch.bfloat16
@@ -93,3 +94,24 @@ def test_precision_settings_choose_the_dtype(monkeypatch):
         assert precision.resolve_dtype("auto") == (BF16 if pays else None)
     with pytest.raises(ValueError, match="sampler.precision"):
         SamplerSettings(precision="fp16")
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_bf16_training_on_a_cpu_that_emulates_it_is_named_in_one_line(pays, tokenizer_run, tmp_path, monkeypatch,
+                                                                       caplog):
+    """`--trainer.precision bf16-mixed` where bf16 is emulated (an AVX2-only CPU: ~50x slower matmuls than fp32)
+    logs one warning that names the fix; fp32, and bf16 where it is native, log nothing."""
+    import run
+    from models import precision
+
+    monkeypatch.setattr(precision, "bf16_pays", lambda device: pays)
+    monkeypatch.chdir(copy_run(tokenizer_run, tmp_path))
+    monkeypatch.setattr(run.OARCLI, "_run_subcommand", lambda self, subcommand: None)
+    for trainer_precision in ("32-true", "bf16-mixed"):
+        caplog.clear()
+        run_cli("fit", *stage_configs("any_order"), *tiny_preset("any_order"), *SMALL_DATA, *QUIET,
+                "--data.init_args.tokenizer_ckpt", TOKENIZER_CKPT, "--trainer.precision", trainer_precision)
+        named = [r.message for r in caplog.records if "no native bf16" in r.message]
+        assert len(named) == (trainer_precision == "bf16-mixed" and not pays)
+        assert all("--trainer.precision 32-true" in m for m in named)
+    assert (emulated_bf16_warning("bf16-true", "cpu") is None) == pays and emulated_bf16_warning("32", "cpu") is None
