@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import bench_ar, bench_extraction
+from benchmarks import bench_ar, bench_extraction, bench_precision
 from benchmarks.timing import median_ratio, time_alternately
 
 
@@ -48,6 +48,19 @@ def test_bench_ar_smoke(tmp_path, capsys):
     assert rows["(i)fp32"]["extra"]["width"] > rows["(c)fp32"]["extra"]["width"]  # (i) is the wider preset
     out = capsys.readouterr().out
     assert "| benchmark |" in out and "| benchmark | goal | fp32 | bf16 |" in out
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_bench_precision_states_the_goal_by_what_auto_picks(pays, tmp_path, capsys, monkeypatch):
+    """bf16 / fp32 rows; the goal follows the device's verdict (bf16 must be faster where auto picks it)."""
+    monkeypatch.setattr(bench_precision, "bf16_pays", lambda device: pays)
+    bench_precision.main(["--smoke", "--threads", "1", "--json", str(tmp_path / "p.json")])
+    payload = json.loads((tmp_path / "p.json").read_text())
+    assert [r["name"][:4] for r in payload["rows"]] == ["(p1)", "(p2)", "(p3)"]
+    for row in payload["rows"]:
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0 and row["goal_op"] == ("<=" if pays else ">=")
+        assert row["passed"] == (row["ratio"] <= 1 if pays else row["ratio"] >= 1)
+    assert f"precision auto picks {'bf16' if pays else 'fp32'} here" in capsys.readouterr().out
 
 
 def test_bench_extraction_smoke(tmp_path, capsys):
