@@ -80,17 +80,14 @@ def resolve_precisions(exp: dict, device: str = "cpu") -> dict:
     """`exp` with every `auto` precision made concrete for `device`: bf16 where it pays (`bf16_pays`), else fp32."""
     from models.precision import bf16_pays
 
-    bf16 = bf16_pays(device)
-    budget = exp.get("budget", {})
-    if budget.get("sample_precision") == "auto":
-        budget["sample_precision"] = "bf16" if bf16 else "fp32"
-    for arm in exp.get("arms", []):
-        if arm.get("sampler", {}).get("precision") == "auto":
-            arm["sampler"]["precision"] = "bf16" if bf16 else "fp32"
-    for spec in exp.get("models", {}).values():
-        overrides = spec.get("overrides", {})
-        if overrides.get("trainer.precision") == "auto":
-            overrides["trainer.precision"] = "bf16-mixed" if bf16 else "32-true"
+    sampling, training = ("bf16", "bf16-mixed") if bf16_pays(device) else ("fp32", "32-true")
+    settings = [(exp.get("budget", {}), "sample_precision", sampling),
+                *((arm.get("sampler", {}), "precision", sampling) for arm in exp.get("arms", [])),
+                *((spec.get("overrides", {}), "trainer.precision", training)
+                  for spec in exp.get("models", {}).values())]
+    for where, key, concrete in settings:
+        if where.get(key) == "auto":
+            where[key] = concrete
     return exp
 
 
