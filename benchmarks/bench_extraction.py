@@ -5,6 +5,8 @@ asked for (fp32 and bf16 by default, side by side; bf16 = autocast):
   (a) extraction, naive (full forward per candidate) / cached, same small batch     goal >= 10
   (b) cached extraction time per image, small batch / large batch (what batching buys)  goal >= 1
   (c) exact greedy / `positions_per_step` k (approximate: k cells per scoring pass)   reported
+  (d) exact greedy, next cell at the input / before the last block (`next_pos_layer` depth - 1: exact for
+      such a network, which runs only its last block per candidate)                   reported
 Below the table: images/s at the large batch and the projected time for the Fashion-MNIST training
 set (60000 images; twice that when flipped views are cached too), on one core and on two (one
 process per core, e.g. DDP on CPU, at the CPU-time rate of this run).
@@ -63,7 +65,7 @@ class Settings:
     @classmethod
     def from_args(cls, args) -> "Settings":
         if args.smoke:
-            s = cls(width=32, depth=1, heads=2, grid=2, vocab=16, naive_batch=2, naive_grid=2, batch=4, repeats=1,
+            s = cls(width=32, depth=2, heads=2, grid=2, vocab=16, naive_batch=2, naive_grid=2, batch=4, repeats=1,
                     preset="smoke")
         else:
             preset, source = ar_preset(args.preset)
@@ -76,9 +78,9 @@ class Settings:
             s.repeats = args.repeats
         return s
 
-    def net(self, device: torch.device, grid: int) -> OrderedTransformer:
+    def net(self, device: torch.device, grid: int, next_pos_layer: int = 0) -> OrderedTransformer:
         return OrderedTransformer(self.vocab, (grid, grid), self.num_classes, self.width, self.depth, self.heads,
-                                  self.mlp_ratio).to(device).eval()
+                                  self.mlp_ratio, next_pos_layer=next_pos_layer).to(device).eval()
 
     def data(self, b: int, grid: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(seed)
@@ -120,12 +122,13 @@ def bench(s: Settings, device, dtype: str, strict: bool) -> tuple[list[Row], dic
     batched = _extractor(extract_orders, net, *big, ctx, **cast)
     k = s.positions_per_step
     several = _extractor(extract_orders, net, *big, ctx, positions_per_step=k, **cast)
-    batched(), small(), several()  # warm-up at the new shapes
-    fns = [naive, cached] + ([] if same_grid else [small]) + [several, batched]
+    late = _extractor(extract_orders, s.net(device, s.grid, next_pos_layer=s.depth - 1), *big, ctx, **cast)
+    batched(), small(), several(), late()  # warm-up at the new shapes
+    fns = [naive, cached] + ([] if same_grid else [small]) + [late, several, batched]
     raw: list[list[float]] = []
     cpu: list[list[float]] = []
     times = time_alternately(fns, s.repeats, s.warmup, device, samples=raw, cpu_samples=cpu)
-    t_naive, t_cached, t_small, t_several, t_batched = times[0], times[1], times[-3], times[-2], times[-1]
+    t_naive, t_cached, t_small, t_late, t_several, t_batched = times[0], times[1], *times[-4:]
     n_naive = s.naive_grid**2
     rows = [
         Row(f"(a) extraction, {n_naive} tokens", f"naive, full forward per candidate (b={s.naive_batch})",
@@ -133,18 +136,23 @@ def bench(s: Settings, device, dtype: str, strict: bool) -> tuple[list[Row], dic
             t_naive, t_cached, {"identical_orders": same, "tokens": n_naive,
                                 **({} if n_naive == 64 else {"note": "goal stated for 64 tokens"})}, raw[0], raw[1]),
         Row(f"(b) cached extraction per image, {s.grid**2} tokens", f"batch {s.naive_batch}", f"batch {s.batch}",
-            median_ratio(raw[-3], raw[-1]) * s.batch / s.naive_batch, "A time/image / B time/image", ">=", 1.0,
-            t_small, t_batched, {}, raw[-3], raw[-1]),
+            median_ratio(raw[-4], raw[-1]) * s.batch / s.naive_batch, "A time/image / B time/image", ">=", 1.0,
+            t_small, t_batched, {}, raw[-4], raw[-1]),
         Row(f"(c) extraction, exact / {k} cells per step", f"exact greedy (b={s.batch})",
             f"positions_per_step {k} (b={s.batch})", median_ratio(raw[-1], raw[-2]), "A time / B time", ">=", 1.0,
             t_batched, t_several, {"positions_per_step": k}, raw[-1], raw[-2]),
+        Row(f"(d) extraction, next cell at the input / before block {s.depth - 1} of {s.depth}",
+            f"next_pos_layer 0 (b={s.batch})", f"next_pos_layer {s.depth - 1} (b={s.batch})",
+            median_ratio(raw[-1], raw[-3]), "A time / B time", ">=", 1.0, t_batched, t_late,
+            {"next_pos_layer": s.depth - 1}, raw[-1], raw[-3]),
     ]
     rate, cpu_rate = s.batch / t_batched, s.batch / max(statistics.median(cpu[-1]), 1e-9)
     projection = {"images_per_s": rate, "fashion_mnist_train_s": FASHION_MNIST_TRAIN / rate,
                   "fashion_mnist_train_with_flips_s": 2 * FASHION_MNIST_TRAIN / rate,
                   "images_per_cpu_s": cpu_rate, "fashion_mnist_train_cpu_s": FASHION_MNIST_TRAIN / cpu_rate,
                   "fashion_mnist_train_two_cores_s": FASHION_MNIST_TRAIN / (2 * cpu_rate),
-                  "cpu_share": rate / cpu_rate / torch.get_num_threads()}  # CPU time / (wall time x threads)
+                  "cpu_share": rate / cpu_rate / torch.get_num_threads(),  # CPU time / (wall time x threads)
+                  "next_pos_layer_late_two_cores_s": FASHION_MNIST_TRAIN * statistics.median(cpu[-3]) / (2 * s.batch)}
     return rows, projection
 
 
@@ -155,7 +163,8 @@ def _notes(s: Settings, device, dtype: str, p: dict) -> list[str]:
         f"({p['images_per_cpu_s']:.2f} per CPU second); Fashion-MNIST train set ({FASHION_MNIST_TRAIN} images): "
         f"{_duration(p['fashion_mnist_train_s'])} in this run "
         f"(with flips {_duration(p['fashion_mnist_train_with_flips_s'])}); "
-        f"on two idle cores (one process each) {_duration(p['fashion_mnist_train_two_cores_s'])}",
+        f"on two idle cores (one process each) {_duration(p['fashion_mnist_train_two_cores_s'])}; "
+        f"a network with next_pos_layer {s.depth - 1} (row d): {_duration(p['next_pos_layer_late_two_cores_s'])}",
         f"{dtype}: the run got {p['cpu_share']:.0%} of {threads} thread(s) of CPU time "
         "(below 100%: other jobs took the rest and the wall-time rate is pessimistic)",
     ]

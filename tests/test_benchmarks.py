@@ -65,11 +65,13 @@ def test_bench_precision_states_the_goal_by_what_auto_picks(pays, tmp_path, caps
 
 def test_bench_extraction_smoke(tmp_path, capsys):
     bench_extraction.main(["--smoke", "--threads", "1", "--json", str(tmp_path / "ex.json")])
-    payload = _check(tmp_path / "ex.json", ["(a)", "(b)", "(c)"])
+    payload = _check(tmp_path / "ex.json", ["(a)", "(b)", "(c)", "(d)"])
     assert payload["rows"][1]["extra"]["identical_orders"]  # (a) [fp32]
+    assert {r["extra"].get("next_pos_layer") for r in payload["rows"] if r["name"].startswith("(d)")} == {1}
     for dtype in ("fp32", "bf16"):
-        assert payload["projection"][dtype]["fashion_mnist_train_with_flips_s"] > 0
-        assert payload["projection"][dtype]["fashion_mnist_train_two_cores_s"] > 0
+        for key in ("fashion_mnist_train_with_flips_s", "fashion_mnist_train_two_cores_s",
+                    "next_pos_layer_late_two_cores_s"):
+            assert payload["projection"][dtype][key] > 0
     assert "Fashion-MNIST" in capsys.readouterr().out
 
 
