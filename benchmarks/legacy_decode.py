@@ -60,9 +60,10 @@ def legacy_sample(
     for t in range(n):
         fixed = isinstance(policy, FixedOrderPolicy)
         cells = policy.candidates(t, written) if fixed else unwritten_cells(written, n - t)
-        x, nxt = net._embed(cond, prev_token[:, None], prev_cell[:, None], cells)
+        x = net._content(cond, prev_token[:, None], prev_cell[:, None])  # the net's next cell enters at its input
+        slots = net.next_pos.candidates(x, prev_cell[:, None], cells, net.own_pos, 0).candidates
         memory = _LegacyCandidates(k, v, t, cells.shape[1])
-        logits = net._head(net._run(x, nxt, net.own_pos.rotation(prev_cell[:, None]), memory))
+        logits = net._head(net._run(slots, memory))
         choice = policy.choose(logits) if fixed else SCORES["max_prob"](logits).argmax(dim=-1)
         index = choice.view(1, b, 1, 1, 1).expand(net.depth, b, net.heads, 1, net.head_dim)
         k[:, :, :, t : t + 1], v[:, :, :, t : t + 1] = memory.new_k.gather(3, index), memory.new_v.gather(3, index)

@@ -2,8 +2,8 @@
 """Positional encodings of the ordered transformer, one small class per variant.
 
 Every input position carries two positions (sigma-GPT's double positional encoding):
-- its *own* cell, the cell of the token it holds (`own_pos`: "learned" or "rope");
-- the *next* cell, the cell whose token its output predicts (`next_pos`: "absolute" or "relative").
+- its *own* cell, the cell of the token it holds (`own_pos`: "learned" or "rope", here);
+- the *next* cell, the cell whose token its output predicts (`next_pos`, in `models.next_cell`).
 
 The class token in front holds no cell; it is written with cell index -1 everywhere.
 
@@ -40,15 +40,18 @@ class Identity:
 
 
 class Rotation:
-    """Rotates queries or keys (b, heads, k, hd) by per-position angles (cos, sin: (b, 1, k, hd/2))."""
+    """Rotates queries or keys (b, heads, k, hd) by per-position angles (cos, sin: (b, 1, k, hd/2)).
+
+    LlamaGen's layout: element pairs (2p, 2p + 1) rotate together, (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin).
+    """
 
     def __init__(self, cos: Tensor, sin: Tensor):
         self.cos, self.sin = cos, sin
 
     def __call__(self, x: Tensor) -> Tensor:
-        x1, x2 = x.chunk(2, dim=-1)  # dim i pairs with dim i + hd/2 ("rotate half" convention)
+        x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (b, heads, k, hd/2) each
         cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
 
 
 class LearnedOwnPos(nn.Module):
@@ -71,11 +74,12 @@ class LearnedOwnPos(nn.Module):
 
 
 class RotaryOwnPos(nn.Module):
-    """own_pos="rope": 2-D rotary embedding of the token's own cell, applied to queries and keys.
+    """own_pos="rope": 2-D rotary embedding of the token's own cell, applied to queries and keys (LlamaGen's).
 
-    Half of the head dim rotates with the row, half with the column. Cells sit at (row + 1, col + 1)
-    and the class token at (0, 0), i.e. the identity rotation; so the class token has a position of
-    its own, one step before the grid's top-left corner in both axes, and no cell shares it.
+    Of the hd/2 element pairs of a head, pair p < hd/4 turns by row * theta_p and pair p >= hd/4 by
+    col * theta_(p - hd/4), theta_j = 10000^(-4j/hd); cells sit at (row, col) from 0. The class token's
+    rotation is all zeros (LlamaGen's and RandAR's): its query and key are zero in every layer, so every
+    position gives it the attention score 0, a learned attention sink that carries the class.
     """
 
     def __init__(self, grid_size: tuple[int, int], width: int, head_dim: int):
@@ -83,56 +87,22 @@ class RotaryOwnPos(nn.Module):
         if head_dim % 4:
             raise ValueError(f"2-D rope needs a head dim divisible by 4, got {head_dim}")
         h, w = grid_size
-        inv_freq = ROPE_BASE ** (-torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 4))
+        half = head_dim // 2  # LlamaGen's float32 recipe, so converted models reproduce its tables
+        theta = 1.0 / (ROPE_BASE ** (torch.arange(0, half, 2)[: half // 2].float() / half))  # (hd/4,)
         cells = torch.arange(h * w)
-        rows = torch.cat([torch.zeros(1), cells // w + 1.0]).double()  # index 0 = class token
-        cols = torch.cat([torch.zeros(1), cells % w + 1.0]).double()
-        angles = torch.cat([rows[:, None] * inv_freq, cols[:, None] * inv_freq], dim=-1)  # (n+1, hd/2)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        angles = torch.cat([torch.outer((cells // w).float(), theta), torch.outer((cells % w).float(), theta)], 1)
+        cos = torch.cat([torch.zeros(1, half), angles.cos()])  # row 0: the class token
+        sin = torch.cat([torch.zeros(1, half), angles.sin()])
+        self.register_buffer("cos", cos, persistent=False)  # (n + 1, hd/2)
+        self.register_buffer("sin", sin, persistent=False)
 
     def add_to(self, x: Tensor, cells: Tensor) -> Tensor:
         return x
 
     def rotation(self, cells: Tensor) -> Rotation:
-        """The rotation of positions whose own cells are `cells` (b,k), shared by all layers."""
+        """The rotation of positions whose cells are `cells` (b,k) (-1: the class token), shared by all layers."""
         index = cells + 1  # class token (-1) -> row 0 of the tables
         return Rotation(self.cos[index].unsqueeze(1), self.sin[index].unsqueeze(1))
 
 
-class AbsoluteNextPos(nn.Module):
-    """next_pos="absolute": a learned row + column embedding of the target cell."""
-
-    def __init__(self, grid_size: tuple[int, int], width: int):
-        super().__init__()
-        self.grid = GridEmbedding(grid_size, width)
-
-    def forward(self, own_cells: Tensor, next_cells: Tensor) -> Tensor:
-        """Embed the targets next_cells (b,k) -> (b,k,d); own_cells is not needed."""
-        return self.grid(next_cells)
-
-
-class RelativeNextPos(nn.Module):
-    """next_pos="relative" (the paper's v1): a learned embedding of the 2-D offset (dy, dx) from the
-    token's own cell to the target cell; the class token, which has no cell, looks its target up in a
-    separate start table with one row per cell.
-    """
-
-    def __init__(self, grid_size: tuple[int, int], width: int):
-        super().__init__()
-        self.h, self.w = grid_size
-        self.offset = nn.Embedding((2 * self.h - 1) * (2 * self.w - 1), width)
-        self.start = nn.Embedding(self.h * self.w, width)
-
-    def forward(self, own_cells: Tensor, next_cells: Tensor) -> Tensor:
-        """Embed the move own_cells (b,k) -> next_cells (b,k) as (b,k,d)."""
-        own = own_cells.clamp(min=0)
-        dy = next_cells // self.w - own // self.w + self.h - 1
-        dx = next_cells % self.w - own % self.w + self.w - 1
-        moved = self.offset(dy * (2 * self.w - 1) + dx)
-        started = self.start(next_cells)
-        return torch.where((own_cells == CLASS_CELL).unsqueeze(-1), started, moved)
-
-
 OWN_POS = {"learned": LearnedOwnPos, "rope": RotaryOwnPos}
-NEXT_POS = {"absolute": AbsoluteNextPos, "relative": RelativeNextPos}

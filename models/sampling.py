@@ -245,7 +245,7 @@ def decode(
     if known:
         _prefill(net, cache, guidance, state, known.tokens, policy.prefix())
     rows = guidance.rows
-    for t in range(cache.length, n):
+    for t in range(cache.steps, n):
         cells = policy.candidates(t, state.written)
         logits, kv = net.score_candidates(cache, rows(state.prev_token), rows(state.prev_cell), rows(cells))
         logits = guidance.combine(logits)  # (b, m, v)

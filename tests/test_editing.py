@@ -65,9 +65,10 @@ CASES = [
 
 @pytest.mark.parametrize("counts", COUNTS)
 @pytest.mark.parametrize("policy,placement,kwargs", CASES)
-def test_uneven_known_cells_equal_the_naive_recompute(policy, placement, kwargs, counts):
+@pytest.mark.parametrize("next_pos,block", [("absolute", "gpt"), ("target_rope", "llama"), ("instruction", "llama")])
+def test_uneven_known_cells_equal_the_naive_recompute(policy, placement, kwargs, counts, next_pos, block):
     """The KV-cached loop (prefill + per-row known steps) gives the tokens, order and logits of a full recompute."""
-    net, (tokens, known) = tiny_net("absolute", "rope", seed=1), uneven_known(counts)
+    net, (tokens, known) = tiny_net(next_pos, "rope", seed=1, block=block), uneven_known(counts)
     settings = SamplerSettings(policy, **kwargs)
     args = dict(known_tokens=tokens, known_mask=known, known_placement=placement)
     fast = sample(net, COND, settings, generator=gen(7), choice_generator=gen(8), return_logits=True, **args)

@@ -27,9 +27,12 @@ def images(b: int = 3, seed: int = 0) -> torch.Tensor:
     (2.0, "row_seeds", {"gumbel_schedule": "linear"}), (0.0, "row_seeds", {"random_first": 4}),
     (1.0, "generator", {"gumbel_schedule": "linear", "random_first": 2}),
 ])
-@pytest.mark.parametrize("next_pos_layer", [0, 1])
-def test_extraction_equals_naive(score, positions_per_step, gumbel_temperature, noise, options, next_pos_layer):
-    net, tokens = tiny_net("relative", "rope", seed=2, next_pos_layer=next_pos_layer), images()
+@pytest.mark.parametrize("next_pos,next_pos_layer,block", [("relative", 0, "gpt"), ("relative", 1, "gpt"),
+                                                           ("target_rope", 0, "llama"), ("instruction", 0, "llama")])
+def test_extraction_equals_naive(score, positions_per_step, gumbel_temperature, noise, options, next_pos,
+                                 next_pos_layer, block):
+    net = tiny_net(next_pos, "rope", seed=2, next_pos_layer=next_pos_layer, block=block)
+    tokens = images()
     kwargs = dict(score=score, positions_per_step=positions_per_step, gumbel_temperature=gumbel_temperature,
                   **options)
     seeds = noise_seeds(3, torch.arange(3), torch.tensor([0, 1, 0]))

@@ -79,9 +79,9 @@ def test_logit_filters():
 
 # ------------------------------------------------------------------ cached logits equal full forward
 @pytest.mark.parametrize("policy", ["raster", "random", "confidence"])
-@pytest.mark.parametrize("next_pos,own_pos", VARIANTS)
-def test_cached_logits_equal_forward(policy, next_pos, own_pos):
-    net = tiny_net(next_pos, own_pos)
+@pytest.mark.parametrize("next_pos,own_pos,block", VARIANTS)
+def test_cached_logits_equal_forward(policy, next_pos, own_pos, block):
+    net = tiny_net(next_pos, own_pos, block=block)
     out = sample(net, COND, policy, generator=gen(), return_logits=True)
     assert is_permutation(out.order)
     # forward on the returned order and tokens reproduces every step's logits: the tokens sit at the
@@ -123,10 +123,12 @@ def test_cached_logits_equal_forward_with_cfg(policy):
         dict(score="least_confident", choice_temperature=0.5),
     ],
 )
-@pytest.mark.parametrize("next_pos,own_pos,next_pos_layer",
-                         [("relative", "learned", 0), ("absolute", "rope", 0), ("absolute", "learned", 1)])
-def test_confidence_sample_equals_naive(kwargs, next_pos, own_pos, next_pos_layer):
-    net = tiny_net(next_pos, own_pos, seed=1, next_pos_layer=next_pos_layer)
+@pytest.mark.parametrize("next_pos,own_pos,next_pos_layer,block",
+                         [("relative", "learned", 0, "gpt"), ("absolute", "rope", 0, "gpt"),
+                          ("absolute", "learned", 1, "gpt"), ("target_rope", "rope", 0, "llama"),
+                          ("instruction", "rope", 0, "llama")])
+def test_confidence_sample_equals_naive(kwargs, next_pos, own_pos, next_pos_layer, block):
+    net = tiny_net(next_pos, own_pos, seed=1, next_pos_layer=next_pos_layer, block=block)
     settings = SamplerSettings(**kwargs)
     fast = sample(net, COND, settings, generator=gen(7), choice_generator=gen(8), return_logits=True)
     slow = naive_confidence_sample(net, COND, settings, generator=gen(7), choice_generator=gen(8))

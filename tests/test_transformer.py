@@ -6,23 +6,32 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from models.checkpoint import build_net, net_spec
+from models.next_cell import RelativeNextPos
 from models.orders import random_order, raster_order
-from models.positions import RelativeNextPos, RotaryOwnPos
+from models.positions import RotaryOwnPos
 from models.transformer import OrderedTransformer
 
 VOCAB, GRID, N, CLASSES = 16, (4, 4), 16, 3
-VARIANTS = list(itertools.product(["relative", "absolute"], ["learned", "rope"]))
+# (next_pos, own_pos, block): every way of telling the next cell, each block, each own position
+VARIANTS = [
+    *itertools.product(["relative", "absolute"], ["learned", "rope"], ["gpt"]), ("absolute", "learned", "llama"),
+    ("target_rope", "rope", "gpt"), ("target_rope", "rope", "llama"),
+    ("instruction", "rope", "gpt"), ("instruction", "rope", "llama"),
+]
+# ... with next_pos_layer: 1 (the next cell before the second block) only where the next cell is an added embedding
+LAYERED = [(*v, layer) for v in VARIANTS for layer in (0, 1) if layer == 0 or v[0] in ("relative", "absolute")]
 
 
 def tiny_net(next_pos: str = "relative", own_pos: str = "learned", seed: int = 0, spread: float = 0.3,
-             next_pos_layer: int = 0):
+             next_pos_layer: int = 0, block: str = "gpt"):
     """A tiny eval-mode net (2 blocks); weights are spread wider than at init so predictions differ clearly.
     next_pos_layer 1: the next cell enters before the second block only."""
     torch.manual_seed(seed)
     net = OrderedTransformer(VOCAB, GRID, CLASSES, 64, 2, 4, next_pos=next_pos, own_pos=own_pos,
-                             next_pos_layer=next_pos_layer)
+                             next_pos_layer=next_pos_layer, block=block)
     if spread:
         with torch.no_grad():
             for p in net.parameters():
@@ -37,9 +46,9 @@ def batch(b: int = 3, seed: int = 0):
     return tokens, random_order(b, N, generator=g), cond
 
 
-@pytest.mark.parametrize("next_pos,own_pos", VARIANTS)
-def test_forward_shapes_finite_backward(next_pos, own_pos):
-    net = tiny_net(next_pos, own_pos, spread=0.0).train()
+@pytest.mark.parametrize("next_pos,own_pos,block", VARIANTS)
+def test_forward_shapes_finite_backward(next_pos, own_pos, block):
+    net = tiny_net(next_pos, own_pos, spread=0.0, block=block).train()
     tokens, order, cond = batch()
     logits = net(tokens, order, cond)
     assert logits.shape == (3, N, VOCAB) and torch.isfinite(logits).all()
@@ -57,10 +66,9 @@ def test_initial_loss_is_log_vocab():
     assert abs(loss.item() - math.log(512)) < 0.1 * math.log(512)
 
 
-@pytest.mark.parametrize("next_pos,own_pos", VARIANTS)
-@pytest.mark.parametrize("next_pos_layer", [0, 1])
-def test_causality(next_pos, own_pos, next_pos_layer):
-    net = tiny_net(next_pos, own_pos, next_pos_layer=next_pos_layer)
+@pytest.mark.parametrize("next_pos,own_pos,block,next_pos_layer", LAYERED)
+def test_causality(next_pos, own_pos, block, next_pos_layer):
+    net = tiny_net(next_pos, own_pos, next_pos_layer=next_pos_layer, block=block)
     tokens, order, cond = batch()
     logits = net(tokens, order, cond)
     j = 6  # change the tokens written at steps >= j and the cells visited after step j
@@ -91,22 +99,22 @@ def extend_all(net, cache, tokens, order, chunks):
     return torch.cat(out, dim=1)
 
 
-@pytest.mark.parametrize("next_pos,own_pos", VARIANTS)
-@pytest.mark.parametrize("next_pos_layer", [0, 1])
-def test_extend_in_chunks_equals_forward(next_pos, own_pos, next_pos_layer):
-    net = tiny_net(next_pos, own_pos, next_pos_layer=next_pos_layer)
+@pytest.mark.parametrize("next_pos,own_pos,block,next_pos_layer", LAYERED)
+def test_extend_in_chunks_equals_forward(next_pos, own_pos, block, next_pos_layer):
+    net = tiny_net(next_pos, own_pos, next_pos_layer=next_pos_layer, block=block)
     tokens, order, cond = batch()
     cache = net.new_cache(cond)
     logits = extend_all(net, cache, tokens, order, [1, 4, 1, 10])
-    assert cache.length == N
+    assert cache.steps == N and cache.length == N * net.slots_per_step
     torch.testing.assert_close(logits, net(tokens, order, cond), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("next_pos,own_pos", VARIANTS)
+@pytest.mark.parametrize("next_pos,own_pos,block,next_pos_layer", LAYERED)
 @pytest.mark.parametrize("length", [0, 1, 7])
-@pytest.mark.parametrize("next_pos_layer", [0, 1])
-def test_score_candidates_equals_forward(next_pos, own_pos, length, next_pos_layer):
-    net = tiny_net(next_pos, own_pos, next_pos_layer=next_pos_layer)
+def test_score_candidates_equals_forward(next_pos, own_pos, block, length, next_pos_layer):
+    """Each candidate's logits are its own teacher-forced forward (an instruction token sees the prefix and itself
+    only), and appending one of them then extending equals the forward of the order that results."""
+    net = tiny_net(next_pos, own_pos, next_pos_layer=next_pos_layer, block=block)
     tokens, order, cond = batch()
     b = tokens.shape[0]
     cache = net.new_cache(cond)
@@ -116,7 +124,7 @@ def test_score_candidates_equals_forward(next_pos, own_pos, length, next_pos_lay
     prev_cell = order[:, length - 1] if length else torch.full((b,), -1)
     prev_token = tokens.gather(1, prev_cell.clamp(min=0)[:, None]).squeeze(1)
     logits, kv = net.score_candidates(cache, prev_token, prev_cell, candidates)
-    assert cache.length == length
+    assert cache.steps == length
     for j in range(candidates.shape[1]):
         trial = torch.cat([order[:, :length], candidates[:, j : j + 1]], dim=1)
         torch.testing.assert_close(logits[:, j], net(tokens, trial, cond)[:, -1], atol=1e-5, rtol=0)
@@ -189,7 +197,7 @@ def test_unknown_variant_raises():
         OrderedTransformer(VOCAB, GRID, own_pos="sinusoidal")
 
 
-def test_rope_depends_on_offsets_and_class_token_is_identity():
+def test_rope_depends_on_offsets_and_class_token_is_zero():
     rope = RotaryOwnPos((4, 5), 64, head_dim=16)
     q, k = torch.randn(2, 1, 1, 1, 16).unbind(0)  # (b, heads, k, hd)
     def dot(a, b):  # cells a, b -> <rot_a q, rot_b k>
@@ -197,13 +205,13 @@ def test_rope_depends_on_offsets_and_class_token_is_identity():
         return (ra(q) * rb(k)).sum()
     torch.testing.assert_close(dot(0, 6), dot(7, 13))  # both: one row down, one column right
     assert not torch.allclose(dot(0, 6), dot(0, 7))
-    torch.testing.assert_close(rope.rotation(torch.tensor([[-1]]))(q), q)
+    assert (rope.rotation(torch.tensor([[-1]]))(q) == 0).all()  # the class token: LlamaGen's zero rotation
 
 
 def test_relative_next_pos_shares_offsets():
-    rel = RelativeNextPos((4, 4), 8)
+    rel = RelativeNextPos((4, 4), 8, heads=2, dropout=0.0)
     own, nxt = torch.tensor([[0, 5, -1, -1]]), torch.tensor([[6, 11, 6, 11]])
-    e = rel(own, nxt)
+    e = rel.embed(own, nxt)
     torch.testing.assert_close(e[0, 0], e[0, 1])  # (+1, +2) from both cells
     torch.testing.assert_close(e[0, 2], rel.start.weight[6])
 
@@ -248,3 +256,72 @@ def test_overfit_any_order(next_pos, steps):
     after 300 steps), hence more steps.
     """
     assert overfit(lambda b, n, g: random_order(b, n, generator=g), next_pos, steps=steps) < 0.05
+
+
+def _shifted(order: Tensor) -> Tensor:
+    """The same cells one column to the right (every cell of `order` must lie in columns 0..w-2)."""
+    return order + 1
+
+
+def _left_cells(b: int, seed: int) -> Tensor:
+    """(b, 12) random orders of the 12 cells in columns 0..2 of the 4x4 grid (so a shift right stays inside)."""
+    g = torch.Generator().manual_seed(seed)
+    cells = torch.tensor([r * GRID[1] + c for r in range(GRID[0]) for c in range(GRID[1] - 1)])
+    return torch.stack([cells[torch.randperm(len(cells), generator=g)] for _ in range(b)])
+
+
+@pytest.mark.parametrize("block", ["gpt", "llama"])
+def test_target_rope_scores_depend_only_on_the_target_context_offset(block):
+    """With target_rope, the score of a query predicting cell T for a key at cell C depends on T - C (2-D) only:
+    translating every cell of an order leaves every first-block attention score, and so every logit, unchanged."""
+    net = tiny_net("target_rope", "rope", block=block)
+    tokens, _, cond = batch()
+    order = _left_cells(3, seed=1)
+    scores = []
+    for cells in (order, _shifted(order)):
+        moved = tokens.clone()
+        moved.scatter_(1, cells, tokens.gather(1, order))  # the same token sequence, written one column right
+        prev = torch.cat([torch.full_like(cells[:, :1], -1), cells[:, :-1]], dim=1)
+        slots = net._steps(cond, moved.gather(1, prev.clamp(min=0)), prev, cells)
+        q, k, _ = net.blocks[0].attn.qkv(net.blocks[0].norm1(slots.x)).view(3, 12, 3, 4, -1).permute(2, 0, 3, 1, 4)
+        scores.append((slots.rotate_q(q) @ slots.rotate_k(k).transpose(-1, -2), net(moved, cells, cond)))
+    torch.testing.assert_close(scores[0][0], scores[1][0], atol=1e-4, rtol=0)  # (b, heads, 12, 12)
+    torch.testing.assert_close(scores[0][1], scores[1][1], atol=1e-5, rtol=0)
+    # the query is turned by the target: another target cell (not a translation of all cells) changes the scores
+    other = torch.cat([order[:, :-1], order[:, :1] + GRID[1]], dim=1).clamp(max=N - 1)
+    assert not torch.allclose(net(tokens, other, cond)[:, -1], net(tokens, order, cond)[:, -1], atol=1e-3)
+
+
+@pytest.mark.parametrize("next_pos,own_pos", [("absolute", "rope"), ("instruction", "rope"), ("relative", "learned")])
+def test_absolute_cell_information_breaks_translation_invariance(next_pos, own_pos):
+    """The check above can fail: variants that see an absolute cell (an embedding, RandAR's pre-rotated
+    instruction token) give other logits for a translated order."""
+    net = tiny_net(next_pos, own_pos)
+    tokens, _, cond = batch()
+    order = _left_cells(3, seed=1)
+    moved = tokens.clone()
+    moved.scatter_(1, _shifted(order), tokens.gather(1, order))
+    assert not torch.allclose(net(tokens, order, cond), net(moved, _shifted(order), cond), atol=1e-3)
+
+
+def test_instruction_sequence_is_class_then_instruction_and_token_pairs():
+    """RandAR's layout: [class, q(o0), x(o0), q(o1), ...]; logits at the instruction tokens, 2 slots a step."""
+    net = tiny_net("instruction", "rope", block="llama")
+    tokens, order, cond = batch()
+    slots = net._steps(cond, tokens.gather(1, order.roll(1, 1)), torch.cat([torch.full_like(order[:, :1], -1),
+                                                                           order[:, :-1]], 1), order)
+    assert slots.x.shape == (3, 2 * N, 64) and net.slots_per_step == 2
+    instruction = net.next_pos.tokens(order, net.own_pos)  # the learned vector, turned by each target cell
+    torch.testing.assert_close(slots.x[:, 1::2], instruction)
+    torch.testing.assert_close(slots.x[:, 2::2], net.tok_emb(tokens.gather(1, order[:, :-1])))
+    torch.testing.assert_close(slots.x[:, 0], net.cls_emb(cond))
+
+
+def test_new_variants_need_rope_and_no_late_entry():
+    with pytest.raises(ValueError, match="own_pos to rope"):
+        OrderedTransformer(VOCAB, GRID, next_pos="target_rope", own_pos="learned")
+    with pytest.raises(ValueError, match="0 unless next_pos is absolute or relative"):
+        OrderedTransformer(VOCAB, GRID, width=32, depth=2, heads=2, next_pos="instruction", own_pos="rope",
+                           next_pos_layer=1)
+    with pytest.raises(ValueError, match="model.init_args.net.init_args.block"):
+        OrderedTransformer(VOCAB, GRID, block="mamba")
