@@ -40,9 +40,12 @@ def nll_under_orders(net, tokens: Tensor, cond: Tensor, generator: torch.Generat
         score: the extraction score of the inferred order ("true_prob" or "max_prob").
 
     Returns:
-        {"raster": (b,), "random": (b,)[, "inferred": (b,), "own": (b,)]}.
+        {"raster": (b,), "random": (b,)[, "inferred": (b,), "own": (b,)]}; raster only for a network not told the
+        next cell (next_pos none: a raster model has no other likelihood).
     """
     b, n = tokens.shape
+    if not net.knows_next_cell:
+        return {"raster": nll_under_order(net, tokens, raster_order(b, n, device=tokens.device), cond)}
     device = generator.device if generator is not None else tokens.device
     orders = {"raster": raster_order(b, n, device=tokens.device),
               "random": random_order(b, n, generator=generator, device=device).to(tokens.device)}

@@ -184,7 +184,11 @@ class AnyOrderModule(LightningModule):
 
     def on_fit_start(self) -> None:
         """Fix the seed of the training draws: the run's seed on a fresh fit, the checkpoint's on a resume
-        (`on_load_checkpoint` runs first)."""
+        (`on_load_checkpoint` runs first). A network not told the next cell trains on raster orders only."""
+        if self.train_order != "raster" and not self.net.knows_next_cell:
+            raise ValueError("model.init_args.net.init_args.next_pos is none (the network is not told the next cell): "
+                             "train it on raster orders (model.init_args.train_order: raster, configs/experiment/"
+                             "raster.yaml) or choose absolute, relative, target_rope or instruction")
         if self._draw_seed is None:
             self._draw_seed = torch.initial_seed()
 

@@ -165,6 +165,7 @@ def extract_orders(
         order (b, n).
     """
     _check(score, positions_per_step)
+    net.check_order_policy("confidence")
     noise = OrderNoise(gumbel_temperature, gumbel_schedule, random_first)
     net = cast_for_inference(net, dtype)
     b, n = tokens.shape

@@ -65,7 +65,7 @@ class CandidateSlots:
 class AddedNextCell(nn.Module):
     """A learned next-cell embedding added to the input, or before block `layer` (the subclass embeds)."""
 
-    slots_per_step, needs_rope, late_entry = 1, False, True
+    slots_per_step, needs_rope, late_entry, tells_next_cell = 1, False, True, True
 
     def __init__(self, grid_size: tuple[int, int], width: int, heads: int, dropout: float):
         super().__init__()
@@ -131,7 +131,7 @@ class RelativeNextPos(AddedNextCell):
 class NoNextCell(AddedNextCell):
     """next_pos="none" (LlamaGen's raster GPT): the network is not told the next cell; raster order only."""
 
-    late_entry = False
+    late_entry, tells_next_cell = False, False
 
     def steps(self, x: Tensor, prev_cells: Tensor, next_cells: Tensor, own_pos, layer: int) -> Slots:
         rotate = own_pos.rotation(prev_cells)

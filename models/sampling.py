@@ -207,6 +207,7 @@ def sample(
         SampleOutput(tokens (b, n), order (b, n) (known cells first), logits (b, n, v) or None).
     """
     settings = as_settings(settings)
+    net.check_order_policy(settings.policy)
     net = cast_for_inference(net, dtype or resolve_dtype(settings.precision, cond.device))
     policy = make_policy(settings, order=order, generator=generator, choice_generator=choice_generator,
                          known_placement=known_placement)

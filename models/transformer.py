@@ -134,6 +134,18 @@ class OrderedTransformer(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     @property
+    def knows_next_cell(self) -> bool:
+        """False for next_pos "none": the network predicts the raster successor of its input, in raster order only."""
+        return self.next_pos.tells_next_cell
+
+    def check_order_policy(self, policy: str) -> None:
+        """Refuse any order but raster for a network that is not told the next cell (one line naming the fix)."""
+        if not self.knows_next_cell and policy != "raster":
+            raise ValueError(f"this network has next_pos: none (a raster model, e.g. a converted LlamaGen GPT): it can "
+                             f"only write in raster order, not {policy}; set the sampler's policy to raster "
+                             "(model.init_args.sampler.policy)")
+
+    @property
     def slots_per_step(self) -> int:
         """Sequence positions (cache slots) one step takes: 2 with instruction tokens, else 1."""
         return self.next_pos.slots_per_step

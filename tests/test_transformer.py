@@ -325,3 +325,26 @@ def test_new_variants_need_rope_and_no_late_entry():
                            next_pos_layer=1)
     with pytest.raises(ValueError, match="model.init_args.net.init_args.block"):
         OrderedTransformer(VOCAB, GRID, block="mamba")
+
+
+def test_a_net_without_next_cell_writes_raster_order_only():
+    """next_pos none (LlamaGen's raster GPT): raster sampling works and equals its forward; any other order,
+    extraction and any-order training are refused with one line naming the fix."""
+    from evaluation.nll import nll_under_orders
+    from lightning_modules.any_order import AnyOrderModule
+    from models.extraction import extract_orders
+    from models.sampling import sample
+
+    net = tiny_net("none", "rope", block="llama")
+    tokens, _, cond = batch()
+    out = sample(net, cond, "raster", generator=torch.Generator().manual_seed(0), return_logits=True)
+    torch.testing.assert_close(out.logits, net(out.tokens, out.order, cond), atol=1e-5, rtol=0)
+    for policy in ("random", "confidence"):
+        with pytest.raises(ValueError, match="set the sampler's policy to raster"):
+            sample(net, cond, policy)
+    with pytest.raises(ValueError, match="only write in raster order"):
+        extract_orders(net, tokens, cond)
+    with pytest.raises(ValueError, match="train it on raster orders"):
+        AnyOrderModule(net, train_order="random").on_fit_start()
+    AnyOrderModule(net, train_order="raster").on_fit_start()
+    assert set(nll_under_orders(net, tokens, cond)) == {"raster"}  # a raster model has no other likelihood
