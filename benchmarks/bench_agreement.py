@@ -27,13 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from models.checkpoint import load_net  # noqa: E402
-from models.extraction import SCORES as EXTRACTION_SCORES  # noqa: E402
-from models.extraction import extract_orders, nll_under_order  # noqa: E402
+from models.extraction import ExtractionSettings, extract_orders, nll_under_order  # noqa: E402
+from models.logits import SCORES, candidate_scores  # noqa: E402
 from models.orders import drop_cells, order_to_step_map, random_order  # noqa: E402
 from models.positions import CLASS_CELL  # noqa: E402
 from models.precision import cast_for_inference  # noqa: E402
 from models.sampling import (  # noqa: E402
-    SCORES,
     NoGuidance,
     OrderPolicy,
     SamplerSettings,
@@ -61,7 +60,7 @@ def greedy_agreement(net, tokens, cond, order, dtype, score: str = "true_prob") 
         scores = []
         for x, cache in zip(nets, caches, strict=True):
             logits, kv = x.score_candidates(cache, prev_token, prev_cell, cells)
-            scores.append(EXTRACTION_SCORES[score](logits, tokens.gather(1, cells)))
+            scores.append(candidate_scores(score, logits, tokens.gather(1, cells)))
             given = (cells == order[:, t : t + 1]).long().argmax(dim=1)  # the reference's cell, as an index
             x.append_candidate(cache, kv, given)
         pick = scores[1].argmax(dim=1)
@@ -123,7 +122,7 @@ def agreement(net, tokens, cond, shortlist: int = 8, refresh: int = 8, k: int = 
                         for d in (None, torch.bfloat16))
     greedy = extract_orders(net, tokens, cond)
     greedy16 = extract_orders(net, tokens, cond, dtype=torch.bfloat16)
-    several = extract_orders(net, tokens, cond, positions_per_step=k)
+    several = extract_orders(net, tokens, cond, ExtractionSettings(positions_per_step=k))
     same_step, regret = greedy_agreement(net, tokens, cond, greedy, torch.bfloat16)
     with torch.no_grad():
         nll_greedy, nll_several = (float(nll_under_order(net, tokens, o, cond).mean()) for o in (greedy, several))

@@ -39,7 +39,7 @@ from benchmarks.report import (  # noqa: E402
     side_by_side,
 )
 from benchmarks.timing import median_ratio, time_alternately  # noqa: E402
-from models.extraction import extract_orders, naive_extract_orders  # noqa: E402
+from models.extraction import ExtractionSettings, extract_orders, naive_extract_orders  # noqa: E402
 from models.transformer import OrderedTransformer  # noqa: E402
 
 FASHION_MNIST_TRAIN = 60000
@@ -121,7 +121,7 @@ def bench(s: Settings, device, dtype: str, strict: bool) -> tuple[list[Row], dic
     big = s.data(s.batch, s.grid, device, seed=1)
     batched = _extractor(extract_orders, net, *big, ctx, **cast)
     k = s.positions_per_step
-    several = _extractor(extract_orders, net, *big, ctx, positions_per_step=k, **cast)
+    several = _extractor(extract_orders, net, *big, ctx, settings=ExtractionSettings(positions_per_step=k), **cast)
     late = _extractor(extract_orders, s.net(device, s.grid, next_pos_layer=s.depth - 1), *big, ctx, **cast)
     batched(), small(), several(), late()  # warm-up at the new shapes
     fns = {"naive": naive, "cached": cached, "small": small, "late": late, "several": several, "batched": batched}

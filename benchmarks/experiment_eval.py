@@ -21,7 +21,6 @@ import json
 import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -42,7 +41,7 @@ from evaluation.real import held_out_halves, images_of, reconstruct, val_tokens 
 from evaluation.sampling import sample_set  # noqa: E402
 from evaluation.scene import content_steps  # noqa: E402
 from fileio import save_json, save_torch  # noqa: E402
-from lightning_modules.any_order import AnyOrderModule  # noqa: E402
+from lightning_modules.predict import SampleModule  # noqa: E402
 from models.checkpoint import load_net  # noqa: E402
 from models.sampling import AUTO, SamplerSettings  # noqa: E402
 
@@ -72,12 +71,9 @@ def datamodule(exp: dict, out: Path, tokenizer_ckpt: Path):
     return build_datamodule(files, overrides)
 
 
-def load_arm(ckpt: str | Path, tokenizer_ckpt: str | Path, settings: SamplerSettings) -> AnyOrderModule:
-    """An AR LightningModule around a trained network, ready to `generate` with `settings`."""
-    with warnings.catch_warnings():  # save_hyperparameters outside the CLI: "net is already saved"
-        warnings.filterwarnings("ignore", message="Attribute 'net' is an instance")
-        module = AnyOrderModule(load_net(ckpt), sampler=settings, tokenizer_ckpt=str(tokenizer_ckpt))
-    return module.eval()
+def load_arm(ckpt: str | Path, tokenizer_ckpt: str | Path, settings: SamplerSettings) -> SampleModule:
+    """The sampling job around a trained checkpoint, ready to `generate` with `settings`."""
+    return SampleModule(checkpoint=str(ckpt), sampler=settings, tokenizer_ckpt=str(tokenizer_ckpt)).eval()
 
 
 def context(exp: dict, out: Path, tokenizer_ckpt: Path, device: str) -> dict:

@@ -15,8 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datamodules.token_cache import file_sha256
-from fileio import save_json
+from fileio import file_sha256, save_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "run.py"

@@ -20,7 +20,6 @@ from torchvision.utils import make_grid
 
 from callbacks.heatmaps import MIN_TILE_PX, colorbar_image, step_map_to_rgb
 from callbacks.tensorboard import run_folder, tensorboard_writer
-from callbacks.writers import check_predict_task
 from fileio import atomic_write, save_npz
 
 MASK_GREY = 128  # the regenerated cells of the "masked input" column
@@ -60,7 +59,7 @@ def edit_grid(inputs: torch.Tensor, regenerate: torch.Tensor, outputs: torch.Ten
 
 
 class EditWriter(BasePredictionWriter):
-    """Writes what `predict` edited (`predict_task: edit`): `edits.npz` and `edits_batch<k>.png`.
+    """Writes what `predict` edited (`lightning_modules.edit.EditModule`): `edits.npz` and `edits_batch<k>.png`.
 
     `edits.npz`: inputs uint8 (N,H,W,3); masks (N,h,w) bool (True = regenerated); outputs uint8 (N,S,H,W,3);
     tokens (N,S,h,w); step_maps (N,S,h,w) (rank at which each regenerated cell was written, -1 kept);
@@ -78,10 +77,6 @@ class EditWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.out_dir = out_dir
         self.kept: list[dict] = []
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        check_predict_task(pl_module, stage, "edit", "callbacks.edit_writer.EditWriter", "edits", "configs/edit.yaml")
 
     def _folder(self, trainer) -> Path:
         return run_folder(trainer, self.out_dir)
@@ -109,7 +104,7 @@ class EditWriter(BasePredictionWriter):
         cat = {k: torch.cat([b[k] for b in self.kept]) for k in self.KEYS}
         settings = {"sampler": asdict(pl_module.sampler), "edit": asdict(pl_module.edit),
                     "known_cells": pl_module.edit.placement(pl_module.sampler.policy),
-                    "checkpoint": str(trainer.ckpt_path)}
+                    "checkpoint": str(pl_module.checkpoint)}
         nhwc = lambda x: x.movedim(-3, -1).numpy()  # noqa: E731  (..., 3, H, W) -> (..., H, W, 3)
         save_npz(self._folder(trainer) / f"edits{self._suffix(trainer)}.npz", {
             "inputs": nhwc(cat["inputs"]), "masks": cat["regenerate"].numpy(), "outputs": nhwc(cat["outputs"]),

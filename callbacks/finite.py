@@ -5,6 +5,7 @@ and writes nan weights into `last.ckpt` and the best checkpoint, which the next 
 """
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -43,23 +44,23 @@ class StopOnNonFinite(Callback):
         if bad.any():
             what = "the loss" if bad[0] else "the weights after the optimizer step"
             self._error = (f"training diverged at step {trainer.global_step}: {what} became nan/inf; "
-                           f"{_fix(pl_module)}. No checkpoint of this step was written{_last_saved(trainer)}")
+                           f"{_fix(trainer, pl_module)}. No checkpoint of this step was written")
             raise NonFiniteError(self._error)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         if not all_finite(checkpoint["state_dict"].values()):  # e.g. a ModelCheckpoint(save_on_exception=True)
             raise NonFiniteError(self._error or f"refusing to save a checkpoint at step {trainer.global_step}: the "
-                                 f"weights are nan/inf (training diverged); {_fix(pl_module)}")
+                                 f"weights are nan/inf (training diverged); {_fix(trainer, pl_module)}")
 
 
-def _fix(pl_module: LightningModule) -> str:
+def _fix(trainer: Trainer, pl_module: LightningModule) -> str:
+    """Lower the lr (a resume takes the new one: `lightning_modules.learning_rate`) and clip gradients where the run
+    does not; resume from the run's last checkpoint when it has one."""
     # Lightning clips gradients under automatic optimization only (the GAN tokenizer steps by hand).
-    clip = " or set trainer.gradient_clip_val (e.g. 1.0)" if pl_module.automatic_optimization else ""
-    return f"lower {LR}{clip}, then rerun"
-
-
-def _last_saved(trainer: Trainer) -> str:
-    """`; the last one is <path>` when a `last.ckpt` of this run exists."""
-    paths = [getattr(cb, "last_model_path", "") for cb in trainer.checkpoint_callbacks]
-    path = next((p for p in paths if p), "")
-    return f"; the last one is {path}" if path else ""
+    clips = pl_module.automatic_optimization and not trainer.gradient_clip_val
+    clip = " or set trainer.gradient_clip_val (e.g. 1.0)" if clips else ""
+    paths = [getattr(cb, "last_model_path", "") or (Path(cb.dirpath) / "last.ckpt" if cb.dirpath else "")
+             for cb in trainer.checkpoint_callbacks]
+    last = next((str(p) for p in paths if p and Path(p).is_file()), "")
+    then = f"then resume with the same command and --ckpt_path {last}" if last else "then rerun"
+    return f"lower {LR}{clip}, {then}"

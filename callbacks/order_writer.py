@@ -1,7 +1,7 @@
 """Order extraction's writer: one shard per batch and process, then `orders.pt` and order statistics.
 
 Runs under `python run.py predict --config configs/extract_orders.yaml --ckpt_path <stage-1 checkpoint>`,
-whose `model.init_args.predict_task: extract` makes `predict_step` return
+whose job module (`lightning_modules.extract.ExtractModule`) returns from `predict_step`
 `{"order": (b*K,n), "index": (b*K,), "flip": (b*K,), "k": (b*K,)}` for every batch of b views (K =
 `extraction.orders_per_image` rows per view, view-major; "k" may be left out when K = 1); each batch
 becomes a shard of the orders folder at once (nothing is kept in memory), so an interrupted run resumes:
@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +29,6 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from callbacks.heatmaps import order_map_images
 from callbacks.tensorboard import tensorboard_writer
-from callbacks.writers import check_predict_task
 from datamodules.orders_file import (
     EXTRACT_CMD,
     consolidate,
@@ -39,8 +37,8 @@ from datamodules.orders_file import (
     write_shard,
     write_statistics,
 )
-from datamodules.token_cache import file_sha256
 from evaluation.order_stats import agreement_within_images, as_step_maps, order_statistics
+from fileio import file_sha256
 
 log = logging.getLogger("oar.extract")
 
@@ -49,7 +47,7 @@ def _settings(pl_module: LightningModule) -> dict:
     settings = getattr(pl_module, "extraction", None)
     if settings is None:
         return {}
-    return asdict(settings) if is_dataclass(settings) else dict(settings)
+    return settings.record() if hasattr(settings, "record") else dict(settings)
 
 
 class OrderWriter(BasePredictionWriter):
@@ -78,8 +76,6 @@ class OrderWriter(BasePredictionWriter):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        check_predict_task(pl_module, stage, "extract", "callbacks.order_writer.OrderWriter", "extracted orders",
-                           "configs/extract_orders.yaml")
         if stage == "predict":
             # A fresh name per process and run keeps shards of resumed runs and other ranks apart.
             self._path, self._count, self._run = None, 0, os.urandom(4).hex()
@@ -87,17 +83,16 @@ class OrderWriter(BasePredictionWriter):
     def _open(self, trainer: Trainer, pl_module: LightningModule) -> Path:
         """Create or check the orders folder (once per run and process).
 
-        Not in `setup`: Lightning 2.6 sets `trainer.ckpt_path` only when it restores the checkpoint,
-        after the setup hooks, and the manifest records the checkpoint's hash.
+        The manifest records the hash of the job's checkpoint (`pl_module.checkpoint`).
         """
         if self._path is None:
-            if not trainer.ckpt_path:
+            if not getattr(pl_module, "checkpoint", None):
                 raise ValueError(f"order extraction needs the stage-1 model: run `{EXTRACT_CMD}`")
             dm = trainer.datamodule
             settings = _settings(pl_module)
             manifest = orders_manifest(
                 dm.token_manifest(),
-                file_sha256(trainer.ckpt_path),
+                file_sha256(pl_module.checkpoint),
                 settings,
                 dm.predict_split,
                 len(dm.source),

@@ -1,6 +1,6 @@
 """Prediction writers: sampled images with their orders (`samples.npz` + a PNG grid).
 
-A writer relies on the module's `predict_task` (the stage config's choice), not on what the predictions hold.
+Each predict job module names its writer (`lightning_modules.predict.PredictModule.writer`) and checks it is there.
 """
 
 import json
@@ -14,14 +14,6 @@ from torchvision.io import write_png
 from callbacks.heatmaps import samples_with_heatmaps_grid
 from callbacks.tensorboard import run_folder
 from fileio import save_npz
-
-
-def check_predict_task(pl_module, stage: str, task: str, writer: str, writes: str, config: str) -> None:
-    """Stop with one line when `writer` (which writes `writes`) runs under a module with another predict task."""
-    actual = getattr(pl_module, "predict_task", None)
-    if stage == "predict" and actual != task:
-        raise ValueError(f"{writer} writes {writes}, but model.init_args.predict_task is {actual}: set it to "
-                         f"{task}, or use {config}")
 
 
 class SampleWriter(BasePredictionWriter):
@@ -39,11 +31,6 @@ class SampleWriter(BasePredictionWriter):
     def __init__(self, out_dir: str | None = None, grid_rows: int = 8):
         super().__init__(write_interval="epoch")
         self.out_dir, self.grid_rows = out_dir, grid_rows
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        check_predict_task(pl_module, stage, "sample", "callbacks.writers.SampleWriter", "samples",
-                           "configs/sample.yaml")
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         if not predictions:

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from fileio import save_json, save_torch
 from models.checkpoint import UnreadableFileError, read_checkpoint
+from models.extraction import DEPRECATED
 
 log = logging.getLogger("oar.extract")
 
@@ -111,6 +112,8 @@ def open_for_writing(path: str | Path, manifest: dict) -> Path:
         save_json(manifest, path / MANIFEST, indent=1, sort_keys=True)
         return path
     existing = read_manifest(path)
+    if isinstance(existing.get("settings"), dict):  # a manifest of an earlier release names the noise gumbel_*
+        existing["settings"] = {DEPRECATED.get(k, k): v for k, v in existing["settings"].items()}
     differ = sorted(
         k
         for k in set(existing) | set(manifest)

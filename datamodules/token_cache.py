@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from fileio import save_torch
-from models.checkpoint import UnreadableFileError, build_net, load_net, read_checkpoint
+from fileio import file_sha256, save_torch
+from models.checkpoint import UnreadableFileError, build_net, check_net_spec, load_net, read_checkpoint
 
 log = logging.getLogger("oar.data")
 
@@ -25,15 +25,6 @@ TOKENIZER_WHAT = "tokenizer checkpoint (data.init_args.tokenizer_ckpt)"
 TOKENIZER_FIX = ("make it with `python run.py fit --config configs/tokenizer.yaml` or point "
                  "data.init_args.tokenizer_ckpt at another tokenizer checkpoint")
 IMAGE_SIZE_KEY = "data.init_args.source.init_args.image_size"
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Content hash of a file (checkpoints change whenever they are re-saved)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cache_manifest(fingerprint: str, tokenizer_hash: str, flip: bool, grid: tuple[int, int],
@@ -103,7 +94,7 @@ def tokenizer_facts(tokenizer_ckpt: str | Path, image_size: int) -> tuple[int, t
         raise ValueError(f"{TOKENIZER_WHAT} {tokenizer_ckpt} has no 'net_spec': it was not written by this "
                          f"project's LightningModules: {TOKENIZER_FIX}")
     with torch.device("meta"):
-        net = build_net(ckpt["net_spec"])
+        net = build_net(check_net_spec(ckpt["net_spec"], tokenizer_ckpt, TOKENIZER_WHAT))
     if not all(hasattr(net, fact) for fact in ("vocab_size", "downsample", "grid_size", "encode")):
         raise ValueError(f"{TOKENIZER_WHAT} {tokenizer_ckpt} holds a network of class {type(net).__name__}, "
                          f"not a tokenizer: {TOKENIZER_FIX}")

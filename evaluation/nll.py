@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from evaluation.sampling import eval_mode
-from models.extraction import extract_orders, nll_under_order
+from models.extraction import ExtractionSettings, extract_orders, nll_under_order
 from models.orders import random_order, raster_order
 
 
@@ -50,8 +50,9 @@ def nll_under_orders(net, tokens: Tensor, cond: Tensor, generator: torch.Generat
     orders = {"raster": raster_order(b, n, device=tokens.device),
               "random": random_order(b, n, generator=generator, device=device).to(tokens.device)}
     if inferred:
-        orders["inferred"] = extract_orders(net, tokens, cond, score=score)
-        orders["own"] = orders["inferred"] if score == "max_prob" else extract_orders(net, tokens, cond, "max_prob")
+        orders["inferred"] = extract_orders(net, tokens, cond, ExtractionSettings(score=score))
+        orders["own"] = orders["inferred"] if score == "max_prob" else \
+            extract_orders(net, tokens, cond, ExtractionSettings(score="max_prob"))
     return {name: nll_under_order(net, tokens, order, cond) for name, order in orders.items()}
 
 

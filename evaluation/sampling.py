@@ -1,7 +1,9 @@
 # Shapes: b batch, n tokens, h/w token grid, H/W image size, M samples.
 """Batched, seeded sampling for evaluation: the one loop every metric and figure draws its samples with.
 
-It relies on the AR module's sampling interface (duck-typed, no Lightning needed):
+`sample_images` is the one way a network and its tokenizer turn labels into images (the training module's
+callbacks and the sampling job both call it). The loops rely on the AR module's sampling interface (duck-typed,
+no Lightning needed):
 `module.generate(labels (b,), generator=None, policy=None, choice_generator=None) -> {"images": uint8
 (b,3,H,W), "step_map": long (b,h,w), "order": long (b,n), "labels": (b,)}`, `module.device` and
 `module.num_classes`. Chunk j of the labels is sampled with generators seeded `seed + j`, so a chunk's
@@ -14,7 +16,24 @@ from contextlib import contextmanager
 
 import torch
 
-from models.sampling import choice_generator
+from models.orders import order_to_step_map
+from models.sampling import SamplerSettings, choice_generator, sample
+
+
+@torch.no_grad()
+def sample_images(net, tokenizer, labels: torch.Tensor, settings: SamplerSettings,
+                  generator: torch.Generator | None = None, choice_generator: torch.Generator | None = None) -> dict:
+    """Sample token grids for `labels` (b,) with `settings` (choice_temperature resolved) and decode them.
+
+    Returns:
+        dict with images uint8 (b,3,H,W), tokens (b,h,w), order (b,n), step_map (b,h,w), labels (b,).
+    """
+    out = sample(net, labels, settings, generator=generator, choice_generator=choice_generator)
+    h, w = net.grid_size
+    tokens = out.tokens.view(-1, h, w)
+    images = tokenizer.decode_indices(tokens).clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return {"images": images, "tokens": tokens, "order": out.order, "step_map": order_to_step_map(out.order, h, w),
+            "labels": labels}
 
 
 def cycle_labels(num: int, num_classes: int) -> torch.Tensor:

@@ -1,8 +1,7 @@
 """Scene rates of synthetic sunsets: the share of images whose cloud tint is the one their sun causes.
 
-The analyser that reads one image belongs to the source that renders them
-(`datamodules.sources.synthetic.analyse_sunset`: it knows the palette and the causal rule); the share
-of a set of images that passes it is a metric and lives here, with the other metrics.
+The analyser that reads one image (`evaluation.sunsets.analyse_sunset`) knows the palette and the causal rule the
+synthetic source renders with; the share of a set of images that passes it is a metric, here.
 """
 
 import math
@@ -10,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from datamodules.sources.synthetic import analyse_sunset, sunset_pixels
+from evaluation.sunsets import analyse_sunset, sunset_pixels
 
 
 def scene_rates(images: torch.Tensor, num_hues: int = 8) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""Atomic file writes, the one way every layer writes a file: a temp file in the same folder, then a rename.
+"""Atomic file writes, the one way every layer writes a file: a temp file in the same folder, then a rename; and the
+content hash (`file_sha256`) that keys caches and records which checkpoint a file was made from.
 
 A reader (another process, a resumed run, a stage that consumes the file) sees either the old file or
 the whole new one, never half of one: `os.replace` within one folder is atomic on POSIX and Windows.
@@ -9,6 +10,7 @@ Pure Python + torch/numpy/json conveniences; it imports nothing of this project,
 `datamodules/`, `callbacks/`, `evaluation/` and `benchmarks/` may all use it.
 """
 
+import hashlib
 import json
 import os
 import tempfile
@@ -79,3 +81,12 @@ def save_text(text: str, path: str | Path) -> Path:
 
 
 __all__ = ["atomic_write", "save_json", "save_npz", "save_text", "save_torch"]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Content hash of a file (checkpoints change whenever they are re-saved)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -13,6 +13,18 @@ def tokenizer_record(datamodule) -> dict | None:
     return {"path": str(datamodule.tokenizer_ckpt), "sha256": datamodule.token_manifest()["tokenizer_sha256"]}
 
 
+def tokenizer_of(checkpoint: dict, what: str) -> dict | None:
+    """An AR checkpoint's tokenizer record {"path", "sha256"} (None when it has none), refused when malformed."""
+    record = checkpoint.get("tokenizer")
+    if record is None:
+        return None
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("path", "sha256")):
+        raise ValueError(f"{what} has a malformed tokenizer record (it must be {{path, sha256}}): set "
+                         "data.init_args.tokenizer_ckpt to the tokenizer the model was trained on, or pass a "
+                         "checkpoint written by `python run.py fit`")
+    return record
+
+
 def check_trained_tokenizer(checkpoint: dict, ckpt_path: str, datamodule) -> None:
     """Refuse an AR checkpoint trained on the tokens of another tokenizer than `data.init_args.tokenizer_ckpt`.
 
@@ -27,7 +39,7 @@ def check_trained_tokenizer(checkpoint: dict, ckpt_path: str, datamodule) -> Non
     now = tokenizer_record(datamodule)
     if now is None:
         return
-    was = checkpoint.get("tokenizer")
+    was = tokenizer_of(checkpoint, ckpt_path)
     fix = "set data.init_args.tokenizer_ckpt to the tokenizer the model was trained with"
     if was is None:
         log.warning("%s records no tokenizer (written before tokenizer records): cannot check that it was "

@@ -9,22 +9,21 @@ weights); resuming with `--ckpt_path` restores everything from the checkpoint in
 """
 
 import logging
+from pathlib import Path
 
 import torch
 
+from datamodules.orders_file import MANIFEST, read_manifest
+from fileio import file_sha256
 from lightning_modules.any_order import AnyOrderModule
 from lightning_modules.checkpoint_checks import check_trained_tokenizer
-from models.checkpoint import check_finite, full_init_args, net_spec, net_weights, read_checkpoint
+from models.checkpoint import load_weights_into, net_spec, read_checkpoint
 from models.orders import random_order
 
 log = logging.getLogger("oar.train")
 
 STAGE1_HINT = "train it with `python run.py fit --config configs/any_order.yaml`"
 INIT_WHAT = "stage-1 checkpoint (model.init_args.init_from)"
-
-
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
 
 
 def read_stage1(path: str, net_class: str, mmap: bool = False) -> dict:
@@ -49,15 +48,19 @@ class DistillModule(AnyOrderModule):
     Args:
         init_from: stage-1 checkpoint: the CLI builds `net` from the spec it records, `setup` loads its weights.
         random_order_prob: probability that a training sequence uses a random order instead.
+        other_orders: train on orders that another model than `init_from` extracted (the orders manifest records
+            the extracting checkpoint's sha256); refused unless set, since re-fitting stage 1 without extracting
+            again would otherwise go unnoticed.
         **kwargs: `AnyOrderModule`'s arguments by name (`net` included; `train_order` orders the sequences
             of images without a stored order).
     """
 
-    def __init__(self, init_from: str | None = None, random_order_prob: float = 0.2, **kwargs):
+    def __init__(self, init_from: str | None = None, random_order_prob: float = 0.2, other_orders: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= random_order_prob <= 1.0:
             raise ValueError(f"model.init_args.random_order_prob must be in [0, 1], got {random_order_prob}")
-        self.init_from, self.random_order_prob = init_from, random_order_prob
+        self.init_from, self.random_order_prob, self.other_orders = init_from, random_order_prob, other_orders
 
     def auto_choice_temperature(self) -> float:
         """Greedy (0) once fine-tuned on its own orders: its best sampler (docs/study.md, sections 2d and 2e);
@@ -69,22 +72,29 @@ class DistillModule(AnyOrderModule):
         if stage == "fit" and self.init_from is not None:
             # When resuming (--ckpt_path), Lightning restores the checkpoint after this and replaces these weights.
             self._load_init_from()
+            self._check_orders_source()
             log.info("loaded the stage-1 weights of %s (when resuming, the checkpoint replaces them)", self.init_from)
+
+    def _check_orders_source(self) -> None:
+        """Refuse orders extracted by another model than `init_from` (unless `other_orders`), naming both files."""
+        orders = getattr(getattr(self.trainer, "datamodule", None), "orders_path", None)
+        if orders is None or self.other_orders or not Path(orders, MANIFEST).is_file():
+            return
+        made_by = read_manifest(orders).get("model_sha256")
+        if made_by and made_by != file_sha256(self.init_from):
+            raise ValueError(f"the orders in {orders} (data.init_args.orders_path) were extracted by another model "
+                             f"(sha256 {made_by[:12]}) than {self.init_from} (model.init_args.init_from): "
+                             f"extract them again with `python run.py predict --config configs/extract_orders.yaml "
+                             f"--ckpt_path {self.init_from}` into a new folder, or set model.init_args.other_orders: "
+                             "true to train on them deliberately")
 
     def _load_init_from(self) -> None:
         """The stage-1 weights, refused when unsafe, damaged, non-finite, or made for other tokens or sizes."""
         ckpt = read_stage1(self.init_from, net_spec(self.net)["class_path"])
         check_trained_tokenizer(ckpt, f"{self.init_from} (model.init_args.init_from)",
                                 getattr(self.trainer, "datamodule", None))
-        state = net_weights(ckpt)
-        check_finite(state, self.init_from, INIT_WHAT)
-        theirs, ours = full_init_args(ckpt["net_spec"]), full_init_args(net_spec(self.net))
-        differ = sorted(k for k in set(theirs) | set(ours) if _plain(theirs.get(k)) != _plain(ours.get(k)))
-        if differ:
-            raise ValueError(f"{INIT_WHAT} {self.init_from} has another network ({', '.join(differ)} "
-                             "differ from model.init_args.net): build the network from the checkpoint's "
-                             "net_spec (the CLI does, whatever size preset is given)")
-        self.net.load_state_dict(state)
+        load_weights_into(self.net, ckpt, self.init_from, INIT_WHAT, "build the network from the checkpoint's "
+                          "net_spec (the CLI does, whatever size preset is given)")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)

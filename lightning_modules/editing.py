@@ -1,5 +1,5 @@
 # Shapes: b batch, S samples per image, h/w token grid, n = h*w, H/W image size.
-"""The edit task of the AR module (`predict_task: edit`, configs/edit.yaml): zero-shot inpainting,
+"""The editing job's settings and work (`lightning_modules.edit.EditModule`, configs/edit.yaml): zero-shot inpainting,
 outpainting and class editing of real images.
 
 An image is tokenized with the model's tokenizer, a mask names the cells to regenerate, and the sampler
@@ -9,7 +9,7 @@ Where the known cells go in the sequence (`known_cells`): `first` gives every ge
 generated cell sees only the known cells before it (how a raster model edits: the baseline); `auto` is
 `in_order` under the raster policy and `first` otherwise.
 
-No Lightning here: `AnyOrderModule` calls these, and so does `benchmarks/editing_eval.py`.
+No Lightning here: `lightning_modules.edit.EditModule` calls these, and so does `benchmarks/editing_eval.py`.
 """
 
 from dataclasses import dataclass

@@ -16,6 +16,7 @@ from torchmetrics import Metric
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from evaluation.lpips import build_lpips as load_lpips
+from lightning_modules import learning_rate
 from models.checkpoint import net_spec
 from models.discriminator import PatchDiscriminator, g_loss, hinge_d_loss
 from models.tokenizer import VQAutoencoder, VQOutput
@@ -174,10 +175,14 @@ class TokenizerModule(LightningModule):
         return self._step(batch, "test")[0]
 
     def configure_optimizers(self):
-        opt_g = self.optimizer(self.net.parameters())
-        if self.discriminator is None:
-            return opt_g
-        return [opt_g, self.optimizer(self.discriminator.parameters())]
+        optimizers = [self.optimizer(self.net.parameters())]
+        if self.discriminator is not None:
+            optimizers.append(self.optimizer(self.discriminator.parameters()))
+        learning_rate.remember(self, optimizers)
+        return optimizers[0] if len(optimizers) == 1 else optimizers
+
+    def on_train_start(self) -> None:
+        learning_rate.restore_configured(self)  # a resumed fit keeps the configured learning rate
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["net_spec"] = net_spec(self.net)

@@ -43,7 +43,53 @@ def net_spec(net: nn.Module) -> dict:
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(net.init_args)}
 
 
+# The network classes a file may name: a spec read from a checkpoint, cache or manifest is checked against these
+# before anything is imported (a file never chooses code to run). Add a network of the project here.
+NETWORK_CLASSES = frozenset({
+    "models.transformer.OrderedTransformer",
+    "models.tokenizer.VQAutoencoder",
+    "evaluation.feature_net.SmallConvNetFeatures",
+})
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _plain_value(value) -> bool:
+    """Plain data that names no class: numbers, strings, None, and lists/tuples/mappings of them (without a
+    `class_path` key)."""
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(map(_plain_value, value))
+    if isinstance(value, dict):
+        return "class_path" not in value and all(isinstance(k, str) and _plain_value(v) for k, v in value.items())
+    return False
+
+
+def check_net_spec(spec, path: str | Path = "", what: str = "checkpoint") -> dict:
+    """A network spec read from a file (`{"class_path", "init_args"}`), refused unless it names one of the project's
+    networks (`NETWORK_CLASSES`) with plain constructor arguments; nothing is imported. Returns the spec.
+
+    Raises:
+        UnreadableFileError: one line naming the file, the key and what is wrong.
+    """
+    where = f"{what} {path}".strip()
+    if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str) or \
+            not isinstance(spec.get("init_args"), dict):
+        raise UnreadableFileError(f"{where} has a malformed net_spec (it must be {{class_path, init_args}}): it was "
+                                  "not written by this project; pass a checkpoint made by `python run.py fit`")
+    if spec["class_path"] not in NETWORK_CLASSES:
+        raise UnreadableFileError(f"{where} names the class {spec['class_path']!r} in net_spec.class_path, which is "
+                                  f"not one of this project's networks ({', '.join(sorted(NETWORK_CLASSES))}): it is "
+                                  "refused unread; pass a checkpoint made by this project")
+    bad = [k for k, v in spec["init_args"].items() if not isinstance(k, str) or not _plain_value(v)]
+    if bad:
+        raise UnreadableFileError(f"{where} has net_spec.init_args.{bad[0]} that is not a plain value (numbers, "
+                                  "strings, lists): it is refused unread; pass a checkpoint made by this project")
+    return spec
+
+
 def _net_class(spec: dict) -> type:
+    check_net_spec(spec, what="network spec")
     module_name, _, cls_name = spec["class_path"].rpartition(".")
     return getattr(importlib.import_module(module_name), cls_name)
 
@@ -160,14 +206,36 @@ def net_weights(ckpt: dict, prefix: str = "net.") -> dict:
 def net_from_checkpoint(ckpt: dict, path: str | Path, what: str = "checkpoint", fix: str = "pass another checkpoint",
                         prefix: str = "net.") -> nn.Module:
     """Rebuild the network of a checkpoint read by `read_checkpoint` (checks its weights are finite)."""
-    if "net_spec" not in ckpt or "state_dict" not in ckpt:
+    if "net_spec" not in ckpt or not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError(f"{what} {path} has no 'net_spec': it was not written by this project's "
                          f"LightningModules: {fix}")
+    check_net_spec(ckpt["net_spec"], path, what)
     state = net_weights(ckpt, prefix)
     check_finite(state, path, what)
     net = build_net(ckpt["net_spec"])
     net.load_state_dict(state)
     return net.eval()
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def load_weights_into(net: nn.Module, ckpt: dict, path: str | Path, what: str = "checkpoint",
+                      fix: str = "build the network from the checkpoint's net_spec", prefix: str = "net.") -> nn.Module:
+    """Load a checkpoint's network weights (read by `read_checkpoint`) into `net`, which must be the network the
+    checkpoint records (same class and constructor arguments; one line naming those that differ otherwise)."""
+    if "net_spec" not in ckpt or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{what} {path} has no 'net_spec': it was not written by this project's LightningModules")
+    theirs, ours = full_init_args(check_net_spec(ckpt["net_spec"], path, what)), full_init_args(net_spec(net))
+    differ = sorted(k for k in set(theirs) | set(ours) if _plain(theirs.get(k)) != _plain(ours.get(k)))
+    if ckpt["net_spec"]["class_path"] != net_spec(net)["class_path"] or differ:
+        raise ValueError(f"{what} {path} has another network ({', '.join(differ) or 'its class'} differ from "
+                         f"model.init_args.net): {fix}")
+    state = net_weights(ckpt, prefix)
+    check_finite(state, path, what)
+    net.load_state_dict(state)
+    return net
 
 
 def load_net(path: str | Path, prefix: str = "net.", what: str = "checkpoint",

@@ -2,11 +2,10 @@
 """Order extraction for training images (OAR stage 2): teacher-forced greedy placement.
 
 At each step the context holds the true tokens already placed; every remaining cell is scored in one
-`score_candidates` pass against the KV cache by the model's log-probability of its true token
-("true_prob", the paper's choice) or its largest log-probability ("max_prob"); the best cell is placed.
-With `gumbel_temperature > 0`, Gumbel noise times the temperature is added to the log-scores first
-(sampling orders instead of taking the greedy one), constant or annealed linearly to 0 over the steps
-(`gumbel_schedule`); `random_first` places the first cells uniformly at random (the sampler's options).
+`score_candidates` pass against the KV cache (`ExtractionSettings.score`, `models.logits.SCORES`: the model's
+log-probability of its true token, "true_prob", the paper's choice, or a score of the logits alone such as the
+sampler's "max_prob"); the best cell is placed. The order-choice noise is the sampler's (`models.choice.ChoiceNoise`:
+`choice_temperature`, `choice_schedule`, `random_first`), counted over the n steps of the extraction.
 Given `row_seeds`, the noise of a row is a hash of (row seed, step, cell): it depends on nothing else
 in the batch, so an image gets the same order in any batch, batch split, process count or resumed run
 (counter-based noise, as in Philox / JAX's PRNG).
@@ -17,31 +16,85 @@ Modified from: https://github.com/idiap/sigma-gpt (scoring all remaining positio
 """
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.logits import log_max_prob
+from models.choice import SCHEDULES, ChoiceNoise, gumbel_from_uniform
+from models.logits import EXTRACTION_SCORES, candidate_scores
 from models.orders import drop_cells, unwritten_cells
 from models.positions import CLASS_CELL
-from models.precision import autocast, cast_for_inference
+from models.precision import PRECISIONS, autocast, cast_for_inference
+
+WHERE = "model.init_args.extraction"
+# Keys of an earlier release, read for one more release: old name -> new name
+DEPRECATED = {"gumbel_temperature": "choice_temperature", "gumbel_schedule": "choice_schedule"}
 
 
-def log_true_prob(logits: Tensor, true_tokens: Tensor) -> Tensor:
-    """log p(true token) (b, m) from logits (b, m, v) and true tokens (b, m)."""
-    logits = logits.float()
-    return logits.gather(-1, true_tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+@dataclass
+class ExtractionSettings:
+    """How the orders of training images are extracted (configs/extract_orders.yaml, `model.init_args.extraction`).
 
+    Attributes:
+        score: the candidates' score (`models.logits.SCORES`): true_prob (the paper's, default) | max_prob (the
+            sampler's confidence: no peeking at the answer) | neg_entropy | margin | least_confident.
+        positions_per_step: cells placed per step (1 = exact greedy; k > 1 trades exactness for speed).
+        choice_temperature: T of the order-choice noise on the scores (0 = greedy; `models.choice.ChoiceNoise`).
+        choice_schedule: constant | linear (the noise falls to 0 over the steps).
+        random_first: the first this many cells of each image are placed uniformly at random.
+        seed: seed of the noise; each image's noise depends only on (seed, dataset index, flip view, k), so a
+            resumed, re-sharded or multi-process extraction gives the same orders.
+        precision: fp32 | bf16 | auto (bf16 where the device has native bf16 matmuls); see
+            `models.sampling.SamplerSettings.precision`.
+        orders_per_image: K, the orders extracted per image view, each with its own noise (k = 0 has the
+            noise of one order per view); distillation trains each step on one of them, drawn at random.
+            Without noise (choice_temperature 0, random_first 0) the K orders are copies.
+        gumbel_temperature, gumbel_schedule: the earlier names of choice_temperature and choice_schedule, read
+            for one release with a warning.
+    """
 
-def log_max_prob_of_candidates(logits: Tensor, true_tokens: Tensor) -> Tensor:
-    """The sampler's confidence `log_max_prob` (b, m) of logits (b, m, v); the true tokens are not used."""
-    return log_max_prob(logits)
+    score: str = "true_prob"
+    positions_per_step: int = 1
+    choice_temperature: float = 0.0
+    choice_schedule: str = "constant"
+    random_first: int = 0
+    seed: int = 0
+    precision: str = "fp32"
+    orders_per_image: int = 1
+    gumbel_temperature: float | None = None
+    gumbel_schedule: str | None = None
 
+    def __post_init__(self) -> None:
+        for old, new in DEPRECATED.items():
+            if getattr(self, old) is not None:
+                warnings.warn(f"{WHERE}.{old} is deprecated: write {WHERE}.{new} (the sampler's name for the same "
+                              "noise); the old key goes in the next release", FutureWarning, stacklevel=3)
+                setattr(self, new, getattr(self, old))
+                setattr(self, old, None)
+        checks = [
+            ("score", self.score in EXTRACTION_SCORES, f"one of {', '.join(EXTRACTION_SCORES)}"),
+            ("positions_per_step", self.positions_per_step >= 1, "an integer >= 1 (1 = exact greedy)"),
+            ("choice_temperature", math.isfinite(self.choice_temperature) and self.choice_temperature >= 0,
+             "a number >= 0 (0 = greedy)"),
+            ("choice_schedule", self.choice_schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+            ("random_first", self.random_first >= 0, ">= 0"),
+            ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+            ("orders_per_image", self.orders_per_image >= 1, "an integer >= 1 (1 = one order per image view)"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{WHERE}.{key} = {getattr(self, key)!r} is impossible: set it to {expected}")
 
-# Log-scores of candidate cells, by the name the settings use (`ExtractionSettings.score`).
-SCORES = {"true_prob": log_true_prob, "max_prob": log_max_prob_of_candidates}
+    @property
+    def noise(self) -> ChoiceNoise:
+        return ChoiceNoise(self.choice_temperature, self.choice_schedule, self.random_first)
+
+    def record(self) -> dict:
+        """The settings as an orders manifest records them (the deprecated keys left out)."""
+        return {k: v for k, v in vars(self).items() if k not in DEPRECATED}
 
 
 MASK32 = 0xFFFFFFFF
@@ -91,82 +144,39 @@ def _uniform(cells: Tensor, step: int, generator: torch.Generator | None, row_se
     return torch.rand(cells.shape, generator=generator, device=cells.device)
 
 
-@dataclass(frozen=True)
-class OrderNoise:
-    """Noise in the choice of the next cell, as in the sampler's order choice.
-
-    Attributes:
-        temperature: T, the scale of the Gumbel noise on the log-scores (0 = greedy).
-        schedule: "constant" or "linear" (T * (1 - t / n) at step t: random early, greedy late).
-        random_first: the first this many cells are placed uniformly at random.
-    """
-
-    temperature: float = 0.0
-    schedule: str = "constant"
-    random_first: int = 0
-
-    def __post_init__(self) -> None:
-        if self.schedule not in ("constant", "linear"):
-            raise ValueError(f"unknown noise schedule {self.schedule!r}; choose constant or linear")
-
-    def active(self, t: int) -> bool:
-        """Whether step t draws noise (so the cached and naive loops draw at the same steps)."""
-        return t < self.random_first or self.temperature > 0
-
-    def apply(self, scores: Tensor, t: int, n: int, uniform: Tensor | None) -> Tensor:
-        """Scores (b, m) at step t of n with noise from `uniform` (b, m) (None when not `active`)."""
-        if uniform is None:
-            return scores
-        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
-        if t < self.random_first:
-            return gumbel  # the scores no longer matter: a uniformly random cell
-        temperature = self.temperature * (1.0 - t / n) if self.schedule == "linear" else self.temperature
-        return scores + temperature * gumbel
-
-
-def _select(logits: Tensor, true_tokens: Tensor, score: str, k: int, noise: OrderNoise, t: int, n: int,
+def _select(logits: Tensor, true_tokens: Tensor, settings: ExtractionSettings, k: int, t: int, n: int,
             uniform: Tensor | None) -> Tensor:
     """Indices (b, k) of the k best candidates at step t of n, best first (`uniform`: the noise, or None)."""
-    scores = noise.apply(SCORES[score](logits, true_tokens), t, n, uniform)
+    scores = candidate_scores(settings.score, logits, true_tokens)
+    if uniform is not None:
+        scores = settings.noise.apply(scores, t, n, gumbel_from_uniform(uniform))
     return scores.topk(k, dim=1).indices
-
-
-def _check(score: str, positions_per_step: int) -> None:
-    if score not in SCORES:
-        raise ValueError(f"unknown score {score!r}; choose one of {sorted(SCORES)}")
-    if positions_per_step < 1:
-        raise ValueError(f"positions_per_step must be >= 1, got {positions_per_step}")
 
 
 @torch.no_grad()
 def extract_orders(
-    net, tokens: Tensor, cond: Tensor, score: str = "true_prob", positions_per_step: int = 1,
-    gumbel_temperature: float = 0.0, generator: torch.Generator | None = None, row_seeds: Tensor | None = None,
-    dtype: torch.dtype | None = None, gumbel_schedule: str = "constant", random_first: int = 0,
+    net, tokens: Tensor, cond: Tensor, settings: ExtractionSettings | None = None,
+    generator: torch.Generator | None = None, row_seeds: Tensor | None = None, dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """The teacher-forced greedy order of each image.
+    """The teacher-forced greedy (or noisy) order of each image.
 
     Args:
         net: an `OrderedTransformer`.
         tokens: (b, n) true tokens per raster cell.
         cond: (b,) class labels.
-        score: "true_prob" or "max_prob".
-        positions_per_step: cells placed per scoring pass.
-        gumbel_temperature: 0 for the greedy order; > 0 adds that much Gumbel noise to the log-scores.
-        generator: for the Gumbel noise when `row_seeds` is not given (the noise then depends on the batch).
+        settings: score, cells per step and order-choice noise (`precision` is the caller's: see `dtype`);
+            default `ExtractionSettings()`, the paper's greedy true-token order.
+        generator: for the noise when `row_seeds` is not given (the noise then depends on the batch).
         row_seeds: (b,) int64 in [0, 2**32), one per image (`noise_seeds`): each row's noise depends
             only on its seed, so an image's order does not depend on its batch.
         dtype: run a copy of the network in `dtype`, e.g. torch.bfloat16, with fp32 logits and scores (see
             `models.precision`); None = the network as it is (or as an enclosing autocast runs it).
-        gumbel_schedule: "constant" or "linear" (the Gumbel scale falls to 0 over the steps).
-        random_first: the first this many cells are placed uniformly at random (same noise source).
 
     Returns:
         order (b, n).
     """
-    _check(score, positions_per_step)
+    settings = settings or ExtractionSettings()
     net.check_order_policy("confidence")
-    noise = OrderNoise(gumbel_temperature, gumbel_schedule, random_first)
     net = cast_for_inference(net, dtype)
     b, n = tokens.shape
     cache = net.new_cache(cond)
@@ -175,10 +185,10 @@ def extract_orders(
     prev_token, prev_cell = tokens.new_zeros(b), tokens.new_full((b,), CLASS_CELL)
     t = 0
     while t < n:
-        k = min(positions_per_step, n - t)
+        k = min(settings.positions_per_step, n - t)
         logits, kv = net.score_candidates(cache, prev_token, prev_cell, cells)
-        uniform = _uniform(cells, t, generator, row_seeds) if noise.active(t) else None
-        picks = _select(logits, tokens.gather(1, cells), score, k, noise, t, n, uniform)
+        uniform = _uniform(cells, t, generator, row_seeds) if settings.noise.active(t) else None
+        picks = _select(logits, tokens.gather(1, cells), settings, k, t, n, uniform)
         placed = cells.gather(1, picks)  # (b, k), best first
         net.append_candidate(cache, kv, picks[:, 0])
         if k > 1:  # chain the others: each holds the previous placed token and predicts the next cell
@@ -193,28 +203,26 @@ def extract_orders(
 
 @torch.no_grad()
 def naive_extract_orders(
-    net, tokens: Tensor, cond: Tensor, score: str = "true_prob", positions_per_step: int = 1,
-    gumbel_temperature: float = 0.0, generator: torch.Generator | None = None, row_seeds: Tensor | None = None,
-    gumbel_schedule: str = "constant", random_first: int = 0,
+    net, tokens: Tensor, cond: Tensor, settings: ExtractionSettings | None = None,
+    generator: torch.Generator | None = None, row_seeds: Tensor | None = None,
 ) -> Tensor:
     """Reference for `extract_orders` without a cache: a full forward per candidate per step.
 
     Draws its noise exactly as `extract_orders` (same `generator` calls, or the same `row_seeds` hash),
     so both agree.
     """
-    _check(score, positions_per_step)
-    noise = OrderNoise(gumbel_temperature, gumbel_schedule, random_first)
+    settings = settings or ExtractionSettings()
     b, n = tokens.shape
     order = tokens.new_empty(b, n)
     written = torch.zeros(b, n, dtype=torch.bool, device=tokens.device)
     t = 0
     while t < n:
-        k = min(positions_per_step, n - t)
+        k = min(settings.positions_per_step, n - t)
         cells = unwritten_cells(written, n - t)
         trials = [torch.cat([order[:, :t], cells[:, j : j + 1]], dim=1) for j in range(n - t)]
         logits = torch.stack([net(tokens, trial, cond)[:, -1] for trial in trials], dim=1)  # (b, m, v)
-        uniform = _uniform(cells, t, generator, row_seeds) if noise.active(t) else None
-        picks = _select(logits, tokens.gather(1, cells), score, k, noise, t, n, uniform)
+        uniform = _uniform(cells, t, generator, row_seeds) if settings.noise.active(t) else None
+        picks = _select(logits, tokens.gather(1, cells), settings, k, t, n, uniform)
         placed = cells.gather(1, picks)
         order[:, t : t + k] = placed
         written.scatter_(1, placed, True)

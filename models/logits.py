@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from models.choice import gumbel
+
 
 def check_setting(key: str, ok: bool, expected: str, value) -> None:
     """Raise the one-line error of an impossible sampler setting `key` (a `model.init_args.sampler` key)."""
@@ -95,15 +97,25 @@ def least_confident(logits: Tensor) -> Tensor:
     return -log_max_prob(logits)
 
 
-# Scores of a cell from its logits alone; "sampled" also needs the token drawn for it (see ConfidencePolicy).
+def log_true_prob(logits: Tensor, true_tokens: Tensor) -> Tensor:
+    """log p(true token) (b, m) from logits (b, m, v) and the true tokens (b, m): the paper's extraction score."""
+    logits = logits.float()
+    return logits.gather(-1, true_tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+
+
+# The one registry of a candidate cell's score (higher = written earlier), by the name the settings use. Each
+# takes the candidates' logits (b, m, v); "true_prob" also their true tokens (order extraction only: it peeks at
+# the answer), "sampled" is the log-probability of the token drawn for the cell (sampling only; `ConfidencePolicy`
+# draws it).
 SCORES = {"max_prob": log_max_prob, "neg_entropy": neg_entropy, "margin": log_margin,
-          "least_confident": least_confident, "sampled": None}
+          "least_confident": least_confident, "sampled": None, "true_prob": log_true_prob}
+SAMPLER_SCORES = ("max_prob", "neg_entropy", "sampled", "margin", "least_confident")
+EXTRACTION_SCORES = ("true_prob", "max_prob", "neg_entropy", "margin", "least_confident")
 
 
-def gumbel(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Standard Gumbel noise of `shape`, drawn from `generator`."""
-    uniform = torch.rand(shape, generator=generator, device=device)
-    return -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+def candidate_scores(score: str, logits: Tensor, true_tokens: Tensor | None = None) -> Tensor:
+    """Scores (b, m) of candidates by `score` (a key of `SCORES` other than "sampled")."""
+    return log_true_prob(logits, true_tokens) if score == "true_prob" else SCORES[score](logits)
 
 
 # -------------------------------------------------------------------------------------- guidance

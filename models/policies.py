@@ -12,10 +12,8 @@ loop gives as context in one pass. Known cells go first (raster order), so every
 of them, or, for fixed orders with `known_in_order`, stay where the order puts them (teacher-forced in
 place: how a raster model edits, each generated cell seeing only the known cells before it).
 
-Order-choice noise (MaskGIT's "choice temperature"): Gumbel noise times T_k is added to the scores
-before the arg-max, with T_k constant or annealed linearly to 0 over the generated steps; it is drawn
-from its own generator (`choice_generator`), so the token draws are those of the greedy choice. T = 0
-is the greedy choice; a very large T writes cells in uniformly random order. The confidence policy
+Order-choice noise (`models.choice.ChoiceNoise`, shared with order extraction) is drawn from its own generator
+(`choice_generator`), so the token draws are those of the greedy choice. The confidence policy
 keeps the unwritten cells as a list it updates (`advance`), not a sort per step; the shortlist variant
 rescores only the best-ranked cells between full rankings (approximate, faster).
 """
@@ -23,12 +21,13 @@ rescores only the best-ranked cells between full rankings (approximate, faster).
 import torch
 from torch import Tensor
 
-from models.logits import SCORES, TokenSampler, gumbel
+from models.choice import ChoiceNoise, gumbel
+from models.logits import SCORES, TokenSampler
 from models.orders import drop_cells, known_first, random_order, raster_order, unwritten_cells
 
 POLICIES = ("raster", "random", "given", "confidence")
+GREEDY = ChoiceNoise()  # no order-choice noise
 FIXED_POLICIES = ("raster", "random", "given")  # policies whose order is fixed before decoding
-SCHEDULES = ("constant", "linear")
 
 
 # -------------------------------------------------------------------------------------- policies
@@ -124,25 +123,18 @@ class ConfidencePolicy(OrderPolicy):
     schedule and `random_first` count each row's generated cells.
 
     Args:
-        score: a key of `SCORES`.
-        choice_temperature: T of the Gumbel noise on the scores (0 = greedy).
-        choice_schedule: "constant" or "linear" (T * (1 - k / n_gen) at the k-th generated cell).
-        random_first: the first this many generated cells are chosen uniformly at random.
+        score: a sampler score of `models.logits.SCORES` (validated by `SamplerSettings`).
+        noise: the order-choice noise; its schedule and `random_first` count each row's generated cells.
         choice_generator: draws the noise and the random first cells (not the tokens).
         token_sampler, generator: draw one token per candidate for score "sampled" (the chosen
             cell keeps its drawn token, so the loop does not draw again).
     """
 
-    def __init__(self, score: str = "max_prob", choice_temperature: float = 0.0, choice_schedule: str = "linear",
-                 random_first: int = 0, choice_generator: torch.Generator | None = None,
-                 token_sampler: "TokenSampler | None" = None, generator: torch.Generator | None = None):
-        if score not in SCORES:
-            raise ValueError(f"unknown score {score!r}; choose one of {sorted(SCORES)}")
-        if choice_schedule not in SCHEDULES:
-            raise ValueError(f"unknown choice_schedule {choice_schedule!r}; choose one of {list(SCHEDULES)}")
-        self.score, self.confidence = score, SCORES[score]
-        self.choice_temperature, self.choice_schedule = choice_temperature, choice_schedule
-        self.random_first, self.choice_generator = random_first, choice_generator
+    def __init__(self, score: str = "max_prob", noise: ChoiceNoise = GREEDY,
+                 choice_generator: torch.Generator | None = None, token_sampler: "TokenSampler | None" = None,
+                 generator: torch.Generator | None = None):
+        self.score, self.confidence, self.noise = score, SCORES[score], noise
+        self.choice_generator = choice_generator
         self.token_sampler, self.generator = token_sampler or TokenSampler(), generator
         self.t = self.fewest = self.most = 0
         self.known = self.total = torch.zeros(1, dtype=torch.long)  # (b,) per row, set by `start`
@@ -167,12 +159,6 @@ class ConfidencePolicy(OrderPolicy):
     def advance(self, choice: Tensor) -> None:
         self.unwritten = drop_cells(self.unwritten, choice[:, None])  # no sort of the written mask per step
 
-    def temperature_at(self, k: int | Tensor) -> float | Tensor:
-        """T at the k-th generated cell of each row (k = 0 first; an int or (b,))."""
-        if self.choice_schedule == "linear":
-            return self.choice_temperature * (1.0 - k / self.total.clamp(min=1))
-        return self.choice_temperature
-
     def scores(self, logits: Tensor) -> Tensor:
         """The noise-free scores (b, m) of the candidates' logits (b, m, v)."""
         if self.score != "sampled":
@@ -183,12 +169,10 @@ class ConfidencePolicy(OrderPolicy):
 
     def choose(self, logits: Tensor) -> Tensor:
         scores = self.scores(logits)
-        if self.choice_temperature > 0 or self.t - self.most < self.random_first:  # some row still takes noise
+        if self.noise.active(self.t - self.most):  # some row still takes noise
             k = self.t - self.known  # (b,) cells generated so far in each row (< 0 while known cells go in)
             noise = gumbel(scores.shape, self.choice_generator, scores.device)
-            temperature = torch.as_tensor(self.temperature_at(k), device=scores.device).expand(k.shape)
-            at_random = (k < self.random_first)[:, None]  # a uniformly random cell: its scores are only noise
-            scores = torch.where(at_random, noise, scores + temperature[:, None] * noise)
+            scores = self.noise.apply(scores, k, self.total, noise)
         return self._known_next(scores.argmax(dim=-1))
 
     def _known_next(self, choice: Tensor) -> Tensor:
@@ -232,7 +216,7 @@ class ShortlistConfidencePolicy(ConfidencePolicy):
 
     def candidates(self, t: int, written: Tensor) -> Tensor:
         unwritten = super().candidates(t, written)
-        random_cell = t - self.most < self.random_first  # uniformly random among all cells, not the list
+        random_cell = t - self.most < self.noise.random_first  # uniformly random among all cells, not the list
         full = random_cell or t < self.most or self.steps % self.refresh == 0 or unwritten.shape[1] <= self.shortlist
         self.listed = None if full else self.stale.topk(self.shortlist, dim=1).indices  # (b, shortlist)
         self.offered = unwritten if full else unwritten.gather(1, self.listed)  # every cell while known ones go in

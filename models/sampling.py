@@ -33,17 +33,25 @@ Modified from: https://github.com/FoundationVision/LlamaGen (autoregressive/mode
 logit processing and CFG) and https://github.com/idiap/sigma-gpt (scoring all cells against a cache).
 """
 
+import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from models.logits import SCORES, ClassifierFreeGuidance, NoGuidance, TokenSampler, check_setting, make_guidance
+from models.choice import SCHEDULES, ChoiceNoise
+from models.logits import (
+    SAMPLER_SCORES,
+    ClassifierFreeGuidance,
+    NoGuidance,
+    TokenSampler,
+    check_setting,
+    make_guidance,
+)
 from models.policies import (
     FIXED_POLICIES,
     POLICIES,
-    SCHEDULES,
     ConfidencePolicy,
     GivenPolicy,
     OrderPolicy,
@@ -74,15 +82,17 @@ class SamplerSettings:
     """How images are sampled (recorded beside every sample file and metric).
 
     Attributes:
-        policy: generation order: raster | random | confidence (OAR).
+        policy: generation order: raster | random | confidence (OAR) | auto (the module resolves it: raster for
+            a model trained on raster orders, else confidence).
         temperature: softmax temperature of token sampling (> 0).
         top_k: keep the k most likely tokens (0 = all).
         top_p: nucleus sampling mass in (0, 1] (1.0 = all).
         cfg_scale: classifier-free guidance scale (1.0 = none).
-        score: confidence of a cell under `confidence` (see `SCORES`): max_prob | neg_entropy | sampled
+        score: confidence of a cell under `confidence` (`models.logits.SCORES`): max_prob | neg_entropy | sampled
             (log-probability of the token drawn for the cell, MaskGIT's rule) | margin (top-1 minus
             top-2 log-probability) | least_confident (hardest cell first).
-        choice_temperature: T, the scale of the Gumbel noise added to the scores (0 = greedy choice), or
+        choice_temperature: T, the scale of the Gumbel noise added to the scores (0 = greedy choice;
+            `models.choice.ChoiceNoise`, the same noise as order extraction's), or
             "auto": the T the model samples best with, which only the LightningModule knows (`resolved`):
             0 for a model fine-tuned on its own orders, `NOISY_CHOICE_TEMPERATURE` for one trained on
             random orders (docs/study.md).
@@ -112,12 +122,12 @@ class SamplerSettings:
     def __post_init__(self) -> None:
         token_sampler(self)  # checks temperature, top_k and top_p
         checks = [
-            ("policy", self.policy in POLICIES, f"one of {list(POLICIES)}"),
+            ("policy", self.policy in POLICIES or self.policy == AUTO, f"one of {list(POLICIES)} or {AUTO!r}"),
             ("cfg_scale", self.cfg_scale >= 0, ">= 0 (1 = no guidance)"),
-            ("score", self.score in SCORES, f"one of {sorted(SCORES)}"),
+            ("score", self.score in SAMPLER_SCORES, f"one of {list(SAMPLER_SCORES)}"),
             ("choice_temperature", self.choice_temperature == AUTO or
-             (not isinstance(self.choice_temperature, str) and self.choice_temperature >= 0),
-             f">= 0 (0 = greedy choice) or {AUTO!r}"),
+             (not isinstance(self.choice_temperature, str) and math.isfinite(self.choice_temperature)
+              and self.choice_temperature >= 0), f">= 0 (0 = greedy choice) or {AUTO!r}"),
             ("choice_schedule", self.choice_schedule in SCHEDULES, f"one of {list(SCHEDULES)}"),
             ("random_first", self.random_first >= 0, ">= 0"),
             ("shortlist", self.shortlist >= 0, ">= 0 (0 = exact confidence order)"),
@@ -142,6 +152,9 @@ def make_policy(
 ) -> OrderPolicy:
     """Build the policy `settings.policy` names ("given" needs `order`); `known_placement` in KNOWN_PLACEMENTS."""
     policy = settings.policy
+    if policy == AUTO:
+        raise ValueError("policy 'auto' is resolved by the module that knows how the model was trained (raster for a "
+                         "raster model, else confidence): resolve it first, or name the policy")
     if (order is not None) != (policy == "given"):
         raise ValueError("pass `order` exactly when policy == 'given'")
     if known_placement not in KNOWN_PLACEMENTS:
@@ -165,9 +178,9 @@ def confidence_policy(settings: SamplerSettings, choice_generator: torch.Generat
     if settings.choice_temperature == AUTO:
         raise ValueError("choice_temperature 'auto' is resolved by the LightningModule that knows how the model "
                          "was trained: call settings.resolved(T) first, or pass a number")
-    kwargs = dict(score=settings.score, choice_temperature=settings.choice_temperature,
-                  choice_schedule=settings.choice_schedule, random_first=settings.random_first,
-                  choice_generator=choice_generator, token_sampler=token_sampler(settings), generator=generator)
+    noise = ChoiceNoise(settings.choice_temperature, settings.choice_schedule, settings.random_first)
+    kwargs = dict(score=settings.score, noise=noise, choice_generator=choice_generator,
+                  token_sampler=token_sampler(settings), generator=generator)
     if settings.shortlist > 0:
         return ShortlistConfidencePolicy(settings.shortlist, settings.refresh, **kwargs)
     return ConfidencePolicy(**kwargs)
@@ -207,7 +220,8 @@ def sample(
         SampleOutput(tokens (b, n), order (b, n) (known cells first), logits (b, n, v) or None).
     """
     settings = as_settings(settings)
-    net.check_order_policy(settings.policy)
+    if settings.policy != AUTO:
+        net.check_order_policy(settings.policy)
     net = cast_for_inference(net, dtype or resolve_dtype(settings.precision, cond.device))
     policy = make_policy(settings, order=order, generator=generator, choice_generator=choice_generator,
                          known_placement=known_placement)

@@ -64,6 +64,17 @@ def predict(stage: str, ckpt_path: str | Path, *extra) -> object:
     return run_cli("predict", *stage_configs(stage), *SMALL_DATA, *QUIET, "--ckpt_path", ckpt_path, *extra)
 
 
+def save_ar_checkpoint(net, path: Path, trained: dict | None = None, tokenizer: dict | None = None) -> Path:
+    """A checkpoint of `net` as the AR training modules write it (network spec, `net.` weights, what the predict
+    jobs read), without training: for unit tests of the predict modules."""
+    from models.checkpoint import net_spec
+
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "net_spec": net_spec(net),
+                "trained": trained or {"stage": "AnyOrderModule", "train_order": "random", "choice_temperature": 3.0},
+                **({"tokenizer": tokenizer} if tokenizer else {})}, path)
+    return path
+
+
 def copy_run(src: Path, dst: Path) -> Path:
     """Copy a fixture run folder into `dst` (a test's tmp_path) so the test may write into it."""
     shutil.copytree(src, dst, dirs_exist_ok=True)

@@ -1,5 +1,5 @@
 """Each fact is typed in one place of configs/, `--print_config` shows every value a stage runs with (those read
-from checkpoints included), and `predict` does what the config's `predict_task` says, whatever the batch holds.
+from checkpoints included), and each predict job does its one job, whatever the batch holds.
 """
 
 import inspect
@@ -11,6 +11,8 @@ import yaml
 from benchmarks.experiment import stage_argv, stage_config_files
 from lightning_modules.any_order import AnyOrderModule
 from lightning_modules.distill import DistillModule
+from lightning_modules.extract import ExtractModule
+from lightning_modules.predict import SampleModule, Trained
 from models.checkpoint import build_net, load_net, read_checkpoint
 from models.sampling import SamplerSettings
 from tests.conftest import (
@@ -22,6 +24,7 @@ from tests.conftest import (
     config,
     copy_run,
     run_cli,
+    save_ar_checkpoint,
     stage_configs,
 )
 
@@ -87,7 +90,7 @@ def test_the_stage_configs_include_their_small_preset_last():
 
 # ---- --print_config shows what runs --------------------------------------------------------------------------------
 README_FITS = {  # the stage/overlay combinations the README shows, and what their printed config must hold
-    "any_order": ((), {"sizes": preset("ar/small"), "train_order": "random", "policy": "confidence",
+    "any_order": ((), {"sizes": preset("ar/small"), "train_order": "random", "policy": "auto",
                        "save_dir": "runs/any_order"}),
     "any_order + base": (("model/ar/base",), {"sizes": preset("ar/base")}),
     "any_order + base + fashion_mnist + gpu": (
@@ -117,7 +120,7 @@ def test_print_config_of_the_readme_fits_shows_every_value(case, tmp_path, monke
         model = cfg["model"]["init_args"]
         assert set(model["sampler"]) == set(SAMPLER_KEYS)  # every sampler setting, defaults included
         assert model["train_order"] == expected.get("train_order", "random")
-        assert model["sampler"]["policy"] == expected.get("policy", "confidence")
+        assert model["sampler"]["policy"] == expected.get("policy", "auto")  # confidence for any-order training
         assert cfg["data"]["init_args"]["tokenizer_ckpt"] == str(TOKENIZER_CKPT)
     if "save_dir" in expected:
         assert cfg["trainer"]["logger"]["init_args"]["save_dir"] == expected["save_dir"]
@@ -166,21 +169,26 @@ def test_distillation_builds_the_stage1_network_even_under_another_preset(orders
     assert cli.model.tokenizer_ckpt == str(TOKENIZER_CKPT)
 
 
-@pytest.mark.parametrize("stage,task", [("sample", "sample"), ("extract_orders", "extract")])
-def test_print_config_of_predict_shows_the_checkpoint_network_and_tokenizer(stage, task, stage1_run, tmp_path,
+@pytest.mark.parametrize("stage,job,setting", [("sample", "SampleModule", "sampler.cfg_scale"),
+                                               ("extract_orders", "ExtractModule", "extraction.positions_per_step"),
+                                               ("edit", "EditModule", "edit.samples_per_image")])
+def test_print_config_of_predict_shows_the_checkpoint_network_and_tokenizer(stage, job, setting, stage1_run, tmp_path,
                                                                            monkeypatch, capsys):
     monkeypatch.chdir(copy_run(stage1_run, tmp_path))
     cfg = printed(capsys, "predict", "--config", config(stage), "--ckpt_path", STAGE1_CKPT,
-                  "--model.init_args.sampler.cfg_scale", "2.0")
+                  f"--model.init_args.{setting}", "2")
     spec = stage1_spec(tmp_path)
     assert {k: net_args(cfg)[k] for k in AR_SIZES} == {k: spec[k] for k in AR_SIZES}
     model = cfg["model"]["init_args"]
-    assert model["predict_task"] == task and model["sampler"]["cfg_scale"] == 2.0  # this run's settings kept
+    assert cfg["model"]["class_path"].endswith(job) and model["checkpoint"] == str(STAGE1_CKPT)
+    group, key = setting.split(".")
+    assert model[group][key] == 2  # this run's settings kept
     assert cfg["data"]["init_args"]["tokenizer_ckpt"] == model["tokenizer_ckpt"] == str(TOKENIZER_CKPT)
 
 
 def test_distill_module_takes_its_parents_arguments_by_name():
-    assert list(inspect.signature(DistillModule).parameters) == ["init_from", "random_order_prob", "kwargs"]
+    assert list(inspect.signature(DistillModule).parameters) == ["init_from", "random_order_prob", "other_orders",
+                                                                 "kwargs"]
 
 
 def test_the_experiment_runner_names_the_raster_overlay():
@@ -191,36 +199,74 @@ def test_the_experiment_runner_names_the_raster_overlay():
     assert [str(p) for p in stage_config_files("raster")] == [a for a in stage_configs("raster") if a != "--config"]
 
 
-# ---- predict by config, not by batch contents ----------------------------------------------------------------------
-def tiny_module(task: str, tokenizer_ckpt=None) -> AnyOrderModule:
+# ---- one job per predict module, whatever the batch holds ---------------------------------------------------------
+def tiny_checkpoint(tmp_path, trained: dict | None = None):
     net = build_net({"class_path": "models.transformer.OrderedTransformer",
                      "init_args": {"vocab_size": 64, "grid_size": (8, 8), "num_classes": 8, "width": 16, "depth": 1,
                                    "heads": 2}})
-    return AnyOrderModule(net, predict_task=task, tokenizer_ckpt=tokenizer_ckpt).eval()
+    return str(save_ar_checkpoint(net, tmp_path / "tiny.ckpt", trained))
 
 
-def test_predict_step_does_its_task_whatever_the_batch_holds(tokenizer_run):
-    """A batch holding tokens and sample requests alike: the task, not the keys, decides."""
-    batch = {"tokens": torch.randint(64, (3, 8, 8)), "label": torch.tensor([0, 1, 2]), "index": torch.arange(3),
-             "flip": torch.zeros(3, dtype=torch.long), "seed": torch.tensor([5, 6, 7])}
-    sampled = tiny_module("sample", str(tokenizer_run / TOKENIZER_CKPT)).predict_step(batch, 0)
+BATCH = {"tokens": torch.randint(64, (3, 8, 8)), "label": torch.tensor([0, 1, 2]), "index": torch.arange(3),
+         "flip": torch.zeros(3, dtype=torch.long), "seed": torch.tensor([5, 6, 7])}
+
+
+def test_each_job_does_its_own_work_whatever_the_batch_holds(tokenizer_run, tmp_path):
+    """A batch holding tokens and sample requests alike: the module, not the keys, decides."""
+    ckpt = tiny_checkpoint(tmp_path)
+    sampled = SampleModule(checkpoint=ckpt, tokenizer_ckpt=str(tokenizer_run / TOKENIZER_CKPT)).predict_step(BATCH, 0)
     assert sampled["images"].shape == (3, 3, 32, 32) and sampled["images"].dtype == torch.uint8
-    extracted = tiny_module("extract").predict_step(batch, 0)
+    extracted = ExtractModule(checkpoint=ckpt).predict_step(BATCH, 0)
     assert set(extracted) == {"order", "index", "flip", "k"}
     assert (extracted["order"].sort(dim=1).values == torch.arange(64)).all()
 
 
-def test_the_tokenizer_is_injected_not_found(tokenizer_run):
-    """Built outside any Trainer and DataModule, the module loads its tokenizer from the path it is given."""
-    module = tiny_module("sample", str(tokenizer_run / TOKENIZER_CKPT))
+def test_the_tokenizer_is_injected_not_found(tokenizer_run, tmp_path):
+    """Built outside any Trainer and DataModule, the job loads its tokenizer from the path it is given."""
+    ckpt = tiny_checkpoint(tmp_path)
+    module = SampleModule(checkpoint=ckpt, tokenizer_ckpt=str(tokenizer_run / TOKENIZER_CKPT))
     reference = load_net(tokenizer_run / TOKENIZER_CKPT)
     assert all(torch.equal(a, b) for a, b in zip(module.tokenizer.state_dict().values(),
                                                  reference.state_dict().values(), strict=True))
     assert not any(p.requires_grad for p in module.tokenizer.parameters())
     with pytest.raises(RuntimeError, match="tokenizer_ckpt"):
-        tiny_module("sample").generate(torch.tensor([0]))
+        SampleModule(checkpoint=ckpt).generate(torch.tensor([0]))
 
 
-def test_an_unknown_predict_task_is_refused():
-    with pytest.raises(ValueError, match="predict_task must be one of sample, extract, edit, got 'paint'"):
-        tiny_module("paint")
+@pytest.mark.parametrize("trained,policy,temperature", [
+    ({"stage": "AnyOrderModule", "train_order": "random", "choice_temperature": 3.0}, "confidence", 3.0),
+    ({"stage": "DistillModule", "train_order": "random", "choice_temperature": 0.0}, "confidence", 0.0),
+    ({"stage": "AnyOrderModule", "train_order": "raster", "choice_temperature": 3.0}, "raster", 3.0),
+])
+def test_auto_sampler_follows_the_checkpoint_training(trained, policy, temperature, tokenizer_run, tmp_path):
+    """policy and choice_temperature auto: a raster model samples in raster order, an any-order one in confidence
+    order with the noise its training suits; an explicit policy is used as given."""
+    ckpt = tiny_checkpoint(tmp_path, trained)
+    tok = str(tokenizer_run / TOKENIZER_CKPT)
+    module = SampleModule(checkpoint=ckpt, tokenizer_ckpt=tok)
+    assert (module.sampler.policy, module.sampler.choice_temperature) == (policy, temperature)
+    out = module.predict_step(BATCH, 0)
+    if policy == "raster":
+        assert torch.equal(out["order"], torch.arange(64).expand(3, 64))
+    explicit = SampleModule(checkpoint=ckpt, sampler=SamplerSettings(policy="random"), tokenizer_ckpt=tok)
+    assert explicit.sampler.policy == "random"
+
+
+@pytest.mark.parametrize("hyper_parameters,expected", [
+    ({"_class_path": "lightning_modules.any_order.AnyOrderModule", "train_order": "raster"},
+     Trained("AnyOrderModule", "raster", 3.0)),
+    ({"_class_path": "lightning_modules.distill.DistillModule", "random_order_prob": 0.2},
+     Trained("DistillModule", "random", 0.0)),
+    ({"_class_path": "lightning_modules.distill.DistillModule", "random_order_prob": 1.0},
+     Trained("DistillModule", "random", 3.0)),
+])
+def test_checkpoints_written_before_the_trained_record_are_read_from_their_hyper_parameters(hyper_parameters,
+                                                                                           expected):
+    assert Trained.of({"hyper_parameters": hyper_parameters}) == expected
+
+
+def test_a_training_module_records_what_its_predict_jobs_read():
+    net = build_net({"class_path": "models.transformer.OrderedTransformer",
+                     "init_args": {"vocab_size": 16, "grid_size": (2, 2), "width": 16, "depth": 1, "heads": 2}})
+    assert AnyOrderModule(net, train_order="raster").trained == Trained("AnyOrderModule", "raster", 3.0)
+    assert DistillModule(net=net).trained == Trained("DistillModule", "random", 0.0)

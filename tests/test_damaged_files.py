@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.token_cache import file_sha256
+from fileio import file_sha256
 from lightning_modules.any_order import AnyOrderModule
 from models.checkpoint import build_net, plain_data
 from models.sampling import SamplerSettings, TokenSampler

@@ -198,6 +198,44 @@ def corrupt_orders_file_case():
     return fit_args("distill"), (str(ORDERS / "orders.pt"), "truncated or corrupt", EXTRACT_CMD)
 
 
+ORDER_WRITER_ONLY = '[{"class_path": "callbacks.order_writer.OrderWriter"}]'
+# A class spec that runs a command if anything imports and calls it: creates the MARKER file.
+CODE_SPEC = {"class_path": "os.system", "init_args": {"command": f"touch {MARKER}"}}
+
+
+def crafted_case(craft, words: tuple[str, ...]):
+    """The stage-1 checkpoint rewritten by `craft` (a dict -> dict), given to sampling as --ckpt_path."""
+    def prepare():
+        torch.save(craft(torch.load(STAGE1_CKPT, map_location="cpu", weights_only=True)), BAD)
+        return predict_args("sample", BAD), (BAD, *words)
+    return prepare
+
+
+def restaged_case(config_stage: str, written_by: str, resume_with: str):
+    """A checkpoint recording another training stage than the config's, given to `fit --ckpt_path`."""
+    def prepare():
+        ckpt = torch.load(STAGE1_CKPT, map_location="cpu", weights_only=True)
+        ckpt["trained"] = {**ckpt["trained"], "stage": written_by}
+        torch.save(ckpt, BAD)
+        return fit_args(config_stage, "--ckpt_path", BAD), (BAD, f"written by the {written_by} stage", resume_with)
+    return prepare
+
+
+def other_orders_case():
+    """Stage 1 re-fitted (one weight changed) and the orders not extracted again."""
+    resave_with_one_weight_changed(STAGE1_CKPT, "refit.ckpt")
+    return fit_args("distill", "--model.init_args.init_from", "refit.ckpt"), (
+        str(ORDERS), "refit.ckpt (model.init_args.init_from)", "extracted by another model",
+        "model.init_args.other_orders")
+
+
+def code_tokenizer_case():
+    """A tokenizer checkpoint whose network spec names code, given as data.init_args.tokenizer_ckpt."""
+    ckpt = torch.load(TOKENIZER_CKPT, map_location="cpu", weights_only=True)
+    torch.save({**ckpt, "net_spec": CODE_SPEC}, BAD)
+    return fit_args("any_order", "--data.init_args.tokenizer_ckpt", BAD), (BAD, "net_spec.class_path", "'os.system'")
+
+
 def fixed(args: list[str], words: tuple[str, ...]):
     return lambda: (args, words)
 
@@ -239,29 +277,46 @@ CASES = {
     "cfg_scale -1": sampler_case("cfg_scale", "-1", ">= 0"),
     "unknown policy": sampler_case("policy", "zigzag", "one of"),
     "positions_per_step 0": extraction_case("positions_per_step", "0"),
-    "gumbel_temperature -1": extraction_case("gumbel_temperature", "-1"),
+    "choice_temperature -1": extraction_case("choice_temperature", "-1"),
     "num_samples 0": fixed(predict_args("sample", STAGE1_CKPT, "--data.init_args.num_samples", "0"),
                            ("data.init_args.num_samples = 0", ">= 1")),
     "num_samples -3": fixed(predict_args("sample", STAGE1_CKPT, "--data.init_args.num_samples", "-3"),
                             ("data.init_args.num_samples = -3", ">= 1")),
     "folder smaller than one batch": small_folder_case,
-    "predict_task extract over the samples split": fixed(
-        predict_args("sample", STAGE1_CKPT, "--model.init_args.predict_task", "extract"),
-        ("model.init_args.predict_task = extract", "data.init_args.predict_split train or val, not samples",
-         "configs/extract_orders.yaml")),
-    "predict_task sample over the train split": fixed(
-        predict_args("extract_orders", STAGE1_CKPT, "--model.init_args.predict_task", "sample"),
-        ("model.init_args.predict_task = sample", "predict_split samples, not train", "configs/sample.yaml")),
-    "sample writer under extraction": fixed(
-        predict_args("sample", STAGE1_CKPT, "--model.init_args.predict_task", "extract",
-                     "--data.init_args.predict_split", "train", "--data.init_args.orders_path", "runs/o3"),
-        ("SampleWriter writes samples", "predict_task is extract", "configs/sample.yaml")),
-    "order writer under sampling": fixed(
-        predict_args("extract_orders", STAGE1_CKPT, "--model.init_args.predict_task", "sample",
-                     "--data.init_args.predict_split", "samples"),
-        ("OrderWriter writes extracted orders", "predict_task is sample", "configs/extract_orders.yaml")),
-    "unknown predict_task": fixed(predict_args("sample", STAGE1_CKPT, "--model.init_args.predict_task", "paint"),
-                                  ("model.init_args.predict_task must be one of sample, extract, edit", "paint")),
+    "extraction over the samples split": fixed(
+        predict_args("extract_orders", STAGE1_CKPT, "--data.init_args.predict_split", "samples"),
+        ("configs/extract_orders.yaml runs over data.init_args.predict_split train or val, not samples",)),
+    "sampling over the train split": fixed(
+        predict_args("sample", STAGE1_CKPT, "--data.init_args.predict_split", "train"),
+        ("configs/sample.yaml runs over data.init_args.predict_split samples, not train",)),
+    "sampling without its writer": fixed(
+        predict_args("sample", STAGE1_CKPT, "--trainer.callbacks", ORDER_WRITER_ONLY),
+        ("configs/sample.yaml writes its results with callbacks.writers.SampleWriter", "trainer.callbacks")),
+    "predict with a training config": fixed(
+        ["predict", "--config", config("any_order"), "--ckpt_path", str(STAGE1_CKPT), *SMALL_DATA, *QUIET],
+        ("predict runs a job on a trained model", "configs/sample.yaml", "AnyOrderModule")),
+    "predict with the tokenizer config": fixed(
+        ["predict", "--config", config("tokenizer"), "--ckpt_path", str(TOKENIZER_CKPT), *SMALL_DATA, *QUIET],
+        ("predict runs a job on a trained model", "configs/extract_orders.yaml", "TokenizerModule")),
+    "distilled checkpoint resumed by the stage-1 config": restaged_case("any_order", "DistillModule",
+                                                                         "configs/distill.yaml"),
+    "stage-1 checkpoint resumed by the distillation config": restaged_case("distill", "AnyOrderModule",
+                                                                           "configs/any_order.yaml"),
+    "plain state dict as --ckpt_path": crafted_case(lambda ckpt: {"weight": torch.zeros(2)},
+                                                    ("no state_dict or net_spec", CKPT_FIX)),
+    "malformed tokenizer record": crafted_case(lambda ckpt: {**ckpt, "tokenizer": "runs/tokenizer"},
+                                               ("malformed tokenizer record", "data.init_args.tokenizer_ckpt")),
+    "net_spec naming code as --ckpt_path": crafted_case(
+        lambda ckpt: {**ckpt, "net_spec": CODE_SPEC}, ("net_spec.class_path", "'os.system'", "refused unread")),
+    "net_spec naming code as tokenizer_ckpt": code_tokenizer_case,
+    "net_spec argument naming code": crafted_case(
+        lambda ckpt: {**ckpt, "net_spec": {**ckpt["net_spec"], "init_args": {**ckpt["net_spec"]["init_args"],
+                                                                              "width": CODE_SPEC}}},
+        ("net_spec.init_args.width", "not a plain value")),
+    "orders extracted by another model": other_orders_case,
+    "--ckpt_path last without a last checkpoint": fixed(
+        fit_args("distill", "--ckpt_path", "last"), ("--ckpt_path last", "runs/distill/checkpoints/last.ckpt",
+                                                     "start without --ckpt_path")),
     "corrupt orders.pt": corrupt_orders_file_case,
 }
 
@@ -272,8 +327,10 @@ FAST = ("payload as tokenizer_ckpt", "payload as init_from", "payload as ckpt_pa
         "nan as ckpt_path", "another tokenizer, sampling", "another vocabulary, checkpoint without record",
         "checkpoint without record, no tokenizer given",
         "image_size not a multiple, AR stage", "image_size 0", "temperature 0", "num_samples 0",
-        "folder smaller than one batch", "corrupt orders.pt", "predict_task extract over the samples split",
-        "order writer under sampling")
+        "folder smaller than one batch", "corrupt orders.pt", "extraction over the samples split",
+        "sampling without its writer", "predict with a training config", "distilled checkpoint resumed by the stage-1 "
+        "config", "net_spec naming code as --ckpt_path", "net_spec naming code as tokenizer_ckpt",
+        "malformed tokenizer record", "plain state dict as --ckpt_path", "orders extracted by another model")
 
 
 @pytest.mark.parametrize("case", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow) for c in CASES])

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from datamodules.orders_file import finished_keys
-from models.extraction import extract_orders, hash32, naive_extract_orders, nll_under_order, noise_seeds
+from models.extraction import (
+    ExtractionSettings,
+    extract_orders,
+    hash32,
+    naive_extract_orders,
+    nll_under_order,
+    noise_seeds,
+)
 from models.orders import is_permutation, random_order
 from tests.conftest import ORDERS, STAGE1_CKPT, copy_run, predict
 from tests.test_pipeline import Crash
@@ -24,8 +31,8 @@ def images(b: int = 3, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("positions_per_step", [1, 3])
 @pytest.mark.parametrize("gumbel_temperature,noise,options", [
     (0.0, "generator", {}), (0.5, "generator", {}), (0.5, "row_seeds", {}),
-    (2.0, "row_seeds", {"gumbel_schedule": "linear"}), (0.0, "row_seeds", {"random_first": 4}),
-    (1.0, "generator", {"gumbel_schedule": "linear", "random_first": 2}),
+    (2.0, "row_seeds", {"choice_schedule": "linear"}), (0.0, "row_seeds", {"random_first": 4}),
+    (1.0, "generator", {"choice_schedule": "linear", "random_first": 2}),
 ])
 @pytest.mark.parametrize("next_pos,next_pos_layer,block", [("relative", 0, "gpt"), ("relative", 1, "gpt"),
                                                            ("target_rope", 0, "llama"), ("instruction", 0, "llama")])
@@ -33,22 +40,23 @@ def test_extraction_equals_naive(score, positions_per_step, gumbel_temperature, 
                                  next_pos_layer, block):
     net = tiny_net(next_pos, "rope", seed=2, next_pos_layer=next_pos_layer, block=block)
     tokens = images()
-    kwargs = dict(score=score, positions_per_step=positions_per_step, gumbel_temperature=gumbel_temperature,
-                  **options)
+    settings = ExtractionSettings(score=score, positions_per_step=positions_per_step,
+                                  choice_temperature=gumbel_temperature, **options)
     seeds = noise_seeds(3, torch.arange(3), torch.tensor([0, 1, 0]))
 
     def source() -> dict:
         return {"generator": torch.Generator().manual_seed(3)} if noise == "generator" else {"row_seeds": seeds}
 
-    fast = extract_orders(net, tokens, COND, **source(), **kwargs)
-    slow = naive_extract_orders(net, tokens, COND, **source(), **kwargs)
+    fast = extract_orders(net, tokens, COND, settings, **source())
+    slow = naive_extract_orders(net, tokens, COND, settings, **source())
     assert torch.equal(fast, slow)
 
 
 @pytest.mark.parametrize("positions_per_step", [2, 5, N])
 def test_several_positions_per_step_give_permutations(positions_per_step):
     net, tokens = tiny_net("absolute", "learned"), images(4)
-    order = extract_orders(net, tokens, torch.tensor([0, 1, 2, 3]), positions_per_step=positions_per_step)
+    settings = ExtractionSettings(positions_per_step=positions_per_step)
+    order = extract_orders(net, tokens, torch.tensor([0, 1, 2, 3]), settings)
     assert order.shape == (4, N) and is_permutation(order)
 
 
@@ -68,7 +76,8 @@ def test_gumbel_noise_changes_orders_and_is_seeded():
     net, tokens = tiny_net(), images()
     greedy = extract_orders(net, tokens, COND)
     noisy = [
-        extract_orders(net, tokens, COND, gumbel_temperature=5.0, generator=torch.Generator().manual_seed(s))
+        extract_orders(net, tokens, COND, ExtractionSettings(choice_temperature=5.0),
+                       generator=torch.Generator().manual_seed(s))
         for s in (0, 0, 1)
     ]
     assert torch.equal(noisy[0], noisy[1]) and not torch.equal(noisy[0], noisy[2])
@@ -103,7 +112,7 @@ def test_noise_seeds_differ_per_key_and_seed():
 def keyed_orders(net, tokens, cond, keys, seed, rows) -> dict[tuple[int, int], list[int]]:
     """Orders of the given rows extracted in one batch, by (index, flip) key."""
     index, flip = keys[rows, 0], keys[rows, 1]
-    order = extract_orders(net, tokens[rows], cond[rows], gumbel_temperature=2.0,
+    order = extract_orders(net, tokens[rows], cond[rows], ExtractionSettings(choice_temperature=2.0),
                            row_seeds=noise_seeds(seed, index, flip))
     return {(int(i), int(f)): o.tolist() for i, f, o in zip(index, flip, order, strict=True)}
 
@@ -123,7 +132,7 @@ def test_row_seeded_gumbel_orders_do_not_depend_on_the_batch():
     assert sum(other_seed[k] != whole[k] for k in whole) >= 3
 
 
-GUMBEL = ("--model.init_args.extraction.gumbel_temperature", "2.0")
+GUMBEL = ("--model.init_args.extraction.choice_temperature", "2.0")
 CRASH = "tests.test_pipeline.CrashAfterFirstBatch"
 
 
@@ -159,30 +168,46 @@ def test_nll_under_order_equals_direct_computation():
     assert bits.shape == (3,)
 
 
-def test_bad_arguments_raise():
+def test_bad_settings_raise_naming_the_key():
+    for kwargs in [{"score": "entropy"}, {"score": "sampled"}, {"positions_per_step": 0},
+                   {"choice_schedule": "cosine"}, {"choice_temperature": -1.0}, {"random_first": -1}]:
+        with pytest.raises(ValueError, match=f"model.init_args.extraction.{next(iter(kwargs))} = "):
+            ExtractionSettings(**kwargs)
+
+
+def test_deprecated_gumbel_keys_still_work_with_a_warning():
+    """The extraction's noise keys of the earlier release mean the choice_* keys, with a warning naming them."""
+    with pytest.warns(FutureWarning, match="write model.init_args.extraction.choice_temperature"):
+        old = ExtractionSettings(gumbel_temperature=2.0, gumbel_schedule="linear")
+    assert (old.choice_temperature, old.choice_schedule) == (2.0, "linear")
+    assert "gumbel_temperature" not in old.record()
     net, tokens = tiny_net(), images()
-    with pytest.raises(ValueError):
-        extract_orders(net, tokens, COND, score="entropy")
-    with pytest.raises(ValueError):
-        extract_orders(net, tokens, COND, positions_per_step=0)
+    seeds = noise_seeds(0, torch.arange(3), torch.zeros(3, dtype=torch.long))
+    new = ExtractionSettings(choice_temperature=2.0, choice_schedule="linear")
+    assert torch.equal(extract_orders(net, tokens, COND, old, row_seeds=seeds),
+                       extract_orders(net, tokens, COND, new, row_seeds=seeds))
 
 
 def test_random_first_cells_ignore_the_scores_then_greedy_takes_over():
     """random_first k: the first k cells follow the noise alone (two models agree on them), the rest the model."""
     tokens, seeds = images(), noise_seeds(0, torch.arange(3), torch.zeros(3, dtype=torch.long))
-    first = [extract_orders(tiny_net(seed=s), tokens, COND, random_first=5, row_seeds=seeds) for s in (2, 3)]
+    first = [extract_orders(tiny_net(seed=s), tokens, COND, ExtractionSettings(random_first=5), row_seeds=seeds)
+             for s in (2, 3)]
     assert torch.equal(first[0][:, :5], first[1][:, :5]) and not torch.equal(first[0], first[1])
     greedy = extract_orders(tiny_net(seed=2), tokens, COND)
     assert not torch.equal(first[0][:, :5], greedy[:, :5])
 
 
 def test_linear_schedule_is_greedy_at_the_end():
-    """With the linear schedule the noise has vanished at the last steps: those choices are greedy."""
-    from models.extraction import OrderNoise
+    """With the linear schedule the noise has vanished at the last steps: those choices are greedy; the same
+    `ChoiceNoise` with per-row counts (the sampler's) gives the same scores as with one count for all rows."""
+    from models.choice import ChoiceNoise
 
-    noise = OrderNoise(3.0, "linear")
-    scores, uniform = torch.randn(2, 5), torch.rand(2, 5)
-    assert torch.equal(noise.apply(scores, 10, 10, uniform), scores)
-    assert not torch.equal(noise.apply(scores, 0, 10, uniform), scores)
-    with pytest.raises(ValueError, match="schedule"):
-        OrderNoise(1.0, "cosine")
+    noise = ChoiceNoise(3.0, "linear")
+    scores, gumbel = torch.randn(2, 5), torch.randn(2, 5)
+    assert torch.equal(noise.apply(scores, 10, 10, gumbel), scores)
+    assert not torch.equal(noise.apply(scores, 0, 10, gumbel), scores)
+    per_row = noise.apply(scores, torch.tensor([4, 4]), torch.tensor([10, 10]), gumbel)
+    torch.testing.assert_close(per_row, noise.apply(scores, 4, 10, gumbel))
+    first = ChoiceNoise(0.0, "constant", random_first=2)
+    assert torch.equal(first.apply(scores, torch.tensor([1, 2]), 10, gumbel), torch.stack([gumbel[0], scores[1]]))

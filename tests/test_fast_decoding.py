@@ -5,6 +5,7 @@ the exact policy at refresh 1."""
 import pytest
 import torch
 
+from models.choice import ChoiceNoise
 from models.orders import drop_cells, is_permutation, random_order
 from models.sampling import (
     ConfidencePolicy,
@@ -112,7 +113,8 @@ def test_shortlist_rescores_few_cells_between_full_rankings():
     assert widths[:6] == [N, 3, 3, 3, N - 4, 3]
     assert widths[-3:] == [3, 2, 1]  # once the shortlist covers every unwritten cell, all are scored
     widths.clear()
-    decode(net, COND, Recording(shortlist=3, refresh=4, random_first=2), NoGuidance(), TokenSampler(), gen())
+    first_two = ChoiceNoise(random_first=2)
+    decode(net, COND, Recording(shortlist=3, refresh=4, noise=first_two), NoGuidance(), TokenSampler(), gen())
     assert widths[:4] == [N, N - 1, 3, 3]  # random first cells come from every unwritten cell
 
 

@@ -3,6 +3,8 @@ file (keys (index, flip, k)), resumption, DDP, statistics and distillation drawi
 
 import json
 import math
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,10 +23,21 @@ from datamodules.orders_file import (
     write_shard,
 )
 from evaluation.order_stats import agreement_within_images
-from lightning_modules.any_order import AnyOrderModule, ExtractionSettings
-from models.extraction import extract_orders, noise_seeds
+from lightning_modules.extract import ExtractModule
+from models.extraction import ExtractionSettings, extract_orders, noise_seeds
 from models.orders import is_permutation, random_order
-from tests.conftest import ORDERS, QUIET, REPO, SMALL_DATA, STAGE1_CKPT, config, copy_run, fit, predict
+from tests.conftest import (
+    ORDERS,
+    QUIET,
+    REPO,
+    SMALL_DATA,
+    STAGE1_CKPT,
+    config,
+    copy_run,
+    fit,
+    predict,
+    save_ar_checkpoint,
+)
 from tests.ddp import run_cli_subprocess
 from tests.test_orders_file import N_CELLS, H, W, token_manifest
 from tests.test_pipeline import Crash, one_line
@@ -55,8 +68,10 @@ def test_the_first_order_keeps_the_noise_seeds_of_one_order_per_view():
 
 # ---- extraction by the module -----------------------------------------------------------------------------
 def extract(batch: dict, **settings) -> dict:
-    module = AnyOrderModule(tiny_net(seed=2), predict_task="extract", extraction=ExtractionSettings(**settings))
-    return module._extract(batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = save_ar_checkpoint(tiny_net(seed=2), Path(tmp) / "stage1.ckpt")
+        module = ExtractModule(checkpoint=str(ckpt), extraction=ExtractionSettings(**settings))
+    return module.predict_step(batch, 0)
 
 
 @pytest.fixture
@@ -68,7 +83,7 @@ def views() -> dict:
 
 
 def test_k_orders_are_permutations_that_differ_with_noise_and_are_copies_without(views):
-    noisy = extract(views, orders_per_image=3, gumbel_temperature=2.0, seed=4)
+    noisy = extract(views, orders_per_image=3, choice_temperature=2.0, seed=4)
     assert noisy["order"].shape == (12, N) and is_permutation(noisy["order"])
     assert noisy["k"].tolist() == [0, 1, 2] * 4 and noisy["index"].tolist() == [5] * 6 + [9] * 6
     assert noisy["flip"].tolist() == [0, 0, 0, 1, 1, 1] * 2
@@ -83,10 +98,9 @@ def test_k_orders_are_permutations_that_differ_with_noise_and_are_copies_without
 
 def test_one_order_per_view_is_extracted_as_before(views):
     """K = 1 calls the extraction as it was before K existed; k = 0 of K = 3 is that same order."""
-    settings = dict(gumbel_temperature=2.0, gumbel_schedule="linear", random_first=2, seed=4)
+    settings = dict(choice_temperature=2.0, choice_schedule="linear", random_first=2, seed=4)
     one = extract(views, **settings)
-    before = extract_orders(tiny_net(seed=2), views["tokens"], views["label"], gumbel_temperature=2.0,
-                            gumbel_schedule="linear", random_first=2,
+    before = extract_orders(tiny_net(seed=2), views["tokens"], views["label"], ExtractionSettings(**settings),
                             row_seeds=noise_seeds(4, views["index"], views["flip"]))
     assert torch.equal(one["order"], before) and one["k"].tolist() == [0] * 4
     three = extract(views, orders_per_image=3, **settings)

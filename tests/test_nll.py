@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from evaluation.nll import mean_nll_bits, nll_under_orders
-from models.extraction import extract_orders, nll_under_order
+from models.extraction import ExtractionSettings, extract_orders, nll_under_order
 from models.orders import random_order, raster_order
 from models.transformer import OrderedTransformer
 from tests.test_transformer import CLASSES, VOCAB, N, tiny_net
@@ -26,8 +26,8 @@ def test_the_orders_are_raster_a_seeded_random_order_the_inferred_one_and_the_ow
     assert set(bits) == {"raster", "random", "inferred", "own"} and all(v.shape == (3,) for v in bits.values())
     expected = {"raster": raster_order(3, N),
                 "random": random_order(3, N, generator=torch.Generator().manual_seed(7)),
-                "inferred": extract_orders(net, tokens, COND, score=score),
-                "own": extract_orders(net, tokens, COND, score="max_prob")}
+                "inferred": extract_orders(net, tokens, COND, ExtractionSettings(score=score)),
+                "own": extract_orders(net, tokens, COND, ExtractionSettings(score="max_prob"))}
     for name, order in expected.items():
         torch.testing.assert_close(bits[name], nll_under_order(net, tokens, order, COND), atol=1e-6, rtol=0)
     again = nll_under_orders(net, tokens, COND, torch.Generator().manual_seed(7), inferred=False)

@@ -22,7 +22,7 @@ from datamodules.orders_file import (
     read_manifest,
     write_shard,
 )
-from datamodules.token_cache import cache_manifest, file_sha256
+from datamodules.token_cache import cache_manifest
 from evaluation.order_stats import (
     adjacency_share,
     mean_step_map,
@@ -30,6 +30,7 @@ from evaluation.order_stats import (
     order_statistics,
     per_class_mean_maps,
 )
+from fileio import file_sha256
 from models.orders import order_to_step_map, random_order, raster_order
 from tests.ddp import with_retries
 
@@ -168,11 +169,9 @@ def test_order_statistics_is_json_and_has_a_random_reference():
 class FakeExtractor(LightningModule):
     """Returns the fixed permutation of each (index, flip); raises at batch `fail_at` (an interruption)."""
 
-    predict_task = "extract"
-
-    def __init__(self, fail_at: int | None = None):
+    def __init__(self, fail_at: int | None = None, checkpoint: str | None = None):
         super().__init__()
-        self.fail_at = fail_at
+        self.fail_at, self.checkpoint = fail_at, checkpoint  # the job's checkpoint, as ExtractModule has it
         self.extraction = {"score": "true_prob", "positions_per_step": 1}
         self.weight = torch.nn.Parameter(torch.zeros(1))
 
@@ -235,7 +234,7 @@ def predict(root, orders_path, ckpt, fail_at=None, **trainer_kwargs) -> None:
     )
     trainer = Trainer(callbacks=[OrderWriter()], **{**kwargs, **trainer_kwargs})
     trainer.predict(
-        FakeExtractor(fail_at),
+        FakeExtractor(fail_at, ckpt),
         datamodule=FakeData(str(orders_path)),
         ckpt_path=ckpt,
         return_predictions=False,
@@ -315,7 +314,7 @@ def _ddp_predict(root, remaining: int | None = None) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.predict(FakeExtractor(), datamodule=data, ckpt_path=ckpt, return_predictions=False)
+    trainer.predict(FakeExtractor(checkpoint=ckpt), datamodule=data, ckpt_path=ckpt, return_predictions=False)
 
 
 @pytest.mark.slow

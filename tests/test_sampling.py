@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from models.choice import ChoiceNoise
 from models.logits import top_k_filter, top_p_filter
 from models.orders import (
     is_permutation,
@@ -242,12 +243,12 @@ def test_huge_choice_noise_writes_cells_in_uniformly_random_order(settings):
 
 
 def test_linear_schedule_anneals_to_greedy():
-    policy = ConfidencePolicy(choice_temperature=2.0, choice_schedule="linear")
-    policy.start(torch.zeros(1, N, dtype=torch.bool))
-    assert policy.temperature_at(0) == 2.0 and policy.temperature_at(N // 2) == 1.0
-    assert policy.temperature_at(N) == 0.0
-    constant = ConfidencePolicy(choice_temperature=2.0, choice_schedule="constant")
-    assert constant.temperature_at(N - 1) == 2.0
+    noise = ChoiceNoise(2.0, "linear")
+    assert noise.temperature_at(0, N) == 2.0 and noise.temperature_at(N // 2, N) == 1.0
+    assert noise.temperature_at(N, N) == 0.0
+    assert ChoiceNoise(2.0, "constant").temperature_at(N - 1, N) == 2.0
+    per_row = noise.temperature_at(torch.tensor([0, 4]), torch.tensor([8, 8]))
+    torch.testing.assert_close(per_row, torch.tensor([2.0, 1.0]))
 
 
 def test_sampled_score_keeps_the_token_it_scored():

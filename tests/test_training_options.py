@@ -34,9 +34,9 @@ def test_curriculum_settings_checked():
         module(curriculum_steps=10, curriculum_start=1.5)
 
 
-@pytest.mark.parametrize("key,value", [("gumbel_schedule", "cosine"), ("random_first", -1), ("precision", "fp16")])
+@pytest.mark.parametrize("key,value", [("choice_schedule", "cosine"), ("random_first", -1), ("precision", "fp16")])
 def test_extraction_settings_checked(key, value):
-    from lightning_modules.any_order import ExtractionSettings
+    from models.extraction import ExtractionSettings
 
     with pytest.raises(ValueError, match=rf"model\.init_args\.extraction\.{key} = "):
         ExtractionSettings(**{key: value})

@@ -1,10 +1,11 @@
-"""Procedural "sunset" scenes with a known causal structure, and a pixel analyser that checks it.
+"""Procedural "sunset" scenes with a known causal structure.
 
 The sun's hue (the label) causes the rest of the scene: the sky is tinted by it, and the clouds take
 a tint that is a many-to-one function of it (`expected_tint`). The sun determines the clouds, but the
 clouds do not determine the sun. A raster-order model meets the clouds (top rows) before or beside
 the sun and must guess, while an order-aware model can draw the sun first and read the tint off it.
-`analyse_sunset` measures from pixels alone whether generated images keep that rule.
+`evaluation.sunsets.analyse_sunset` measures from pixels alone whether generated images keep that rule; the
+palette it reads, and the analyser thresholds set between the rendering levels, live there too.
 
 A variant where the order matters more (`tint_sky=False`, `conditional=False`): the sky is a neutral
 dusk gradient and the source is unconditional, so the hue exists only in the sun disc and the clouds'
@@ -28,44 +29,26 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from evaluation.sunsets import (
+    SunsetAnalysis,
+    analyse_sunset,
+    cloud_palette,
+    expected_tint,
+    num_cloud_tints,
+    sun_palette,
+    sunset_pixels,
+)
+
 # Bump whenever rendering or sampling changes, so cached tokens made from old images are refused.
 RENDER_VERSION = 1
 
-_SUN_SATURATION = 0.85
 _SKY_SATURATION = 0.8
 _SKY_MAX_VALUE = 0.62  # well below the sun's 1.0, so the sun is the only bright saturated region
-# The untinted sky: a fixed grey-blue, dim enough (value below _CLOUD_MIN_VALUE) to never read as cloud.
+# The untinted sky: a fixed grey-blue, dim enough (below evaluation.sunsets' cloud threshold) to never read as cloud.
 _DUSK_HUE, _DUSK_SATURATION, _DUSK_MAX_VALUE = 0.62, 0.3, 0.36
-_CLOUD_SATURATION = 0.35
 _CLOUD_EDGE = 0.3  # soft edge width, as a fraction of the cloud's radius
 _GROUND_RGB = np.array([0.05, 0.04, 0.07])
-
-# Analyser thresholds (on HSV value / saturation in [0, 1]), set between the levels above.
-_SUN_MIN_VALUE, _SUN_MIN_SAT = 0.85, 0.6
-_CLOUD_MIN_VALUE, _CLOUD_MAX_SAT = 0.4, 0.5
 MAX_CLOUDS = 3
-
-
-def num_cloud_tints(num_hues: int) -> int:
-    """Number of cloud tints; fewer than hues, so a tint does not identify the sun."""
-    return max(2, num_hues // 2)
-
-
-def expected_tint(hue: int, num_hues: int = 8) -> int:
-    """The cloud tint that a sun of palette index `hue` causes (many-to-one)."""
-    return hue % num_cloud_tints(num_hues)
-
-
-def sun_palette(num_hues: int) -> np.ndarray:
-    """Sun colours, float RGB in [0, 1] of shape (num_hues, 3)."""
-    return np.array([colorsys.hsv_to_rgb(k / num_hues, _SUN_SATURATION, 1.0) for k in range(num_hues)])
-
-
-def cloud_palette(num_hues: int) -> np.ndarray:
-    """Cloud tints, float RGB of shape (num_cloud_tints, 3): pastel, hues midway between sun hues."""
-    t_count = num_cloud_tints(num_hues)
-    hues = [(t / t_count + 0.5 / num_hues) % 1.0 for t in range(t_count)]
-    return np.array([colorsys.hsv_to_rgb(h, _CLOUD_SATURATION, 1.0) for h in hues])
 
 
 @dataclass(frozen=True)
@@ -291,89 +274,6 @@ class SunsetSource(Dataset):
         if self.num_images:
             digest.update(self[0][0].numpy().tobytes())
         return digest.hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------------------------
-# Analyser: reads pixels only, so it can judge generated images.
-
-
-@dataclass(frozen=True)
-class SunsetAnalysis:
-    """What the analyser read from one image.
-
-    Attributes:
-        sun_hue: Nearest sun palette index, or None when no sun was found.
-        cloud_tint: Nearest cloud tint index, or None when no cloud was found.
-        consistent: Both were found and the tint is the one the sun causes.
-    """
-
-    sun_hue: int | None
-    cloud_tint: int | None
-    consistent: bool
-
-
-def _opponent(rgb: torch.Tensor) -> torch.Tensor:
-    """Brightness-free 2-D chroma of RGB in [0, 1] along dim -3: (..., 2, H, W).
-
-    The red-vs-rest and green-vs-blue axes divided by HSV value; its angle tracks hue and its length
-    tracks saturation, so averaging it over pixels is a well-behaved mean colour.
-    """
-    r, g, b = rgb.unbind(-3)
-    value = rgb.amax(-3).clamp_min(1e-3)
-    return torch.stack([(r - (g + b) / 2) / value, (g - b) * (3**0.5 / 2) / value], dim=-3)
-
-
-def _nearest(chroma: torch.Tensor, palette: np.ndarray) -> int:
-    """Index of the palette colour whose chroma is closest to `chroma` (2,)."""
-    refs = _opponent(torch.as_tensor(palette, dtype=torch.float32)[:, :, None, None])[:, :, 0, 0]
-    return int((refs - chroma).norm(dim=1).argmin())
-
-
-def sunset_pixels(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pixels `analyse_sunset` reads as sun (bright, saturated) and as cloud (bright, pastel): two bool
-    masks (b, H, W) of uint8 images (b, 3, H, W)."""
-    rgb = images.float() / 255.0
-    value = rgb.amax(1)
-    saturation = (value - rgb.amin(1)) / value.clamp_min(1e-3)
-    return ((value > _SUN_MIN_VALUE) & (saturation > _SUN_MIN_SAT),
-            (value > _CLOUD_MIN_VALUE) & (saturation < _CLOUD_MAX_SAT))
-
-
-def analyse_sunset(images: torch.Tensor, num_hues: int = 8) -> list[SunsetAnalysis]:
-    """Read the sun hue and cloud tint of each image and check the causal rule.
-
-    Sun: the bright, saturated pixels (the sky shares the sun's hue but is darker; clouds are
-    pastel), averaged in chroma and matched to the nearest palette hue. Clouds: the bright,
-    low-saturation pixels; their median chroma is matched to the nearest cloud tint. The median keeps
-    the soft cloud rims, which lean towards the sky colour, from pulling the estimate.
-
-    Args:
-        images: uint8 images, (b, 3, H, W) or (3, H, W).
-        num_hues: Size of the sun palette the images were made with.
-
-    Returns:
-        One `SunsetAnalysis` per image.
-    """
-    if images.dim() == 3:
-        images = images[None]
-    rgb = images.float() / 255.0
-    chroma = _opponent(rgb)  # (b, 2, H, W)
-    sun_mask, cloud_mask = sunset_pixels(images)
-    min_pixels = max(3, round(0.005 * sun_mask[0].numel()))
-    suns, clouds = sun_palette(num_hues), cloud_palette(num_hues)
-
-    results = []
-    for i in range(rgb.shape[0]):
-        sun_hue = cloud_tint = None
-        if int(sun_mask[i].sum()) >= min_pixels:
-            sun_hue = _nearest(chroma[i][:, sun_mask[i]].mean(1), suns)
-        if int(cloud_mask[i].sum()) >= min_pixels:
-            cloud_tint = _nearest(chroma[i][:, cloud_mask[i]].median(1).values, clouds)
-        consistent = (
-            sun_hue is not None and cloud_tint is not None and cloud_tint == expected_tint(sun_hue, num_hues)
-        )
-        results.append(SunsetAnalysis(sun_hue, cloud_tint, consistent))
-    return results
 
 
 __all__ = [
