@@ -173,6 +173,13 @@ class OARDataModule(LightningDataModule):
         if num_samples < 1:
             raise ValueError(f"data.init_args.num_samples = {num_samples} is impossible: set it to the number of "
                              "images to sample (>= 1)")
+        checks = [("batch_size", batch_size >= 1, "an integer >= 1"),
+                  ("val_fraction", 0.0 <= val_fraction < 1.0, "a share in [0, 1)"),
+                  ("num_workers", num_workers >= 0, ">= 0"), ("tokenize_batch_size", tokenize_batch_size >= 1, ">= 1"),
+                  ("max_val_images", max_val_images is None or max_val_images >= 1, ">= 1, or null for all")]
+        for key, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"data.init_args.{key} = {locals()[key]} is impossible: set it to {expected}")
         self.vocab_size: int | None = None
         self.grid_size: tuple[int, int] | None = None
         if tokenizer_ckpt is not None:
@@ -188,6 +195,10 @@ class OARDataModule(LightningDataModule):
             raise ValueError(f"data.init_args.max_predict_images = {max_predict_images} is impossible: set it to >= 1, "
                              "or null for every image of the split")
         self.max_predict_images = max_predict_images
+        for key, folder in (("orders_path", orders_path), ("cache_dir", cache_dir)):
+            if folder is not None and Path(folder).is_file():
+                raise ValueError(f"data.init_args.{key} = {folder} is a file, not a folder: give a folder (it is "
+                                 "created if missing)")
         self.orders_path = orders_path
         self.predict_split, self.num_samples, self.sample_seed = predict_split, num_samples, sample_seed
         self.train_set: Dataset | None = None
@@ -232,6 +243,10 @@ class OARDataModule(LightningDataModule):
                 ensure_token_cache(self.source, self.tokenizer_ckpt, self._manifest(), self.cache_dir,
                                    self.tokenize_batch_size)
                 self._token_cache = load_token_cache(path, self._manifest())
+            rows = {len(self._token_cache["tokens"]), len(self._token_cache["labels"])}
+            if rows != {len(self.source)}:
+                raise ValueError(f"token cache {path} holds {sorted(rows)} rows for the {len(self.source)} images its "
+                                 "manifest names: it is damaged; delete it and rerun (it is rebuilt)")
         return self._token_cache
 
     def labels_of(self, indices: torch.Tensor) -> torch.Tensor:

@@ -72,9 +72,16 @@ class AnyOrderModule(LightningModule):
                              f"{', '.join(EXTRACTION_SCORES)}")
         self.save_hyperparameters()  # under the CLI: the whole config, so --ckpt_path rebuilds this module
         self.net, self.optimizer = net, optimizer
-        if curriculum_steps < 0 or not 0.0 <= curriculum_start <= 1.0:
-            raise ValueError("model.init_args.curriculum_steps must be >= 0 and curriculum_start in [0, 1], got "
-                             f"{curriculum_steps} and {curriculum_start}")
+        checks = [("curriculum_steps", curriculum_steps >= 0, ">= 0 (0 = random orders from the start)"),
+                  ("curriculum_start", 0.0 <= curriculum_start <= 1.0, "a share in [0, 1]"),
+                  ("label_dropout", 0.0 <= label_dropout <= 1.0, "a probability in [0, 1]"),
+                  ("warmup_steps", warmup_steps >= 0, ">= 0"),
+                  ("min_lr_ratio", 0.0 <= min_lr_ratio <= 1.0, "in [0, 1]"),
+                  ("inferred_nll_every_n_epochs", inferred_nll_every_n_epochs >= 0, ">= 0 (0 = never)"),
+                  ("inferred_nll_batches", inferred_nll_batches >= 1, ">= 1")]
+        for key, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"model.init_args.{key} = {locals()[key]} is impossible: set it to {expected}")
         self.train_order, self.label_dropout = train_order, label_dropout
         self.curriculum_steps, self.curriculum_start = curriculum_steps, curriculum_start
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio

@@ -86,6 +86,11 @@ class OARCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Give `--ckpt_path` back (a fit resumes from it); checkpoints are read as tensors and plain data only."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        logger = (config.get("trainer") or {}).get("logger")
+        save_dir = (logger.get("init_args") or {}).get("save_dir") if hasattr(logger, "get") else None
+        if save_dir and Path(save_dir).is_file():
+            raise ValueError(f"trainer.logger.init_args.save_dir = {save_dir} is a file, not a folder: give a run "
+                             "folder (it is created if missing)")
         if self.subcommand:
             config.ckpt_path = self._ckpt_path
             if config.get("weights_only") is False:

@@ -4,6 +4,7 @@ Every case runs the real CLI (in-process; a few also as `python run.py` subproce
 fixture pipeline folder (tokenizer, stage-1 model, token cache, extracted orders).
 """
 
+import logging
 import os
 import subprocess
 import sys
@@ -314,6 +315,10 @@ CASES = {
                                                                               "width": CODE_SPEC}}},
         ("net_spec.init_args.width", "not a plain value")),
     "orders extracted by another model": other_orders_case,
+    "orders_path is a file": fixed(predict_args("extract_orders", STAGE1_CKPT, "--data.init_args.orders_path",
+                                                str(TOKENIZER_CKPT)), ("data.init_args.orders_path", "is a file")),
+    "save_dir is a file": fixed(fit_args("any_order", "--trainer.logger.init_args.save_dir", str(TOKENIZER_CKPT)),
+                                ("trainer.logger.init_args.save_dir", "is a file")),
     "--ckpt_path last without a last checkpoint": fixed(
         fit_args("distill", "--ckpt_path", "last"), ("--ckpt_path last", "runs/distill/checkpoints/last.ckpt",
                                                      "start without --ckpt_path")),
@@ -368,3 +373,35 @@ def test_bad_input_stops_the_script_with_one_error_line(case, orders_run, tmp_pa
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert all(word in errors[0] for word in words), errors[0]
     assert not (folder / MARKER).exists()
+
+
+@pytest.mark.parametrize("key,value", [("data.init_args.batch_size", "0"), ("data.init_args.val_fraction", "-0.1"),
+                                       ("model.init_args.label_dropout", "1.5"),
+                                       ("model.init_args.warmup_steps", "-1")])
+def test_impossible_training_settings_name_their_key(key, value, orders_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(copy_run(orders_run, tmp_path))
+    with pytest.raises(ValueError) as err:
+        run_cli(*fit_args("any_order", f"--{key}", value))
+    assert f"{key} = {value}" in str(err.value) and "set it to" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_token_cache_with_fewer_rows_than_its_images_is_refused(orders_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(copy_run(orders_run, tmp_path))
+    cache = next(Path(".").rglob("tokens-*.pt"))
+    data = torch.load(cache, weights_only=True)
+    torch.save({**data, "tokens": data["tokens"][:-3], "labels": data["labels"][:-3]}, cache)
+    with pytest.raises(ValueError) as err:
+        run_cli(*fit_args("any_order"))
+    assert str(cache) in str(err.value) and "delete it and rerun" in str(err.value)
+
+
+def test_an_empty_class_subfolder_is_named(tmp_path, caplog):
+    from datamodules.sources import ImageFolderSource
+
+    for name in ("cats", "dogs"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "a.png")
+    (tmp_path / "birds").mkdir()
+    with caplog.at_level(logging.WARNING):
+        source = ImageFolderSource(str(tmp_path), image_size=8)
+    assert source.num_classes == 2 and "birds" in caplog.text and "no images" in caplog.text

@@ -112,8 +112,12 @@ class ImageFolderSource(Dataset):
 
     def _scan(self) -> tuple[list[str], list[Path], list[int]]:
         """Find (class names, files, labels), with classes from subfolders when they hold images."""
-        classes = [(d.name, self._images_under(d)) for d in sorted(self.root.iterdir()) if d.is_dir()]
-        classes = [(name, files) for name, files in classes if files]
+        found = [(d.name, self._images_under(d)) for d in sorted(self.root.iterdir()) if d.is_dir()]
+        classes = [(name, files) for name, files in found if files]
+        empty = [name for name, files in found if not files]
+        if classes and empty:  # a class with no images is no class: the labels of the others shift past it
+            log.warning("class subfolder(s) %s of %s hold no images and are not classes (%d classes remain; a model "
+                        "trained with them would see other label numbers)", ", ".join(empty), self.root, len(classes))
         if not classes:
             files = self._images_under(self.root)
             return [self.root.resolve().name or "images"], files, [0] * len(files)
