@@ -30,4 +30,4 @@ def test_pure_packages_import_no_lightning():
 
 def test_models_import_no_evaluation_code():
     loaded = imported_after(modules_of("models"))
-    assert not {"evaluation", "callbacks", "lightning_modules", "benchmarks"} & loaded
+    assert not {"evaluation", "callbacks", "lightning_modules", "benchmarks", "experiments"} & loaded

@@ -5,11 +5,11 @@
   3. the same any-order model sampled in confidence order (OAR before distillation);
   4. OAR after order distillation (orders extracted by the any-order model, fine-tuned, confidence order).
 
-    python benchmarks/compare_orders.py --quick                      (the 15-minute pipeline check)
-    python benchmarks/compare_orders.py --data fashion_mnist --seeds 3
-    python benchmarks/compare_orders.py --data synthetic_untinted --set budget.steps=2000
+    python -m experiments.compare_orders --quick                      (the 15-minute pipeline check)
+    python -m experiments.compare_orders --data fashion_mnist --seeds 3
+    python -m experiments.compare_orders --data synthetic_untinted --set budget.steps=2000
 
-A shorthand for `benchmarks/experiment.py` with one of the experiment files in `benchmarks/experiments/`
+A shorthand for `python -m experiments` with one of the experiment files in `experiments/`
 (`--quick`: quick.yaml, `--smoke`: smoke.yaml, default: standard.yaml): `--data`, `--preset` and
 `--seeds` replace the file's values, `--set key=value` anything else (budget, arms, sampler settings of
 an arm). The runs and the report live in `runs/experiments/<mode>_<data>/` (ignored by git);
@@ -17,20 +17,18 @@ an arm). The runs and the report live in `runs/experiments/<mode>_<data>/` (igno
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+from experiments import runner
+from experiments.spec import ROOT
 
-from benchmarks import experiment  # noqa: E402
-
-EXPERIMENTS = ROOT / "benchmarks" / "experiments"
+EXPERIMENTS = ROOT / "experiments"
 
 
 def runner_argv(argv: list[str] | None = None) -> list[str]:
-    """The `benchmarks/experiment.py` command line this shorthand stands for."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    """The `python -m experiments` command line this shorthand stands for."""
+    p = argparse.ArgumentParser(prog="python -m experiments.compare_orders", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the 15-minute pipeline check (quick.yaml)")
     mode.add_argument("--smoke", action="store_true", help="tiny presets, a few steps (tests; smoke.yaml)")
@@ -52,7 +50,7 @@ def runner_argv(argv: list[str] | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    experiment.main(runner_argv(argv))
+    runner.main(runner_argv(argv))
 
 
 if __name__ == "__main__":
