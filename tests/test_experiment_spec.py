@@ -2,7 +2,9 @@
 trained; defaults are stated once; what differs by data source is the source's to say."""
 
 import dataclasses
+import importlib.util
 import json
+import re
 
 import pytest
 import yaml
@@ -98,3 +100,16 @@ def test_the_data_source_says_how_a_split_of_given_sizes_is_made():
     assert Fixed.split_overrides({"size": 100}, 95, 10) == {"val_fraction": 0.1, "max_val_images": 10}
     assert SunsetSource().scene_hues == 8 and SunsetSource.has_scenes()
     assert Fixed(1).scene_hues == 0 and not Fixed.has_scenes()
+
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "experiments").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_command_the_docs_show_names_a_module_and_an_experiment_file_that_exist(doc):
+    text = doc.read_text()
+    assert "python benchmarks/" not in text and "benchmarks/experiments/" not in text  # the paths before the move
+    for module in re.findall(r"python -m ([\w.]+)", text):
+        assert importlib.util.find_spec(module) is not None, module
+    for name in re.findall(r"\bexperiments/(\w+\.yaml)", text):
+        assert (ROOT / "experiments" / name).is_file(), name
