@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datamodules.token_cache import file_sha256
-from experiments.machine import processor_kind
+from experiments.machine import cpu_model, processor_kind
 from fileio import save_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ class Job:
         if not same and self.folder.exists():
             self.set_aside(state)  # other settings: start from scratch, keeping the old run
         self.folder.mkdir(parents=True, exist_ok=True)
-        kinds = sorted({*(state.get("processors", []) if same else []), processor_kind()})
+        kinds = sorted({*(state.get("processors", []) if same else []), self.processor()})
         save_json({"key": self.key(), "argv": self.argv, "finished": False, "processors": kinds},
                   self.folder / "done.json", indent=1)
         resume = ["--ckpt_path", str(last)] if self.resumable_fit and same and last.is_file() else []
@@ -88,7 +88,13 @@ class Job:
     def mark_finished(self, seconds: float) -> None:
         state = self.state()
         save_json({"key": self.key(), "argv": self.argv, "finished": True, "wall_s": seconds,
-                   "processors": state.get("processors", [processor_kind()])}, self.folder / "done.json", indent=1)
+                   "processors": state.get("processors", [self.processor()])}, self.folder / "done.json", indent=1)
+
+    def processor(self) -> str:
+        """The processor this stage computes on here: the CPU where its command line says so (CPU DDP), else
+        the machine's kind (the GPU where there is one)."""
+        forced = dict(zip(self.argv, self.argv[1:], strict=False)).get("--trainer.accelerator") == "cpu"
+        return cpu_model() if forced else processor_kind()
 
     def processors(self) -> list[str]:
         """The processor kinds this stage ran on, as its done.json records them ([] when unknown)."""

@@ -202,6 +202,8 @@ def from_dict(data: dict, name: str = "experiment") -> Experiment:
     if not isinstance(exp.models, dict):
         raise ExperimentError(f"models: a mapping of name -> Model keys, got {exp.models!r}")
     exp.models = {m: _build(Model, spec, f"models.{m}") for m, spec in exp.models.items()}
+    if not isinstance(exp.arms, list):
+        raise ExperimentError(f"arms: a list of Arm mappings ({{name, model, sampler}}), got {exp.arms!r}")
     exp.arms = [_build(Arm, arm, f"arms[{i}]") for i, arm in enumerate(exp.arms)]
     exp.tokenizer, exp.feature_net = _pinned(exp.tokenizer, "tokenizer"), _pinned(exp.feature_net, "feature_net")
     return exp
@@ -225,7 +227,7 @@ def load_experiment(path: Path, overrides: list[str], device: str = "cpu") -> Ex
     except Exception as err:  # YAML syntax, a --set without '=': OmegaConf's message, on one line
         raise ExperimentError(f"{path}: {' '.join(str(err).split())}") from None
     exp = from_dict(OmegaConf.to_container(cfg, resolve=True), Path(path).stem)
-    from experiments.checks import check_experiment
+    from experiments.checks import check_experiment  # it imports this module's types
 
     check_experiment(exp)
     return resolve_precisions(exp, device)

@@ -14,7 +14,7 @@ from evaluation.feature_cache import feature_net_for
 from experiments import runner
 from experiments.artefacts import publish_artefacts
 from experiments.jobs import GivenFile
-from experiments.machine import processor_kind
+from experiments.machine import cpu_model, processor_kind
 from experiments.plan import feature_net_path, plan
 from experiments.report import write_report
 from experiments.spec import ROOT, load_experiment
@@ -39,6 +39,13 @@ def test_each_stage_records_its_processor_kind_in_done_json_and_experiment_json(
     runner.record(exp, root, list(jobs.values()))
     stages = json.loads((root / "experiment.json").read_text())["stages"]
     assert stages["raster (seed 0)"]["processors"] == [processor_kind()] and stages["tokenizer"]["processors"] == []
+
+
+def test_a_stage_forced_onto_cpu_processes_records_the_cpu_even_on_a_gpu_machine(tmp_path, monkeypatch):
+    monkeypatch.setattr("experiments.jobs.processor_kind", lambda: "GPU Some Card")
+    _, jobs = planned(tmp_path, "models.raster.processes=2")  # raster: DDP over two CPU processes
+    assert jobs["raster (seed 0)"].processor() == cpu_model() != "GPU Some Card"
+    assert jobs["any_order (seed 0)"].processor() == "GPU Some Card"
 
 
 def test_published_artefacts_pin_the_next_run_by_content(tmp_path, capsys):
