@@ -12,27 +12,24 @@ For a network (a checkpoint, or a random one with --preset), on token grids (a t
 - shortlist confidence sampling: the share of steps at which it writes the cell the exact confidence
   policy would write from the same prefix, and the NLL of each sampler's own samples.
 
-    python benchmarks/bench_agreement.py --ckpt runs/any_order/checkpoints/last.ckpt --tokens cache/tokens-<key>.pt
-    python benchmarks/bench_agreement.py --preset tiny     # random weights, random tokens
+    python -m benchmarks.bench_agreement --ckpt runs/any_order/checkpoints/last.ckpt --tokens cache/tokens-<key>.pt
+    python -m benchmarks.bench_agreement --preset tiny     # random weights, random tokens
 """
 
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from models.checkpoint import load_net  # noqa: E402
-from models.extraction import ExtractionSettings, extract_orders, nll_under_order  # noqa: E402
-from models.logits import SCORES, candidate_scores  # noqa: E402
-from models.orders import drop_cells, order_to_step_map, random_order  # noqa: E402
-from models.positions import CLASS_CELL  # noqa: E402
-from models.precision import cast_for_inference  # noqa: E402
-from models.sampling import (  # noqa: E402
+from models.checkpoint import load_net
+from models.extraction import ExtractionSettings, extract_orders, nll_under_order
+from models.logits import SCORES, candidate_scores
+from models.orders import drop_cells, order_to_step_map, random_order
+from models.positions import CLASS_CELL
+from models.precision import cast_for_inference
+from models.sampling import (
     NoGuidance,
     OrderPolicy,
     SamplerSettings,
@@ -41,7 +38,7 @@ from models.sampling import (  # noqa: E402
     decode,
     sample,
 )
-from models.transformer import OrderedTransformer  # noqa: E402
+from models.transformer import OrderedTransformer
 
 PRESETS = {"tiny": dict(width=32, depth=1, heads=2), "small": dict(width=256, depth=4, heads=4)}
 

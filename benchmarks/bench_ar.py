@@ -17,22 +17,17 @@ Sampling rows use batch 64 and 64 tokens (8x8), the small preset (width 256, dep
 `--preset base --grid 16` runs every row at the base preset on 256-token grids (the GPU table:
 benchmarks/gpu_table.sh).
 
-    python benchmarks/bench_ar.py --threads 1 [--quick] [--dtype fp32 bf16] [--device cpu|cuda] [--json out.json]
+    python -m benchmarks.bench_ar --threads 1 [--quick] [--dtype fp32 bf16] [--device cpu|cuda] [--json out.json]
 """
 
 import contextlib
-import sys
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from benchmarks.legacy_decode import legacy_sample  # noqa: E402
-from benchmarks.report import (  # noqa: E402
+from benchmarks.harness import (
     DTYPES,
     Row,
     ar_preset,
@@ -45,10 +40,11 @@ from benchmarks.report import (  # noqa: E402
     setup_torch,
     side_by_side,
 )
-from benchmarks.timing import median_ratio, time_alternately  # noqa: E402
-from models.orders import random_order, raster_order  # noqa: E402
-from models.sampling import SamplerSettings, naive_confidence_sample, sample  # noqa: E402
-from models.transformer import OrderedTransformer  # noqa: E402
+from benchmarks.legacy_decode import legacy_sample
+from benchmarks.timing import median_ratio, time_alternately
+from models.orders import random_order, raster_order
+from models.sampling import SamplerSettings, naive_confidence_sample, sample
+from models.transformer import OrderedTransformer
 
 RATIO = "A time / B time"  # the median over repeats of the ratio of A and B timed back to back
 

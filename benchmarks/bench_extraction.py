@@ -11,21 +11,16 @@ Below the table: images/s at the large batch and the projected time for the Fash
 set (60000 images; twice that when flipped views are cached too), on one core and on two (one
 process per core, e.g. DDP on CPU, at the CPU-time rate of this run).
 
-    python benchmarks/bench_extraction.py --threads 1 [--quick] [--dtype fp32 bf16] [--device cpu|cuda] [--json F]
+    python -m benchmarks.bench_extraction --threads 1 [--quick] [--dtype fp32 bf16] [--device cpu|cuda] [--json F]
 """
 
 import contextlib
 import statistics
-import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-
-from benchmarks.report import (  # noqa: E402
+from benchmarks.harness import (
     DTYPES,
     Row,
     ar_preset,
@@ -38,9 +33,9 @@ from benchmarks.report import (  # noqa: E402
     setup_torch,
     side_by_side,
 )
-from benchmarks.timing import median_ratio, time_alternately  # noqa: E402
-from models.extraction import ExtractionSettings, extract_orders, naive_extract_orders  # noqa: E402
-from models.transformer import OrderedTransformer  # noqa: E402
+from benchmarks.timing import median_ratio, time_alternately
+from models.extraction import ExtractionSettings, extract_orders, naive_extract_orders
+from models.transformer import OrderedTransformer
 
 FASHION_MNIST_TRAIN = 60000
 

@@ -1,6 +1,6 @@
 """Does bf16 pay on this machine? bf16 against fp32 on the same work, timed alternately in one run (issue 12).
 
-    python benchmarks/bench_precision.py --threads 1 [--preset small] [--json out.json]
+    python -m benchmarks.bench_precision --threads 1 [--preset small] [--json out.json]
 
 Three rows, each the bf16 time over the fp32 time (below 1: bf16 pays):
 - (p1) a 1024^3 matmul (the machine's peak rate in each dtype);
@@ -13,18 +13,14 @@ auto picks bf16, >= 1 where it picks fp32.
 """
 
 import contextlib
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from benchmarks.bench_ar import Settings, _sampler, matmul_rate, ordered_loss, train_step  # noqa: E402
-from benchmarks.report import Row, autocast, common_parser, environment, load, report, setup_torch  # noqa: E402
-from benchmarks.timing import median_ratio, time_alternately  # noqa: E402
-from models.orders import random_order  # noqa: E402
-from models.precision import bf16_pays  # noqa: E402
+from benchmarks.bench_ar import Settings, _sampler, matmul_rate, ordered_loss, train_step
+from benchmarks.harness import Row, autocast, common_parser, environment, load, report, setup_torch
+from benchmarks.timing import median_ratio, time_alternately
+from models.orders import random_order
+from models.precision import bf16_pays
 
 RATIO = "bf16 time / fp32 time"
 # The matmul side: 1024^3, not bench_ar's 2048^3, which took 125 s per call in emulated bf16 (AMD EPYC, AVX2).

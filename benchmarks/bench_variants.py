@@ -1,7 +1,7 @@
 """What each network variant of the any-order-gap issue costs: parameters, training and sampling time, each
 timed alternately with today's default (absolute next position, GPT block) in one run.
 
-    python benchmarks/bench_variants.py --threads 1 --dtype fp32 [--preset small] [--json out.json]
+    python -m benchmarks.bench_variants --threads 1 --dtype fp32 [--preset small] [--json out.json]
 
 Rows, one per variant V (A = V, B = the default; ratio = V time / default time, median of back-to-back pairs):
 - (v1) training step (forward, backward, AdamW) on random orders (raster for the raster arms), batch 64;
@@ -12,19 +12,15 @@ variant's parameter count and its share of the default's (the A/B matches them w
 """
 
 import contextlib
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from benchmarks.bench_ar import _sampler, ordered_loss, train_step  # noqa: E402
-from benchmarks.report import Row, ar_preset, autocast, common_parser, environment, load, report, setup_torch  # noqa: E402
-from benchmarks.timing import median_ratio, time_alternately  # noqa: E402
-from models.orders import random_order, raster_order  # noqa: E402
-from models.transformer import OrderedTransformer  # noqa: E402
+from benchmarks.bench_ar import _sampler, ordered_loss, train_step
+from benchmarks.harness import Row, ar_preset, autocast, common_parser, environment, load, report, setup_torch
+from benchmarks.timing import median_ratio, time_alternately
+from models.orders import random_order, raster_order
+from models.transformer import OrderedTransformer
 
 RATIO = "A time / B time"
 # name -> (net keyword arguments, training order); the first is the default everything is timed against

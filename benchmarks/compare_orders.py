@@ -1,59 +1,7 @@
-"""The paper's four-arm comparison from ONE tokenizer at an equal training budget, on any data overlay:
+"""The quickstart's command, kept where the README has always put it: `python benchmarks/compare_orders.py --quick`
+runs `experiments.compare_orders` (the package the experiment runner lives in; installed by `pip install -e .`)."""
 
-  1. raster AR (raster order in training and sampling);
-  2. any-order AR sampled in random order;
-  3. the same any-order model sampled in confidence order (OAR before distillation);
-  4. OAR after order distillation (orders extracted by the any-order model, fine-tuned, confidence order).
-
-    python benchmarks/compare_orders.py --quick                      (the 15-minute pipeline check)
-    python benchmarks/compare_orders.py --data fashion_mnist --seeds 3
-    python benchmarks/compare_orders.py --data synthetic_untinted --set budget.steps=2000
-
-A shorthand for `benchmarks/experiment.py` with one of the experiment files in `benchmarks/experiments/`
-(`--quick`: quick.yaml, `--smoke`: smoke.yaml, default: standard.yaml): `--data`, `--preset` and
-`--seeds` replace the file's values, `--set key=value` anything else (budget, arms, sampler settings of
-an arm). The runs and the report live in `runs/experiments/<mode>_<data>/` (ignored by git);
-`--publish results/<folder>` also writes the report there (the committed reference results).
-"""
-
-import argparse
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-
-from benchmarks import experiment  # noqa: E402
-
-EXPERIMENTS = ROOT / "benchmarks" / "experiments"
-
-
-def runner_argv(argv: list[str] | None = None) -> list[str]:
-    """The `benchmarks/experiment.py` command line this shorthand stands for."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="the 15-minute pipeline check (quick.yaml)")
-    mode.add_argument("--smoke", action="store_true", help="tiny presets, a few steps (tests; smoke.yaml)")
-    p.add_argument("--data", default="synthetic", help="a configs/data/<name>.yaml overlay")
-    p.add_argument("--preset", default=None, help="configs/model/{tokenizer,ar}/<preset>.yaml (default: the file's)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the file's)")
-    p.add_argument("--set", nargs="*", default=[], help="dotted overrides of the experiment file")
-    p.add_argument("--jobs", type=int, default=2, help="stages run at once (one torch thread each)")
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "experiments")
-    p.add_argument("--publish", type=Path, default=None, help="also write the report into this folder")
-    args = p.parse_args(argv)
-    name = "quick" if args.quick else "smoke" if args.smoke else "standard"
-    sets = [f"name={name}_{args.data}", f"data={args.data}"]
-    sets += [f"preset={args.preset}"] if args.preset else []
-    sets += [f"seeds=[{','.join(map(str, range(args.seeds)))}]"] if args.seeds else []
-    out = [str(EXPERIMENTS / f"{name}.yaml"), "--jobs", str(args.jobs), "--out", str(args.out),
-           "--set", *sets, *args.set]
-    return out + (["--publish", str(args.publish)] if args.publish else [])
-
-
-def main(argv: list[str] | None = None) -> None:
-    experiment.main(runner_argv(argv))
-
+from experiments.compare_orders import main
 
 if __name__ == "__main__":
     main()

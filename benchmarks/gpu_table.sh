@@ -9,6 +9,6 @@ cd "$(dirname "$0")/.."
 out=${1:-runs/bench_gpu}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python benchmarks/bench_ar.py --device cuda --preset base --grid 16 --repeats 3 --json "$out/bench_ar_base_16.json"
-python benchmarks/bench_extraction.py --device cuda --preset base --grid 16 --json "$out/bench_extraction_base_16.json"
-python benchmarks/bench_ar.py --device cuda --json "$out/bench_ar_small_8.json"
+python -m benchmarks.bench_ar --device cuda --preset base --grid 16 --repeats 3 --json "$out/bench_ar_base_16.json"
+python -m benchmarks.bench_extraction --device cuda --preset base --grid 16 --json "$out/bench_extraction_base_16.json"
+python -m benchmarks.bench_ar --device cuda --json "$out/bench_ar_small_8.json"

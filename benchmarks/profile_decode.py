@@ -5,24 +5,20 @@ preset (width 256, depth 4, heads 4, vocab 512, 8x8 grid), profiled after a warm
 wall-clock: on a loaded machine each op is stretched, but their shares stay meaningful. "framework" is
 the rest of the wall time: Python, dispatch and the profiler's own cost.
 
-    python benchmarks/profile_decode.py --what confidence --dtype bf16 --threads 1
+    python -m benchmarks.profile_decode --what confidence --dtype bf16 --threads 1
 """
 
 import argparse
 import collections
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from benchmarks.report import DTYPES, cpu_model, load  # noqa: E402
-from models.extraction import extract_orders  # noqa: E402
-from models.sampling import sample  # noqa: E402
-from models.transformer import OrderedTransformer  # noqa: E402
+from benchmarks.harness import DTYPES, cpu_model, load
+from models.extraction import extract_orders
+from models.sampling import sample
+from models.transformer import OrderedTransformer
 
 GROUPS = {  # aten op name (without "aten::") -> group; anything else is "other ops"
     "matmul": ("addmm", "mm", "bmm", "matmul", "linear"),

@@ -45,7 +45,18 @@ def _cached(path: Path, key: dict) -> tuple | None:
     return net.eval(), saved["info"]
 
 
-def feature_net_for(dm, path: Path, epochs: int, feature_images: int, check: torch.Tensor) -> tuple:
+def pinned_mismatch(path: Path, key: dict) -> str:
+    """Why a pinned feature network cannot serve `key`: the parts of its key that differ (or that it is unreadable)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)["key"]
+    except Exception as err:  # noqa: BLE001 - any damage is reported the same way
+        return f"it is unreadable ({err})"
+    differ = sorted(k for k in {*key, *saved} if saved.get(k) != key.get(k))
+    return f"it was trained for other data or settings (its {', '.join(differ)} differ)"
+
+
+def feature_net_for(dm, path: Path, epochs: int, feature_images: int, check: torch.Tensor,
+                    pinned: bool = False) -> tuple:
     """The domain feature network of the data `dm` (its `source` and `split_indices()`), cached under `path`.
 
     Args:
@@ -54,6 +65,8 @@ def feature_net_for(dm, path: Path, epochs: int, feature_images: int, check: tor
         epochs: training epochs.
         feature_images: training images (synthetic: fresh renders; else the first training images).
         check: held-out (validation) indices its per-head scores are measured on.
+        pinned: `path` is a published network the table must use: one that does not fit the data and
+            settings stops with one line (ValueError) instead of being trained again.
 
     Returns:
         (net in eval mode, info dict: train images, epochs, seconds, label_head, heads, held-out scores per head).
@@ -76,6 +89,10 @@ def feature_net_for(dm, path: Path, epochs: int, feature_images: int, check: tor
     cached = _cached(path, key)
     if cached is not None:
         return cached
+    if pinned:
+        raise ValueError(f"the pinned feature network {path} does not fit this experiment: "
+                         f"{pinned_mismatch(path, key)}; pin the one published with this table's data and budget, "
+                         "or remove `feature_net:`")
     train_x, train_y = images_of(source, train_idx)
     _, targets, _ = targets_for(source, train_idx, train_y)
     trained_on = f"{len(train_x)} {'fresh synthetic' if structured else 'real train'} images"

@@ -9,7 +9,7 @@ Where the known cells go in the sequence (`known_cells`): `first` gives every ge
 generated cell sees only the known cells before it (how a raster model edits: the baseline); `auto` is
 `in_order` under the raster policy and `first` otherwise.
 
-No Lightning here: `lightning_modules.edit.EditModule` calls these, and so does `benchmarks/editing_eval.py`.
+No Lightning here: `lightning_modules.edit.EditModule` calls these, and so does `experiments/editing.py`.
 """
 
 from dataclasses import dataclass

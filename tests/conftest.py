@@ -14,7 +14,7 @@ from unittest.mock import patch
 import pytest
 import torch
 
-from benchmarks.experiment import stage_config_files
+from experiments.plan import stage_config_files
 
 torch.set_num_threads(1)
 

@@ -95,7 +95,7 @@ def test_legacy_loop_samples_what_the_new_loop_samples(policy):
 
 
 def test_presets_come_from_the_config_files():
-    from benchmarks.report import ar_preset
+    from benchmarks.harness import ar_preset
 
     base, source = ar_preset("base")
     assert source == "configs/model/ar/base.yaml" and (base["width"], base["depth"], base["heads"]) == (768, 14, 12)
@@ -108,8 +108,10 @@ def test_order_content_refuses_an_experiment_without_suns(tmp_path):
     """The sun and cloud steps exist on synthetic data only: another data set is one error line."""
     import json
 
-    from benchmarks import order_content
+    from experiments import order_content
 
-    (tmp_path / "experiment.json").write_text(json.dumps({"data": "fashion_mnist", "arms": [], "seeds": [0]}))
+    exp = {"name": "e", "data": "fashion_mnist", "preset": "tiny", "budget": {"steps": 1, "samples": 1}, "models": {},
+           "arms": []}
+    (tmp_path / "experiment.json").write_text(json.dumps(exp))
     with pytest.raises(SystemExit, match="synthetic data only"):
         order_content.main([str(tmp_path)])

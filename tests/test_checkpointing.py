@@ -17,9 +17,9 @@ import yaml
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from benchmarks.experiment import stage_config_files
 from callbacks.checkpointing import LastCheckpoint
 from callbacks.finite import NonFiniteError
+from experiments.plan import stage_config_files
 from tests.conftest import QUIET, REPO, SMALL_DATA, config, copy_run, fit, run_cli, stage_configs, tiny_preset
 from tests.ddp import ATTEMPTS, TIMEOUT_S, free_port, is_infrastructure_failure, run_cli_subprocess
 from tests.test_pipeline import RECORD, adam_step, load_ckpt, one_line, recorder

@@ -8,7 +8,8 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.experiment import stage_argv, stage_config_files
+from experiments.plan import stage_argv, stage_config_files
+from experiments.spec import from_dict
 from lightning_modules.any_order import AnyOrderModule
 from lightning_modules.distill import DistillModule
 from lightning_modules.extract import ExtractModule
@@ -192,7 +193,8 @@ def test_distill_module_takes_its_parents_arguments_by_name():
 
 
 def test_the_experiment_runner_names_the_raster_overlay():
-    exp = {"data": "synthetic", "preset": "tiny"}
+    exp = from_dict({"data": "synthetic", "preset": "tiny", "budget": {"steps": 1, "samples": 1}, "models": {},
+                     "arms": []})
     argv = stage_argv(exp, "fit", "raster", {})
     files = [argv[i + 1] for i, a in enumerate(argv) if a == "--config"]
     assert files[:2] == ["configs/any_order.yaml", "configs/experiment/raster.yaml"]

@@ -13,10 +13,10 @@ import torch
 import yaml
 from PIL import Image
 
-from benchmarks.experiment import stage_config_files
 from datamodules.datamodule import OARDataModule
 from datamodules.orders_file import load_orders, read_manifest
 from datamodules.sources import SunsetSource
+from experiments.plan import stage_config_files
 from models.sampling import NOISY_CHOICE_TEMPERATURE
 from tests.conftest import (
     CONFIGS,

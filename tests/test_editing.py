@@ -300,7 +300,7 @@ def test_edit_cli_error_is_one_line(stage1_run, tmp_path):
 
 # ------------------------------------------------------------------------------------ editing table
 def test_editing_table_runs_on_tiny_checkpoints(stage1_run, tmp_path):
-    from benchmarks import editing_eval
+    from experiments import editing as editing_eval
 
     ckpt, out = stage1_run / STAGE1_CKPT, tmp_path / "table"
     table = editing_eval.main([
@@ -325,7 +325,7 @@ def test_editing_table_runs_on_tiny_checkpoints(stage1_run, tmp_path):
 def test_class_edit_regenerates_the_centre_box_under_the_next_class():
     from types import SimpleNamespace
 
-    from benchmarks import editing_eval
+    from experiments import editing as editing_eval
 
     labels = torch.tensor([0, 3, 9])
     source, indices = SimpleNamespace(image_size=32), torch.arange(3)

@@ -22,11 +22,11 @@ from lightning.pytorch import Callback, LightningDataModule, Trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
-from benchmarks.experiment import stage_config_files
 from callbacks.fid import FIDCallback
 from callbacks.lpips import LPIPSDiversityCallback
 from callbacks.order_dump import OrderDumpCallback
 from evaluation.distributed import share_chunk_size
+from experiments.plan import stage_config_files
 from tests.conftest import REPO, SMALL_DATA, copy_run, fit
 from tests.ddp import ATTEMPTS, TIMEOUT_S, free_port, is_infrastructure_failure
 from tests.test_eval_callbacks import ColourStats, FakeAR, FakeData, make_trainer, smooth_images

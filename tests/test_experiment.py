@@ -6,17 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import experiment, experiment_eval
+from experiments import evaluate, jobs, plan, runner, scheduler
+from experiments.spec import ROOT, load_experiment, resolve_precisions
 from tests.conftest import TOKENIZER_CKPT
 from tests.test_compare_orders import table_rows
 
-SMOKE = experiment.ROOT / "benchmarks" / "experiments" / "smoke.yaml"
+SMOKE = ROOT / "experiments" / "smoke.yaml"
 
 
-def jobs_of(tmp_path: Path, *overrides: str) -> dict[str, experiment.Job]:
-    exp = experiment.load_experiment(SMOKE, list(overrides))
-    jobs, _ = experiment.plan(exp, tmp_path / exp["name"], exp["seeds"])
-    return {j.name: j for j in jobs}
+def jobs_of(tmp_path: Path, *overrides: str) -> dict[str, jobs.Job]:
+    exp = load_experiment(SMOKE, list(overrides))
+    planned, _ = plan.plan(exp, tmp_path / exp.name, exp.seeds)
+    return {j.name: j for j in planned}
 
 
 def test_a_changed_model_changes_its_own_key_and_its_dependents_only(tmp_path):
@@ -55,7 +56,7 @@ def test_train_processes_run_each_fit_as_cpu_ddp_with_the_global_batch_unchanged
     assert ddp["tokenizer"].key() == single["tokenizer"].key()  # the tokenizer stays one process
     own = jobs_of(tmp_path, "models.raster.processes=2")
     assert own["raster (seed 0)"].slots == 2 and own["any_order (seed 0)"].slots == 1
-    with pytest.raises(SystemExit, match="does not split over 3 processes: set budget.train_processes"):
+    with pytest.raises(ValueError, match="does not split over 3 processes: set budget.train_processes"):
         jobs_of(tmp_path, "budget.train_processes=3")
 
 
@@ -65,12 +66,12 @@ def test_auto_precision_becomes_bf16_only_where_it_pays_before_the_job_keys(pays
     the fit's command line (so its key) carries the concrete precision, the same as writing it out."""
     monkeypatch.setattr("models.precision.bf16_pays", lambda device: pays)
     auto = ("models.raster.overrides={trainer.precision: auto}", "budget.sample_precision=auto")
-    exp = experiment.load_experiment(SMOKE, list(auto))
+    exp = load_experiment(SMOKE, list(auto))
     train, sample = ("bf16-mixed", "bf16") if pays else ("32-true", "fp32")
-    assert exp["models"]["raster"]["overrides"]["trainer.precision"] == train
-    assert exp["budget"]["sample_precision"] == sample
-    arm = experiment.resolve_precisions({"arms": [{"sampler": {"precision": "auto"}}]})["arms"][0]
-    assert arm["sampler"]["precision"] == sample
+    assert exp.models["raster"].overrides["trainer.precision"] == train
+    assert exp.budget.sample_precision == sample
+    exp.arms[0].sampler["precision"] = "auto"
+    assert resolve_precisions(exp).arms[0].sampler["precision"] == sample
     written = jobs_of(tmp_path, f"models.raster.overrides={{trainer.precision: {train}}}")["raster (seed 0)"]
     resolved = jobs_of(tmp_path, auto[0])["raster (seed 0)"]
     assert resolved.key() == written.key() and f"--trainer.precision={train}" in " ".join(
@@ -89,10 +90,10 @@ def test_a_stage_finished_meanwhile_by_another_invocation_is_reused_not_rerun(tm
                       "    f = pathlib.Path(folder); f.mkdir(parents=True, exist_ok=True)\n"
                       "    (f / 'product').write_text('made')\n"
                       "    (f / 'ran').touch() if folder == sys.argv[1] else None\n")
-    second = experiment.Job("second", tmp_path / "second", [], tmp_path / "second" / "product", script=script)
+    second = jobs.Job("second", tmp_path / "second", [], tmp_path / "second" / "product", program=(str(script),))
     second.argv = [str(second.folder)]
-    first = experiment.Job("first", tmp_path / "first", [str(tmp_path / "first"), str(second.folder)],
-                           tmp_path / "first" / "product", script=script)
+    first = jobs.Job("first", tmp_path / "first", [str(tmp_path / "first"), str(second.folder)],
+                           tmp_path / "first" / "product", program=(str(script),))
     second.deps = [first]
     real_mark = first.mark_finished
 
@@ -101,7 +102,7 @@ def test_a_stage_finished_meanwhile_by_another_invocation_is_reused_not_rerun(tm
         second.mark_finished(0.0)
 
     first.mark_finished = mark_both
-    experiment.run_jobs([first, second], max_parallel=1)
+    scheduler.run_jobs([first, second], max_parallel=1)
     assert (first.folder / "ran").exists() and not (second.folder / "ran").exists()
 
 
@@ -115,7 +116,7 @@ def test_a_folder_reached_through_a_symlink_keeps_its_stage_keys(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_experiment_runs_into_a_report_and_reuses_every_stage(tmp_path, capsys):
-    experiment.main([str(SMOKE), "--out", str(tmp_path)])
+    runner.main([str(SMOKE), "--out", str(tmp_path)])
     run = tmp_path / "smoke"
     rows = table_rows((run / "report.md").read_text())
     arms = ["raster AR", "any-order AR, random order", "any-order AR, confidence order",
@@ -127,22 +128,22 @@ def test_smoke_experiment_runs_into_a_report_and_reuses_every_stage(tmp_path, ca
     report = json.loads((run / "report.json").read_text())
     assert {"raster AR@2", "raster AR@4", "OAR distilled, confidence order@2"} <= set(report["curves"])
     capsys.readouterr()
-    experiment.main([str(SMOKE), "--out", str(tmp_path)])
+    runner.main([str(SMOKE), "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "running" not in printed and printed.count("reused") == 14
     own = float(rows["any-order AR, random order"]["NLL own order"])
     (run / "seed0" / "eval" / "any_order.json").write_text(json.dumps(  # as an older version wrote it
         {"metrics": {a: {k: v for k, v in m.items() if k != "nll_own"} for a, m in
                      json.loads((run / "seed0" / "eval" / "any_order.json").read_text())["metrics"].items()}}))
-    experiment_eval.main([str(run), "nll", "0", "any_order"])
-    experiment.main([str(SMOKE), "--out", str(tmp_path), "--only", "report"])
+    evaluate.main([str(run), "nll", "0", "any_order"])
+    runner.main([str(SMOKE), "--out", str(tmp_path), "--only", "report"])
     again = table_rows((run / "report.md").read_text())
     assert float(again["any-order AR, confidence order"]["NLL own order"]) == pytest.approx(own, abs=2e-3)
 
 
 @pytest.mark.slow
 def test_untinted_unconditional_variant_gets_the_analyser_columns_but_no_class_accuracy(tmp_path):
-    experiment.main([str(SMOKE), "--out", str(tmp_path), "--set", "data=synthetic_untinted", "name=untinted",
+    runner.main([str(SMOKE), "--out", str(tmp_path), "--set", "data=synthetic_untinted", "name=untinted",
                      "budget.keep_every=0"])
     rows = table_rows((tmp_path / "untinted" / "report.md").read_text())
     assert "class acc. ↑" not in rows["real images (reference)"]
@@ -165,10 +166,10 @@ def test_a_given_tokenizer_replaces_the_tokenizer_stage(tmp_path):
 
 def test_the_evaluation_reads_the_data_the_stages_trained_on(tokenizer_run, tmp_path):
     """budget.train_images / val_images size the stages' data; the evaluation must build the same split."""
-    from benchmarks.experiment_eval import datamodule
+    from experiments.evaluate import datamodule
 
-    exp = experiment.load_experiment(SMOKE, ["budget.train_images=40", "budget.val_images=12"])
-    stage = experiment.data_overrides(exp, tmp_path)
+    exp = load_experiment(SMOKE, ["budget.train_images=40", "budget.val_images=12"])
+    stage = plan.data_overrides(exp, tmp_path)
     dm = datamodule(exp, tmp_path, tokenizer_run / TOKENIZER_CKPT)
     train, val = dm.split_indices()
     assert len(dm.source) == stage["data.init_args.source.init_args.num_images"] == 52
@@ -176,7 +177,7 @@ def test_the_evaluation_reads_the_data_the_stages_trained_on(tokenizer_run, tmp_
 
 
 def test_the_report_merges_columns_measured_again_into_every_arm_of_the_model(tmp_path):
-    from benchmarks.experiment_report import load_evals
+    from experiments.report.evals import load_evals
 
     folder = tmp_path / "seed0" / "eval"
     folder.mkdir(parents=True)
@@ -190,7 +191,8 @@ def test_the_report_merges_columns_measured_again_into_every_arm_of_the_model(tm
 
 
 def test_paired_differences_use_the_seeds_both_arms_have(tmp_path):
-    from benchmarks.experiment_report import load_evals, paired_differences, paired_table
+    from experiments.report.evals import load_evals, paired_differences
+    from experiments.report.tables import paired_table
 
     values = {0: ({"fid": 10.0, "consistency": 0.9}, {"fid": 12.0, "consistency": 0.8}),
               1: ({"fid": 11.0, "consistency": 0.9}, {"fid": 15.0, "consistency": 0.6}),
@@ -204,7 +206,7 @@ def test_paired_differences_use_the_seeds_both_arms_have(tmp_path):
     [pair] = paired_differences(by_seed, [["a", "b"], ["a", "not evaluated"]])
     assert pair["seeds"] == [0, 1] and pair["diffs"]["fid"] == [-2.0, -4.0]
     assert pair["diffs"]["consistency"] == pytest.approx([0.1, 0.3]) and "nll_own" not in pair["diffs"]
-    from benchmarks.experiment_report import partial_note
+    from experiments.report.write import partial_note
 
     assert "a (seeds" not in " ".join(partial_note(by_seed, ["a", "b"], [0, 1, 2]))
     assert "b (seeds 0, 1)" in partial_note(by_seed, ["a", "b"], [0, 1, 2])[0]
@@ -214,7 +216,7 @@ def test_paired_differences_use_the_seeds_both_arms_have(tmp_path):
 
 
 def test_the_report_keeps_seeds_published_by_an_earlier_session(tmp_path):
-    from benchmarks.experiment_report import write_report
+    from experiments.report import write_report
 
     root, published = tmp_path / "run", tmp_path / "published"
     exp = {"name": "e", "seeds": [1], "budget": {"samples": 10, "steps": 4}, "data": "synthetic", "preset": "tiny",
@@ -238,13 +240,13 @@ def test_the_report_keeps_seeds_published_by_an_earlier_session(tmp_path):
     assert "FID 2.000 before, 2.500 now" in (published / "report.md").read_text()
 
 
-@pytest.mark.parametrize("path", sorted((experiment.ROOT / "benchmarks" / "experiments").glob("*.yaml")),
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")),
                          ids=lambda p: p.stem)
 def test_every_experiment_file_plans_its_stages_and_arms(path, tmp_path):
     """Each shipped experiment file parses, names models its arms use, and plans one fit per model and seed."""
-    exp = experiment.load_experiment(path, [])
-    jobs, _ = experiment.plan(exp, tmp_path / exp["name"], exp["seeds"])
-    names = {j.name for j in jobs}
-    assert {a["model"] for a in exp["arms"]} <= set(exp["models"])
-    assert {name for pair in exp.get("paired", []) for name in pair} <= {a["name"] for a in exp["arms"]}
-    assert all(f"{m} (seed {s})" in names for m in exp["models"] for s in exp["seeds"])
+    exp = load_experiment(path, [])
+    planned, _ = plan.plan(exp, tmp_path / exp.name, exp.seeds)
+    names = {j.name for j in planned}
+    assert {a.model for a in exp.arms} <= set(exp.models)
+    assert {name for pair in exp.paired for name in pair} <= {a.name for a in exp.arms}
+    assert all(f"{m} (seed {s})" in names for m in exp.models for s in exp.seeds)

@@ -1,6 +1,7 @@
 """Data sources: datasets of (uint8 image (3, H, W), label) with `num_classes`, `image_size` and
 `fingerprint()`; the DataModule picks one and does the scaling, splitting and flipping."""
 
+from datamodules.sources.base import DataSource
 from datamodules.sources.fashion_mnist import FashionMNISTSource
 from datamodules.sources.folder import ImageFolderSource
 from datamodules.sources.synthetic import (
@@ -10,6 +11,7 @@ from datamodules.sources.synthetic import (
 )
 
 __all__ = [
+    "DataSource",
     "FashionMNISTSource",
     "ImageFolderSource",
     "SunsetAnalysis",

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+
+from datamodules.sources.base import DataSource
 
 CLASS_NAMES = [
     "T-shirt/top",
@@ -79,7 +80,7 @@ def _find(folders: list[Path], name: str) -> Path | None:
     return None
 
 
-class FashionMNISTSource(Dataset):
+class FashionMNISTSource(DataSource):
     """Fashion-MNIST: 28x28 grayscale clothes, zero-padded to 32x32 and repeated to 3 channels.
 
     Files are looked up in `root` and in `root/FashionMNIST/raw` (where torchvision puts them),

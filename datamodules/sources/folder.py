@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
+
+from datamodules.sources.base import DataSource
 
 log = logging.getLogger("oar.data")
 
@@ -59,7 +60,7 @@ def _is_readable(path: Path) -> bool:
     return True
 
 
-class ImageFolderSource(Dataset):
+class ImageFolderSource(DataSource):
     """Images under a folder, recursively, as (uint8 (3, S, S), label) with S = `image_size`.
 
     Each image is resized so its shorter side is `image_size` (antialiased), then centre-cropped.

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from datamodules.sources.base import DataSource
 from evaluation.sunsets import (
     SunsetAnalysis,
     analyse_sunset,
@@ -209,7 +209,7 @@ def render_sunset(
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
 
 
-class SunsetSource(Dataset):
+class SunsetSource(DataSource):
     """Synthetic sunsets, rendered lazily and deterministically from (seed, index).
 
     Args:
@@ -238,6 +238,20 @@ class SunsetSource(Dataset):
 
     def __len__(self) -> int:
         return self.num_images
+
+    @classmethod
+    def has_scenes(cls) -> bool:
+        return True
+
+    @property
+    def scene_hues(self) -> int:
+        """Every item is a sunset the analyser reads with this palette (`DataSource.scene_hues`)."""
+        return self.num_hues
+
+    @classmethod
+    def split_overrides(cls, init_args: dict, n_train: int, n_val: int) -> dict:
+        """Scenes are rendered on demand: exactly `n_train` + `n_val` of them, split at that ratio."""
+        return {"source.init_args.num_images": n_train + n_val, "val_fraction": n_val / (n_train + n_val)}
 
     def sample_params(self, index: int) -> SunsetParams:
         """The scene parameters of item `index`."""

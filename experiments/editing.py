@@ -2,7 +2,7 @@
 """The editing table: each arm (a checkpoint + sampler settings) edits the same held-out images under each mask.
 
     E=runs/experiments/curve_synthetic/seed0
-    python benchmarks/editing_eval.py --experiment runs/experiments/curve_synthetic \\
+    python -m experiments.editing --experiment runs/experiments/curve_synthetic \\
         --arm "raster AR" $E/raster/checkpoints/last.ckpt policy=raster \\
         --arm "any-order, random order" $E/any_order/checkpoints/last.ckpt policy=random \\
         --arm "any-order, confidence order" $E/any_order/checkpoints/last.ckpt policy=confidence \\
@@ -42,26 +42,23 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torchvision.io import write_png
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-
-from benchmarks.experiment import data_overrides  # noqa: E402
-from benchmarks.experiment_eval import build_datamodule, load_arm  # noqa: E402
-from callbacks.edit_writer import masked_inputs  # noqa: E402
-from datamodules.sources.synthetic import analyse_sunset, expected_tint  # noqa: E402
-from evaluation.feature_cache import feature_net_for  # noqa: E402
-from evaluation.feature_net import label_accuracy  # noqa: E402
-from evaluation.fid import FeatureDistances  # noqa: E402
-from evaluation.lpips import build_lpips, lpips_input  # noqa: E402
-from evaluation.real import held_out_halves, images_of  # noqa: E402
-from evaluation.scene import scene_rates  # noqa: E402
-from fileio import atomic_write, save_json, save_text  # noqa: E402
-from lightning_modules.editing import KNOWN_CELLS, EditSettings, edit_images, to_uint8  # noqa: E402
-from models.masks import image_mask_cells, token_mask  # noqa: E402
-from models.sampling import SamplerSettings, choice_generator  # noqa: E402
+from callbacks.edit_writer import masked_inputs
+from datamodules.sources.synthetic import analyse_sunset, expected_tint
+from evaluation.feature_cache import feature_net_for
+from evaluation.feature_net import label_accuracy
+from evaluation.fid import FeatureDistances
+from evaluation.lpips import build_lpips, lpips_input
+from evaluation.real import held_out_halves, images_of
+from evaluation.scene import scene_rates
+from experiments.evaluate import build_datamodule, load_arm
+from experiments.plan import data_overrides
+from experiments.spec import CONFIGS, Budget, load_run
+from fileio import atomic_write, save_json, save_text
+from lightning_modules.editing import KNOWN_CELLS, EditSettings, edit_images, to_uint8
+from models.masks import image_mask_cells, token_mask
+from models.sampling import SamplerSettings, choice_generator
 
 log = logging.getLogger("oar.editing")
-CONFIGS = ROOT / "configs"
 SCENE_MASKS = ("clouds", "hue")
 RELABELLED = ("hue", "class")  # edits under another label: their distance to the original means nothing
 CEILING, REAL = "input tokens, decoded (ceiling)", "real images, half A (FID floor)"
@@ -199,9 +196,10 @@ def comparison_figure(original, regenerate, edits: dict[str, torch.Tensor], path
 
 
 def editing_table(arms: list[Arm], dm, tokenizer_ckpt: str, images: int = 500,
-                  masks: tuple[str, ...] = ("center", "top", "border", *SCENE_MASKS), batch: int = 100,
-                  seed: int = 0, device: str = "cpu", feature_path: Path | None = None, feature_epochs: int = 10,
-                  feature_images: int = 4000, lpips_weights: str | None = None,
+                  masks: tuple[str, ...] = ("center", "top", "border", *SCENE_MASKS), batch: int = Budget.sample_batch,
+                  seed: int = 0, device: str = "cpu", feature_path: Path | None = None,
+                  feature_epochs: int = Budget.feature_epochs, feature_images: int = Budget.feature_images,
+                  lpips_weights: str | None = None,
                   inception_weights: str | None = None, figures: Path | None = None) -> dict:
     """The editing table: {"rows": {mask: {arm or reference row: metrics}}, "settings": ...}.
 
@@ -227,7 +225,7 @@ def editing_table(arms: list[Arm], dm, tokenizer_ckpt: str, images: int = 500,
     net, info = (None, None) if inception_weights else feature_net_for(
         dm, Path(feature_path), feature_epochs, feature_images, check=idx_a)
     distances = FeatureDistances(real_b, None if net is None else net.to(device), inception_weights, device=device)
-    num_hues = source.num_hues if hasattr(source, "scene_heads") else 0  # the sunsets: scene rates
+    num_hues = source.scene_hues  # the sunsets: scene rates
     label_head = None if net is None else info["label_head"]
     judge = Judge(distances, num_hues, build_lpips("alex", lpips_weights).to(device) if lpips_weights else None,
                   None if label_head is None else (net, label_head))
@@ -299,30 +297,30 @@ def markdown(table: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.editing", description=__doc__.split("\n\n")[0])
     p.add_argument("--arm", action="append", nargs="+", required=True, metavar="NAME CHECKPOINT [KEY=VALUE]",
                    help="an arm: its name, checkpoint and sampler settings (and known_cells)")
-    p.add_argument("--experiment", type=Path, help="a run folder of benchmarks/experiment.py: its data and tokenizer")
+    p.add_argument("--experiment", type=Path, help="a run folder of `python -m experiments`: its data and tokenizer")
     p.add_argument("--data", default="synthetic", help="data overlay configs/data/<name>.yaml (without --experiment)")
     p.add_argument("--set", action="append", default=[], help="data.init_args...=VALUE overrides")
     p.add_argument("--tokenizer", help="the tokenizer checkpoint (without --experiment)")
     p.add_argument("--images", type=int, default=500)
     p.add_argument("--masks", default="center,top,border,class,clouds,hue")
-    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--batch", type=int, default=Budget.sample_batch)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--lpips-weights", help="torchvision AlexNet weights file (LPIPS); none: no LPIPS")
     p.add_argument("--inception-weights", help="torch-fidelity Inception file; none: the domain feature network")
-    p.add_argument("--feature-epochs", type=int, default=10)
-    p.add_argument("--feature-images", type=int, default=4000)
+    p.add_argument("--feature-epochs", type=int, default=Budget.feature_epochs)
+    p.add_argument("--feature-images", type=int, default=Budget.feature_images)
     p.add_argument("--out", type=Path, default=Path("runs/editing"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = dict(item.split("=", 1) for item in args.set)
     data, tokenizer = args.data, args.tokenizer
     if args.experiment is not None:
-        exp = json.loads((args.experiment / "experiment.json").read_text())
-        data, tokenizer = exp["data"], tokenizer or exp["tokenizer_ckpt"]
+        exp = load_run(args.experiment)
+        data, tokenizer = exp.data, tokenizer or exp.tokenizer_ckpt
         overrides = {**data_overrides(exp, args.experiment.parent), **overrides}  # the data its stages read
     if tokenizer is None:
         raise ValueError("give --tokenizer (the checkpoint the arms were trained with) or --experiment")
@@ -336,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
                           args.out / "features" / f"{data}.pt", args.feature_epochs, args.feature_images,
                           lpips_weights=args.lpips_weights, inception_weights=args.inception_weights,
                           figures=args.out)
-    table["command"] = " ".join(sys.argv if argv is None else ["benchmarks/editing_eval.py", *argv])
+    table["command"] = "python -m experiments.editing " + " ".join(sys.argv[1:] if argv is None else argv)
     save_json(table, args.out / "editing.json", indent=1, default=str)
     save_text(markdown(table), args.out / "editing.md")
     print(markdown(table))
@@ -346,5 +344,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError) as err:  # ExperimentError is a ValueError
         sys.exit(f"error: {err}")

@@ -1,25 +1,10 @@
-"""The quality comparison's report parts: the table, how to read it, the samples figure, the machine line.
-
-Used by `benchmarks/experiment_report.py`; every number in them is measured by `evaluation/`
-(`benchmarks/experiment_eval.py` runs it).
-
-Shapes: M samples, h/w token grid.
+"""The report's tables: the arms (mean ± std over seeds) beside the real-image rows, the paired differences,
+and how to read them. Every number in them is measured by `evaluation/` (`experiments/evaluate.py` runs it).
 """
 
-import os
-import platform
 import statistics
-import textwrap
-from pathlib import Path
 
-import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
-from callbacks.heatmaps import labelled_maps_image, samples_with_heatmaps_grid
 from evaluation.feature_cache import scores_text
-from evaluation.order_stats import mean_step_map
-from fileio import atomic_write
 
 
 def feature_name(info: dict, inception: bool) -> str:
@@ -30,38 +15,6 @@ def feature_name(info: dict, inception: bool) -> str:
             f"on {info['trained_on']} to predict {', '.join(info['heads'])}; held-out scores on "
             f"{info['check_images']} validation images: {scores_text(info['scores'])})")
 
-
-# ----------------------------------------------------------------------------------------- figure
-def samples_figure(arms: dict[str, dict], n_steps: int, path: Path, per_arm: int = 8) -> None:
-    """Per arm a row of samples beside their order heatmaps, then the arms' mean order maps.
-
-    Args:
-        arms: arm name -> samples of `evaluation.sampling.sample_set` (images, step_maps).
-        n_steps: generation steps n (fixes the colour scale, shared by every panel).
-        path: the PNG to write.
-        per_arm: samples shown per arm (the first ones: labels 0, 1, 2, ...).
-    """
-    panels = [(name, samples_with_heatmaps_grid(s["images"][:per_arm], s["step_maps"][:per_arm], n_steps,
-                                                nrow=per_arm)) for name, s in arms.items()]
-    means = torch.stack([mean_step_map(s["step_maps"]) for s in arms.values()])
-    # long arm names wrap, and at most 6 maps share a row, so titles never run into each other
-    titles = [f"{textwrap.fill(name, 24)}\n(mean over {len(s['step_maps'])})" for name, s in arms.items()]
-    panels.append(("mean order map per arm (step at which each cell is written)",
-                   labelled_maps_image(means, n_steps, titles, ncols=min(len(arms), 6), tile_px=160)))
-    width = max(p.shape[2] for _, p in panels)
-    heights = [p.shape[1] + 30 for _, p in panels]
-    fig = Figure(figsize=(width / 100, sum(heights) / 100), dpi=100, facecolor="white")
-    top = 1.0
-    for title, image in panels:
-        h = (image.shape[1] + 30) / sum(heights)
-        ax = fig.add_axes((0, top - h, image.shape[2] / width, h * image.shape[1] / (image.shape[1] + 30)))
-        ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_axis_off()
-        ax.set_title(title, fontsize=12, loc="left", pad=4)
-        top -= h
-    atomic_write(path, lambda tmp: FigureCanvasAgg(fig).print_png(str(tmp)))
-
-
 # ----------------------------------------------------------------------------------------- report
 COLUMNS = [("FID ↓", "fid", ".4g"), ("KID ↓", "kid", ".3g"), ("class acc. ↑", "class_accuracy", ".3f"),
            ("NLL raster", "nll_raster", ".3f"), ("NLL random", "nll_random", ".3f"),
@@ -70,8 +23,8 @@ COLUMNS = [("FID ↓", "fid", ".4g"), ("KID ↓", "kid", ".3g"), ("class acc. �
            ("sun found", "sun_share", ".3f"), ("clouds found", "cloud_share", ".3f"),
            ("sun step", "sun_step", ".2f"), ("cloud step", "cloud_step", ".2f"),
            ("diversity", "diversity", ".3f"), ("samples/s", "samples_per_s", ".1f")]
-CEILING, REFERENCE = "tokenizer reconstruction (ceiling)", "real images (reference)"
 
+CEILING, REFERENCE = "tokenizer reconstruction (ceiling)", "real images (reference)"
 
 def summarise(per_seed: list[dict]) -> dict:
     """metric -> [mean, std over seeds] (std 0 for one seed)."""
@@ -79,12 +32,10 @@ def summarise(per_seed: list[dict]) -> dict:
     return {k: [statistics.fmean(d[k] for d in per_seed),
                 statistics.stdev(d[k] for d in per_seed) if len(per_seed) > 1 else 0.0] for k in keys}
 
-
 def _cell(stat: list[float] | None, spec: str, seeds: int) -> str:
     if stat is None:
         return "–"
     return f"{stat[0]:{spec}}" + (f" ± {stat[1]:{spec}}" if seeds > 1 else "")
-
 
 def markdown_table(summary: dict, rows: dict, steps: dict, seeds: int) -> str:
     """Arms (mean ± std over seeds), then the real-image rows (`rows`: name -> metrics, one value each).
@@ -102,6 +53,25 @@ def markdown_table(summary: dict, rows: dict, steps: dict, seeds: int) -> str:
                      + " | – |")
     return "\n".join(lines)
 
+PAIRED_METRICS = [("fid", "FID", ".2f"), ("consistency", "consistency", ".3f"), ("nll_random", "NLL random", ".3f"),
+                  ("nll_own", "NLL own order", ".3f")]
+
+def paired_table(paired: list[dict]) -> str:
+    """Markdown: one row per pair, each cell the mean ± std of a - b over seeds and the per-seed values."""
+    head = "| a − b | seeds | " + " | ".join(f"Δ {label}" for _, label, _ in PAIRED_METRICS) + " |"
+    lines = [head, "|" + "---|" * (2 + len(PAIRED_METRICS))]
+    for p in paired:
+        cells = []
+        for key, _, spec in PAIRED_METRICS:
+            v = p["diffs"].get(key)
+            if v is None:
+                cells.append("–")
+                continue
+            mean = statistics.fmean(v)
+            std = f" ± {statistics.stdev(v):{spec}}" if len(v) > 1 else ""
+            cells.append(f"{mean:+{spec}}{std} ({', '.join(f'{x:+{spec}}' for x in v)})")
+        lines.append(f"| {p['a']} − {p['b']} | {', '.join(map(str, p['seeds']))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 def how_to_read(samples: int, nll_images: int, batch: int, device: str, inception: bool, lpips: bool,
                 quick: bool) -> str:
@@ -139,16 +109,3 @@ depends on the machine's load: see the load averages above).
 ± is the standard deviation over seeds. Train steps: stage-1 steps, plus the fine-tune for OAR
 (order extraction over the training set costs extra time, not optimiser steps; see the stage times).{quick_note}
 """
-
-
-def machine(device: str) -> str:
-    """CPU model, cores, load average, GPU, torch version."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    load = ", load average {:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
-    return f"{cpu} ({os.cpu_count()} cores{load}){gpu}; torch {torch.__version__}; evaluation on {device}"

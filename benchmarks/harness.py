@@ -1,15 +1,16 @@
-"""Shared plumbing of the benchmark scripts: command line, torch set-up, result rows, table and JSON."""
+"""Shared plumbing of the speed benchmarks (`python -m benchmarks.bench_ar` ...): command line, torch set-up,
+result rows, the speed table and its JSON. (The order study's report is `experiments/report/`.)"""
 
 import argparse
 import contextlib
 import json
 import os
-import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from experiments.machine import cpu_model
 from models import precision
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -84,18 +85,6 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict:
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
     return env
-
-
-def cpu_model() -> str:
-    """The processor's name and its bf16 matmul support (AMX / AVX512-BF16 make bf16 pay)."""
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), name)
-        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-        native = [label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
-        name += f" ({', '.join(native) if native else 'no native bf16'})"
-    return name
 
 
 def load() -> float | None:
