@@ -6,18 +6,18 @@ timed alternately with today's default (absolute next position, GPT block) in on
 Rows, one per variant V (A = V, B = the default; ratio = V time / default time, median of back-to-back pairs):
 - (v1) training step (forward, backward, AdamW) on random orders (raster for the raster arms), batch 64;
   goal <= 1.25, i.e. throughput >= 0.8 x today's (the issue's goal for the winner);
-- (v2) cached random-order sampling; (v3) exact confidence sampling (every unwritten cell scored each step).
+- (v2) cached random-order sampling (raster order for the raster arms); (v3) exact confidence sampling (every
+  unwritten cell scored each step), for the any-order arms.
 Instruction tokens double the sequence (2n slots): their rows say what that costs. The extra figures hold each
 variant's parameter count and its share of the default's (the A/B matches them within 10%).
 """
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 
-from benchmarks.bench_ar import _sampler, ordered_loss, train_step
-from benchmarks.harness import Row, ar_preset, autocast, common_parser, environment, load, report, setup_torch
+from benchmarks.bench_ar import Settings, _sampler, ordered_loss, train_step
+from benchmarks.harness import Row, autocast, common_parser, environment, load, report, setup_torch
 from benchmarks.timing import median_ratio, time_alternately
 from models.orders import random_order, raster_order
 from models.transformer import OrderedTransformer
@@ -35,37 +35,17 @@ VARIANTS = {
 }
 
 
-@dataclass
-class Settings:
-    width: int = 256
-    depth: int = 4
-    heads: int = 4
-    grid: int = 8
-    vocab: int = 512
-    num_classes: int = 10
-    batch: int = 64
-    sample_batch: int = 64
-    repeats: int = 5
-    warmup: int = 1
-
-    def net(self, **kwargs) -> OrderedTransformer:
-        torch.manual_seed(0)
-        return OrderedTransformer(self.vocab, (self.grid, self.grid), self.num_classes, self.width, self.depth,
-                                  self.heads, **kwargs)
-
-
 def settings(args) -> Settings:
-    if args.smoke:
-        return Settings(width=32, depth=1, heads=2, grid=2, vocab=16, batch=2, sample_batch=2, repeats=1, warmup=0)
-    preset = ar_preset(args.preset)[0]
-    s = Settings(width=preset["width"], depth=preset["depth"], heads=preset["heads"])
-    if args.quick:
-        s.repeats = 3
-    if args.repeats:
-        s.repeats = args.repeats
-    if args.grid:
-        s.grid = args.grid
+    """bench_ar's settings (the preset's sizes, 8x8 grid, vocabulary 512) with the study's training batch, 64."""
+    s = Settings.from_args(args)
+    s.batch = 2 if args.smoke else 64
     return s
+
+
+def variant(s: Settings, device, **kwargs) -> OrderedTransformer:
+    torch.manual_seed(0)  # every variant starts from the same draws
+    return OrderedTransformer(s.vocab, (s.grid, s.grid), s.num_classes, s.width, s.depth, s.heads, s.mlp_ratio,
+                              **kwargs).to(device)
 
 
 def params(net: torch.nn.Module) -> int:
@@ -78,7 +58,7 @@ def bench(s: Settings, device, dtype: str) -> list[Row]:
     b, n = tokens.shape
     ctx = autocast(device, dtype)
     orders = {"random": lambda: random_order(b, n, device=device), "raster": lambda: raster_order(b, n, device=device)}
-    nets = {name: s.net(**kwargs).to(device) for name, (kwargs, _) in VARIANTS.items()}
+    nets = {name: variant(s, device, **kwargs) for name, (kwargs, _) in VARIANTS.items()}
     steps, samplers = {}, {}
     for name, (_, order) in VARIANTS.items():
         net = nets[name]
@@ -88,7 +68,7 @@ def bench(s: Settings, device, dtype: str) -> list[Row]:
         policy = "raster" if order == "raster" else "random"
         samplers[name] = {p: _sampler(net.eval(), cond[: s.sample_batch], p, 2, contextlib.nullcontext(),
                                       dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
-                          for p in (policy, "confidence")}
+                          for p in {policy, "confidence" if net.knows_next_cell else policy}}
         net.train()
     base_name = next(iter(VARIANTS))
     base_params = params(nets[base_name])
@@ -100,8 +80,9 @@ def bench(s: Settings, device, dtype: str) -> list[Row]:
         ta, tb = time_alternately([steps[name], steps[base_name]], s.repeats, s.warmup, device, samples=raw)
         rows.append(Row(f"(v1) train step, {name} / default", f"{name} (b={b})", f"{base_name} (b={b})",
                         median_ratio(*raw), RATIO, "<=", 1.25, ta, tb, extra, *raw))
-        policy = "raster" if VARIANTS[name][1] == "raster" else "random"
-        for row, p in (("(v2)", policy), ("(v3)", "confidence")):
+        order = VARIANTS[name][1]
+        policy = "raster" if order == "raster" else "random"
+        for row, p in (("(v2)", policy), ("(v3)", "confidence"))[: 2 if order == "random" else 1]:
             base_policy = "random" if p == "raster" else p  # raster sampling is timed against random order
             fns = [lambda name=name, p=p: samplers[name][p](),
                    lambda p=base_policy: samplers[base_name][p]()]

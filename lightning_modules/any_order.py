@@ -21,8 +21,8 @@ from evaluation.nll import nll_under_orders
 from evaluation.sampling import sample_images
 from lightning_modules import learning_rate
 from lightning_modules.checkpoint_checks import check_trained_classes, check_trained_tokenizer, tokenizer_record
-from lightning_modules.predict import DEFAULT_SAMPLER, TOKENIZER_FIX, TOKENIZER_WHAT, Trained
-from models.checkpoint import load_net, net_spec, plain_data
+from lightning_modules.predict import DEFAULT_SAMPLER, ARFacts, Trained, frozen_tokenizer
+from models.checkpoint import net_spec, plain_data
 from models.logits import EXTRACTION_SCORES
 from models.orders import mixed_order, random_order, raster_order
 from models.sampling import NOISY_CHOICE_TEMPERATURE, SamplerSettings
@@ -31,7 +31,7 @@ from models.transformer import OrderedTransformer
 log = logging.getLogger("oar.train")
 
 
-class AnyOrderModule(LightningModule):
+class AnyOrderModule(ARFacts, LightningModule):
     """Trains `net` on raster or per-sample random orders; samples and extracts orders in `predict`.
 
     Args:
@@ -91,18 +91,7 @@ class AnyOrderModule(LightningModule):
         self.inferred_nll_score = inferred_nll_score
         self._draw_seed: int | None = None  # the seed of the training draws (see `train_generator`)
         self._draws = (-1, 0)  # (global step, batches drawn at it)
-        # Frozen; a submodule, so checkpoints hold it too and stay self-contained.
-        self.tokenizer = None if tokenizer_ckpt is None else \
-            load_net(tokenizer_ckpt, what=TOKENIZER_WHAT, fix=TOKENIZER_FIX).requires_grad_(False)
-
-    # ---- facts -----------------------------------------------------------------------------------
-    @property
-    def num_classes(self) -> int:
-        return self.net.num_classes
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return tuple(self.net.grid_size)
+        self.tokenizer = frozen_tokenizer(tokenizer_ckpt)  # a submodule: checkpoints stay self-contained
 
     # ---- training ---------------------------------------------------------------------------------
     def orders_for(self, batch: dict, stage: str, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -71,7 +71,26 @@ class Trained:
         return replace(settings, policy=policy).resolved(self.choice_temperature)
 
 
-class PredictModule(LightningModule):
+def frozen_tokenizer(tokenizer_ckpt: str | None):
+    """The tokenizer that decodes an AR module's tokens, frozen; a submodule, so checkpoints hold it (None: none)."""
+    if tokenizer_ckpt is None:
+        return None
+    return load_net(tokenizer_ckpt, what=TOKENIZER_WHAT, fix=TOKENIZER_FIX).requires_grad_(False)
+
+
+class ARFacts:
+    """What an AR module knows of its network: the classes and the token grid."""
+
+    @property
+    def num_classes(self) -> int:
+        return self.net.num_classes
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.net.grid_size)
+
+
+class PredictModule(ARFacts, LightningModule):
     """The base of the predict jobs: a trained AR network (frozen), its training facts and its tokenizer.
 
     Args:
@@ -100,16 +119,7 @@ class PredictModule(LightningModule):
         self.net = net.eval().requires_grad_(False)
         self.checkpoint, self.trained = str(checkpoint), Trained.of(ckpt)
         self._facts = {"tokenizer": ckpt.get("tokenizer"), "net_spec": ckpt["net_spec"]}  # for the data checks
-        self.tokenizer = None if tokenizer_ckpt is None else \
-            load_net(tokenizer_ckpt, what=TOKENIZER_WHAT, fix=TOKENIZER_FIX).requires_grad_(False)
-
-    @property
-    def num_classes(self) -> int:
-        return self.net.num_classes
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return tuple(self.net.grid_size)
+        self.tokenizer = frozen_tokenizer(tokenizer_ckpt)
 
     def setup(self, stage: str) -> None:
         """Before any work: the job's split and writer, and the data against what the checkpoint was trained on."""

@@ -115,3 +115,18 @@ def test_order_content_refuses_an_experiment_without_suns(tmp_path):
     (tmp_path / "experiment.json").write_text(json.dumps(exp))
     with pytest.raises(SystemExit, match="synthetic data only"):
         order_content.main([str(tmp_path)])
+
+
+def test_bench_variants_smoke(tmp_path):
+    """Every variant is timed against the default, with its parameter count; raster arms sample in raster order."""
+    from benchmarks import bench_variants
+
+    bench_variants.main(["--smoke", "--threads", "1", "--dtype", "fp32", "--json", str(tmp_path / "v.json")])
+    rows = json.loads((tmp_path / "v.json").read_text())["rows"]
+    trained = {r["name"].split(", ", 1)[1].rsplit(" / ", 1)[0] for r in rows if r["name"].startswith("(v1)")}
+    assert trained == set(list(bench_variants.VARIANTS)[1:])
+    for row in rows:
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0
+        if row["name"].startswith("(v1)"):
+            assert row["extra"]["params"] > 0 and row["extra"]["params_share"] > 0  # smoke sizes: llama rounds up
+    assert not any(r["name"].startswith("(v3)") and "raster" in r["name"] for r in rows)
