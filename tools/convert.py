@@ -21,14 +21,13 @@ printed. The output is written atomically.
 import argparse
 import json
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
-import lightning
 import torch
 
 from datamodules.token_cache import file_sha256
 from fileio import save_torch
-from lightning_modules.any_order import AnyOrderModule
 from models.checkpoint import check_finite, load_net, net_spec
 from models.llamagen_vq import LlamaGenVQ
 from models.transformer import OrderedTransformer
@@ -46,12 +45,14 @@ from tools.pretrained import (
 TOKENIZER_WHAT = "tokenizer checkpoint (--tokenizer)"
 TOKENIZER_FIX = "convert the release's VQ first: python -m tools.convert vq_ds16_c2i.pt pretrained/vq16.ckpt"
 LABEL_DROPOUT = 0.1  # LlamaGen's and RandAR's class_dropout_prob: what the models were trained with
-AR_MODULE = f"{AnyOrderModule.__module__}.{AnyOrderModule.__qualname__}"
+# The LightningModule that `--ckpt_path` rebuilds (by name: importing Lightning here would slow the command down;
+# tests/test_pretrained.py checks the class exists).
+AR_MODULE = "lightning_modules.any_order.AnyOrderModule"
 
 
 def _base(kind: str, source: Path, sha256: str, dropped: list[str], not_read: list[str], net) -> dict:
     """What every converted checkpoint holds: the Lightning fields stages read, the spec and the provenance."""
-    return {"epoch": 0, "global_step": 0, "pytorch-lightning_version": lightning.__version__,
+    return {"epoch": 0, "global_step": 0, "pytorch-lightning_version": version("lightning"),
             "net_spec": net_spec(net),
             "converted_from": {"file": source.name, "sha256": sha256, "kind": kind, "dropped": dropped,
                                "not_read": not_read}}
