@@ -261,3 +261,19 @@ def test_command_line_prints_one_line_errors(tmp_path):
                             cwd=repo, capture_output=True, text=True, env={"PYTHONPATH": str(repo), "PATH": ""})
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("error: released checkpoint") and "not found" in result.stderr
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy, extra", [("raster", {}), ("random", {}), ("confidence", {}),
+                                           ("confidence", {"shortlist": 3, "refresh": 4}),
+                                           ("confidence", {"choice_temperature": 3.0, "cfg_scale": 2.0})])
+def test_converted_randar_samples_under_every_policy(converted, policy, extra):
+    from models.sampling import SamplerSettings, sample
+
+    net = load_net(converted["randar"])
+    gen = torch.Generator().manual_seed(0)
+    out = sample(net, torch.tensor([0, 3, 9]), SamplerSettings(policy=policy, **extra), generator=gen,
+                 choice_generator=torch.Generator().manual_seed(1))
+    assert (out.order.sort(1).values == torch.arange(16)).all() and out.tokens.max() < net.vocab_size
+    if policy == "raster":
+        assert (out.order == torch.arange(16)).all()
