@@ -187,3 +187,28 @@ def test_imagenet_data_overlay_reads_a_class_folder(tmp_path, monkeypatch, capsy
     assert re.search(r"^\s*image_size: 256$", printed, re.M) and re.search(r"^\s*flip: true$", printed, re.M)
     source = ImageFolderSource("images", image_size=256)
     assert source.num_classes == 10 and source[0][0].shape == (3, 256, 256)
+
+
+def test_sample_writer_shows_the_first_samples_and_keeps_them_all(tmp_path):
+    """50,000 samples go to samples.npz; the PNG grid shows the first `max_grid_images`."""
+    from types import SimpleNamespace
+
+    from torchvision.io import read_image
+
+    from callbacks.writers import SampleWriter
+    from models.sampling import SamplerSettings
+
+    def predictions(b: int) -> list[dict]:
+        return [{"images": torch.zeros(b, 3, 8, 8, dtype=torch.uint8), "tokens": torch.zeros(b, 4, 4).long(),
+                 "step_map": torch.arange(16).view(1, 4, 4).repeat(b, 1, 1), "labels": torch.zeros(b).long()}]
+
+    trainer, module = SimpleNamespace(global_rank=0, world_size=1), SimpleNamespace(sampler=SamplerSettings())
+    sizes = {}
+    for shown, b in ((2, 2), (2, 6), (6, 6)):
+        folder = tmp_path / f"{shown}_{b}"
+        SampleWriter(str(folder), grid_rows=2, max_grid_images=shown).write_on_epoch_end(trainer, module,
+                                                                                          predictions(b), [])
+        with np.load(folder / "samples.npz") as data:
+            assert len(data["images"]) == b
+        sizes[(shown, b)] = tuple(read_image(str(folder / "samples.png")).shape)
+    assert sizes[(2, 6)] == sizes[(2, 2)] != sizes[(6, 6)]
