@@ -277,3 +277,14 @@ def test_converted_randar_samples_under_every_policy(converted, policy, extra):
     assert (out.order.sort(1).values == torch.arange(16)).all() and out.tokens.max() < net.vocab_size
     if policy == "raster":
         assert (out.order == torch.arange(16)).all()
+
+
+def test_a_text_to_image_gpt_is_refused_with_one_line(tmp_path, converted):
+    """LlamaGen's t2i models hold a caption projection instead of the class table: not a c2i release."""
+    state = torch.load(FIXTURES / "llamagen_gpt_tiny.pt", weights_only=True)["model"]
+    state.pop("cls_embedding.embedding_table.weight")
+    state["cls_embedding.cap_proj.fc1.weight"] = torch.zeros(64, 2048)
+    torch.save({"model": state}, tmp_path / "t2i.pt")
+    with pytest.raises(ConversionError, match="lacks cls_embedding.embedding_table.weight") as err:
+        run_convert(tmp_path / "t2i.pt", tmp_path / "out.ckpt", "--tokenizer", converted["vq"], *TINY_AR)
+    one_line(err)

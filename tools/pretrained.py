@@ -116,9 +116,18 @@ def _count(shapes: dict, pattern: str) -> int:
     return len({m.group(1) for k in shapes if (m := re.fullmatch(pattern, k))})
 
 
+def _needs(shapes: dict, keys: tuple[str, ...], kind: str) -> None:
+    missing = [k for k in keys if k not in shapes]
+    if missing:
+        raise ConversionError(f"the {RELEASE_WHAT} lacks {missing[0]}, which every {kind} release holds (a "
+                              f"text-to-image or otherwise modified model is not supported): {RELEASE_FIX}")
+
+
 def vq_init_args(shapes: dict[str, tuple]) -> dict:
     """LlamaGenVQ's arguments from the release's shapes (the base width from conv_in, the levels' widths from
     their first convs)."""
+    _needs(shapes, ("encoder.conv_in.weight", "encoder.conv_blocks.0.res.0.conv1.weight", "encoder.conv_out.weight"),
+           "LlamaGen VQ")
     ch = shapes["encoder.conv_in.weight"][0]
     levels = _count(shapes, r"encoder\.conv_blocks\.(\d+)\..*")
     ch_mult = [shapes[f"encoder.conv_blocks.{i}.res.0.conv1.weight"][0] // ch for i in range(levels)]
@@ -135,6 +144,8 @@ def gpt_init_args(shapes: dict[str, tuple], heads: int | None, grid: tuple[int, 
         heads: attention heads (no shape holds them); None: LlamaGen's value for the width (`HEADS_BY_WIDTH`).
         grid: the token grid (h, w) (the image size over the tokenizer's downsampling).
     """
+    _needs(shapes, ("cls_embedding.embedding_table.weight", "layers.0.attention.wqkv.weight",
+                    "layers.0.feed_forward.w1.weight"), "class-conditional (c2i) GPT")
     vocab, width = shapes["tok_embeddings.weight"]
     depth = _count(shapes, r"layers\.(\d+)\..*")
     heads = heads or HEADS_BY_WIDTH.get(width)
