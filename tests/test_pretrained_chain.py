@@ -99,6 +99,18 @@ def test_released_models_run_the_whole_chain(tmp_path, monkeypatch):
         with np.load(Path("runs") / folder / "edits.npz") as edits:
             assert len(edits["inputs"]) == 2 and edits["outputs"].shape[-3:] == (SIZE, SIZE, 3)
 
+    # 5. FID of N samples against reference statistics (here of a colour-statistics feature net, for speed)
+    from tests.test_eval_callbacks import ColourStats
+
+    real = torch.stack([source[i][0] for i in range(len(source))])
+    features = ColourStats()(real).double().numpy()
+    np.savez("ref.npz", mu=features.mean(0), sigma=np.cov(features, rowvar=False))
+    cli = run_cli("test", "--config", config("distill"), *DATA, *QUIET, *CPU, "--ckpt_path", distilled,
+                  "--model.init_args.init_from", pre / "randar.ckpt", "--trainer.limit_test_batches", "1",
+                  "--fid.init_args.num_samples", "12", "--fid.init_args.reference_stats", "ref.npz",
+                  "--fid.init_args.feature_extractor", "tests.test_eval_callbacks.ColourStats")
+    assert np.isfinite(float(cli.trainer.callback_metrics["test/fid"]))
+
 
 @pytest.mark.parametrize("stage", ["sample", "edit"])
 def test_converted_gpt_refuses_any_order_but_raster(tmp_path, monkeypatch, stage):
