@@ -50,14 +50,6 @@ LABEL_DROPOUT = 0.1  # LlamaGen's and RandAR's class_dropout_prob: what the mode
 AR_MODULE = "lightning_modules.any_order.AnyOrderModule"
 
 
-def _base(kind: str, source: Path, sha256: str, dropped: list[str], not_read: list[str], net) -> dict:
-    """What every converted checkpoint holds: the Lightning fields stages read, the spec and the provenance."""
-    return {"epoch": 0, "global_step": 0, "pytorch-lightning_version": version("lightning"),
-            "net_spec": net_spec(net),
-            "converted_from": {"file": source.name, "sha256": sha256, "kind": kind, "dropped": dropped,
-                               "not_read": not_read}}
-
-
 def _map_onto(cls, init_args: dict, state: dict, kind: str) -> tuple[torch.nn.Module, dict, list[str]]:
     """The network (built on the meta device: no memory, no init) loaded strictly with the mapped release weights;
     the mapped state dict and the keys dropped."""
@@ -68,14 +60,17 @@ def _map_onto(cls, init_args: dict, state: dict, kind: str) -> tuple[torch.nn.Mo
     return net, mapped, dropped
 
 
-def convert_vq(state: dict, args, base) -> tuple[dict, dict]:
+def convert_vq(state: dict, args) -> tuple[dict, torch.nn.Module, list[str]]:
+    """A tokenizer checkpoint's fields (the `net.` weights), the network and the keys dropped."""
     init_args = vq_init_args({k: tuple(v.shape) for k, v in state.items()})
     check_preset(args.preset, "vq", init_args)
     net, mapped, dropped = _map_onto(LlamaGenVQ, init_args, state, "vq")
-    return {**base("vq", dropped, net), "state_dict": {f"net.{k}": v for k, v in mapped.items()}}, init_args
+    return {"state_dict": {f"net.{k}": v for k, v in mapped.items()}}, net, dropped
 
 
-def convert_ar(state: dict, kind: str, args, base) -> tuple[dict, dict]:
+def convert_ar(state: dict, kind: str, args) -> tuple[dict, torch.nn.Module, list[str]]:
+    """An AR checkpoint's fields (the `net.` and `tokenizer.` weights, the tokenizer record, the hyper-parameters
+    `--ckpt_path` rebuilds the module from), the network and the keys dropped."""
     if args.tokenizer is None:
         raise ConversionError(f"a {kind} checkpoint decodes with the converted VQ tokenizer: pass --tokenizer "
                               f"(e.g. pretrained/vq16.ckpt; {TOKENIZER_FIX})")
@@ -92,17 +87,16 @@ def convert_ar(state: dict, kind: str, args, base) -> tuple[dict, dict]:
                               f"{args.tokenizer} (--tokenizer) {tokenizer.vocab_size}: pass the tokenizer it was "
                               "trained on")
     net, mapped, dropped = _map_onto(OrderedTransformer, init_args, state, kind)
-    record = {"path": str(args.tokenizer), "sha256": file_sha256(args.tokenizer)}
     weights = {f"net.{k}": v for k, v in mapped.items()}
     weights.update({f"tokenizer.{k}": v for k, v in tokenizer.state_dict().items()})  # the module's frozen submodule
     hparams = {"_class_path": AR_MODULE, "net": net_spec(net), "train_order": "raster" if kind == "gpt" else "random",
                "label_dropout": LABEL_DROPOUT, "tokenizer_ckpt": str(args.tokenizer)}
-    return {**base(kind, dropped, net), "state_dict": weights, "hyper_parameters": hparams, "tokenizer": record,
-            "draw_seed": None}, init_args
+    record = {"path": str(args.tokenizer), "sha256": file_sha256(args.tokenizer)}
+    return {"state_dict": weights, "hyper_parameters": hparams, "tokenizer": record, "draw_seed": None}, net, dropped
 
 
 def convert(args: argparse.Namespace) -> dict:
-    """Convert `args.source` into `args.output`; returns a summary (also printed)."""
+    """Convert `args.source` into `args.output` (written atomically); returns a summary (also printed)."""
     source = Path(args.source)
     state, not_read = read_release(source)
     kind = detect_kind({k: tuple(v.shape) for k, v in state.items()})
@@ -110,16 +104,14 @@ def convert(args: argparse.Namespace) -> dict:
         raise ConversionError(f"--preset {args.preset} names a {PRESETS[args.preset]['kind']} checkpoint, but "
                               f"{source} holds a {kind} one: pass its preset, or none")
     check_finite(state, source, "released checkpoint")
-    sha256 = file_sha256(source)
-
-    def base(kind_: str, dropped: list[str], net) -> dict:
-        return _base(kind_, source, sha256, dropped, not_read, net)
-
-    ckpt, init_args = convert_vq(state, args, base) if kind == "vq" else convert_ar(state, kind, args, base)
-    save_torch(ckpt, args.output)
-    summary = {"output": str(args.output), "kind": kind, "class_path": ckpt["net_spec"]["class_path"],
-               "init_args": init_args, "keys_mapped": len(state) - len(ckpt["converted_from"]["dropped"]),
-               "dropped": ckpt["converted_from"]["dropped"], "container_entries_not_read": not_read}
+    fields, net, dropped = convert_vq(state, args) if kind == "vq" else convert_ar(state, kind, args)
+    provenance = {"file": source.name, "sha256": file_sha256(source), "kind": kind, "dropped": dropped,
+                  "not_read": not_read}
+    save_torch({"epoch": 0, "global_step": 0, "pytorch-lightning_version": version("lightning"),
+                "net_spec": net_spec(net), "converted_from": provenance, **fields}, args.output)
+    summary = {"output": str(args.output), "kind": kind, "class_path": net_spec(net)["class_path"],
+               "init_args": net.init_args, "keys_mapped": len(state) - len(dropped), "dropped": dropped,
+               "container_entries_not_read": not_read}
     print(json.dumps(summary, indent=1, default=str))
     return summary
 
