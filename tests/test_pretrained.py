@@ -164,6 +164,7 @@ def test_converted_checkpoints_record_their_network_tokenizer_and_source(convert
         hp = ckpt["hyper_parameters"]
         assert hp["_class_path"] == convert.AR_MODULE and hp["train_order"] == order
         assert hp["net"] == ckpt["net_spec"] and hp["tokenizer_ckpt"] == str(converted["vq"])
+        assert ckpt["trained"] == {"stage": "AnyOrderModule", "train_order": order, "choice_temperature": 3.0}
         tokenizer = {k[len("tokenizer."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("tokenizer.")}
         assert all(torch.equal(v, vq["state_dict"][f"net.{k}"]) for k, v in tokenizer.items())
         assert len(tokenizer) == len(vq["state_dict"])

@@ -30,6 +30,7 @@ from datamodules.token_cache import file_sha256
 from fileio import save_torch
 from models.checkpoint import check_finite, load_net, net_spec
 from models.llamagen_vq import LlamaGenVQ
+from models.sampling import NOISY_CHOICE_TEMPERATURE
 from models.transformer import OrderedTransformer
 from tools.pretrained import (
     PRESETS,
@@ -92,7 +93,12 @@ def convert_ar(state: dict, kind: str, args) -> tuple[dict, torch.nn.Module, lis
     hparams = {"_class_path": AR_MODULE, "net": net_spec(net), "train_order": "raster" if kind == "gpt" else "random",
                "label_dropout": LABEL_DROPOUT, "tokenizer_ckpt": str(args.tokenizer)}
     record = {"path": str(args.tokenizer), "sha256": file_sha256(args.tokenizer)}
-    return {"state_dict": weights, "hyper_parameters": hparams, "tokenizer": record, "draw_seed": None}, net, dropped
+    # What its training was, as the project's training modules record it (stage, orders, the order-choice noise a
+    # model trained on random orders samples best with): a stage-1 model, raster (GPT) or any-order (RandAR).
+    trained = {"stage": AR_MODULE.rpartition(".")[2], "train_order": hparams["train_order"],
+               "choice_temperature": NOISY_CHOICE_TEMPERATURE}
+    return {"state_dict": weights, "hyper_parameters": hparams, "tokenizer": record, "trained": trained,
+            "draw_seed": None}, net, dropped
 
 
 def convert(args: argparse.Namespace) -> dict:
