@@ -12,6 +12,11 @@ Inception weights, in order of preference:
    downloads it from `INCEPTION_URL` when online (a download with a bounded socket timeout).
 When neither works (offline, no file) the callback warns once, skips the metric and training goes on.
 
+Reference statistics (`reference_stats`, an `.npz` of Inception's mu and sigma in the format of ADM's ImageNet
+reference batches): FID the way papers report it, `num_samples` generated images (e.g. 50,000) against the
+statistics, no real image read; KID is then unavailable. `python run.py test ... --fid.init_args.reference_stats
+VIRTUAL_imagenet256_labeled.npz --fid.init_args.num_samples 50000` logs "test/fid" (docs/imagenet.md).
+
 Distributed runs: every process generates its share of the samples (chunks of `batch_size`, or fewer
 per chunk so that each process gets one; chunk j seeded `seed + j`, see `evaluation.sampling`) and
 of the real images; the metrics' states (feature sums and covariances) are summed over processes by
@@ -25,7 +30,7 @@ import torch
 
 from callbacks.schedule import PeriodicEvaluation
 from evaluation.distributed import all_ranks_agree, process_share, share_chunk_size
-from evaluation.fid import INCEPTION_FILE, INCEPTION_URL, FidKid
+from evaluation.fid import INCEPTION_FILE, INCEPTION_URL, REFERENCE_KEY, FidKid, load_reference_stats
 from evaluation.sampling import cycle_labels, eval_mode, generate_batches
 from evaluation.weights import hub_checkpoint_dir
 
@@ -53,6 +58,9 @@ class FIDCallback(PeriodicEvaluation):
         feature_dim: Inception feature layer: 64, 192, 768 or 2048 (the standard FID).
         kid: also log KID (mean over subsets), sharing the same feature network.
         seed: seed of the sampling generator.
+        reference_stats: an `.npz` with the real set's `mu` and `sigma` (ADM's reference batches; read when the
+            callback is built, so a bad file stops the run before any work): `num_samples` generated images are
+            compared with them instead of with validation images. Needs kid false.
     """
 
     def __init__(
@@ -65,8 +73,13 @@ class FIDCallback(PeriodicEvaluation):
         feature_dim: int = 2048,
         kid: bool = False,
         seed: int = 0,
+        reference_stats: str | None = None,
     ):
         super().__init__(every_n_epochs)
+        if reference_stats is not None and kid:
+            raise ValueError(f"KID needs real images, not statistics: set fid.init_args.kid false with {REFERENCE_KEY}")
+        self.reference_stats = reference_stats
+        self._reference = None if reference_stats is None else load_reference_stats(reference_stats)
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.weights_path = weights_path
@@ -95,26 +108,33 @@ class FIDCallback(PeriodicEvaluation):
             self._disable("needs `pl_module.generate` and `datamodule.real_images`; skipped.")
             return {}
         device, (rank, world) = pl_module.device, process_share()
-        real = datamodule.real_images(self.num_samples, split="val")
-        if len(real) < world:
-            self._disable(f"{len(real)} images cannot be shared by {world} processes; FID is skipped "
+        if self._reference is None:
+            real = datamodule.real_images(self.num_samples, split="val")
+            count, shape = len(real), tuple(real.shape[1:])
+        else:  # only the images' shape is needed
+            count, shape = self.num_samples, (3, datamodule.image_size, datamodule.image_size)
+        if count < world:
+            self._disable(f"{count} images cannot be shared by {world} processes; FID is skipped "
                           f"(set num_samples >= {world} in the FIDCallback's init_args).")
             return {}
-        metric = self._get_metric(device, tuple(real.shape[1:]))
+        metric = self._get_metric(device, shape)
         if not all_ranks_agree(metric is not None, device):
             if metric is not None:
                 self._disable("the metric failed to load in another process; FID is skipped.")
             return {}
-        chunk = share_chunk_size(len(real), self.batch_size, world)
-        if not self._real_done:  # the metric keeps the real features across compute()
-            for batch in real.split(chunk)[rank::world]:
-                metric.update(batch, real=True)
+        chunk = share_chunk_size(count, self.batch_size, world)
+        if not self._real_done:  # the metric keeps the real features (or the statistics) across compute()
+            if self._reference is not None:
+                metric.use_reference(*self._reference, here=rank == 0)  # the states are summed over processes
+            else:
+                for batch in real.split(chunk)[rank::world]:
+                    metric.update(batch, real=True)
             self._real_done = True
-        labels = cycle_labels(len(real), pl_module.num_classes)
+        labels = cycle_labels(count, pl_module.num_classes)
         with eval_mode(pl_module):
             for out in generate_batches(pl_module, labels, chunk, self.seed, rank=rank, world_size=world):
                 metric.update(out["images"], real=False)
-        return metric.compute(kid_subset_size=min(1000, len(real)))
+        return metric.compute(kid_subset_size=min(1000, count))
 
     def _get_metric(self, device: torch.device, image_shape: tuple) -> FidKid | None:
         if self._metric is None and not self._disabled:

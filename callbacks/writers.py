@@ -26,11 +26,13 @@ class SampleWriter(BasePredictionWriter):
     Args:
         out_dir: folder for the files (default: the run's log folder).
         grid_rows: samples per row of the PNG grid.
+        max_grid_images: the PNG shows the first this many samples (50,000 ImageNet samples would make a
+            picture of gigapixels); samples.npz holds them all.
     """
 
-    def __init__(self, out_dir: str | None = None, grid_rows: int = 8):
+    def __init__(self, out_dir: str | None = None, grid_rows: int = 8, max_grid_images: int = 256):
         super().__init__(write_interval="epoch")
-        self.out_dir, self.grid_rows = out_dir, grid_rows
+        self.out_dir, self.grid_rows, self.max_grid_images = out_dir, grid_rows, max_grid_images
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         if not predictions:
@@ -45,5 +47,6 @@ class SampleWriter(BasePredictionWriter):
             "orders": cat["step_map"].numpy(), "labels": cat["labels"].numpy(),
             "sampler": np.array(json.dumps(settings))})
         n_steps = cat["tokens"][0].numel()
-        grid = samples_with_heatmaps_grid(cat["images"], cat["step_map"], n_steps, nrow=self.grid_rows)
+        shown = slice(0, self.max_grid_images)
+        grid = samples_with_heatmaps_grid(cat["images"][shown], cat["step_map"][shown], n_steps, nrow=self.grid_rows)
         write_png(grid, str(out_dir / f"samples{suffix}.png"))

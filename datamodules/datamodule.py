@@ -134,7 +134,8 @@ class OARDataModule(LightningDataModule):
         batch_size: per-process batch size.
         val_fraction: share of images held out for validation (deterministic by `split_seed`).
         split_seed: seed of the train/val split.
-        num_workers: DataLoader workers for image mode (token mode reads from memory).
+        num_workers: DataLoader workers for image mode and for building the token cache (token mode reads the
+            memory-mapped cache in the main process).
         flip: random horizontal flips in training; in token mode both views are cached.
         tokenizer_ckpt: tokenizer checkpoint; switches to token mode and names the token cache.
         cache_dir: where token caches live.
@@ -218,11 +219,18 @@ class OARDataModule(LightningDataModule):
             val = val[: self.max_val_images]
         return perm[n_val:].sort().values, val
 
+    def _reads_tokens(self) -> bool:
+        """Whether this run reads the token cache: not editing (it tokenizes its own images), and not `predict` of
+        samples (sampling a converted ImageNet model must not tokenize ImageNet first)."""
+        predicting = self.trainer is not None and self.trainer.state.fn == "predict"
+        skip = self.predict_split.startswith(IMAGE_SPLITS) or (predicting and self.predict_split == "samples")
+        return self.token_mode and not skip
+
     def prepare_data(self) -> None:
-        if self.token_mode and not self.predict_split.startswith(IMAGE_SPLITS):  # editing tokenizes its own images
+        if self._reads_tokens():
             # Lightning runs this on one process per node: the cache is built once
             ensure_token_cache(self.source, self.tokenizer_ckpt, self._manifest(), self.cache_dir,
-                               self.tokenize_batch_size)
+                               self.tokenize_batch_size, self.num_workers)
 
     def _manifest(self) -> dict:
         if not hasattr(self, "_manifest_cache"):
@@ -241,7 +249,7 @@ class OARDataModule(LightningDataModule):
                 self._token_cache = load_token_cache(path, self._manifest())
             except (FileNotFoundError, UnreadableFileError):  # missing or damaged: (re)build it
                 ensure_token_cache(self.source, self.tokenizer_ckpt, self._manifest(), self.cache_dir,
-                                   self.tokenize_batch_size)
+                                   self.tokenize_batch_size, self.num_workers)
                 self._token_cache = load_token_cache(path, self._manifest())
             rows = {len(self._token_cache["tokens"]), len(self._token_cache["labels"])}
             if rows != {len(self.source)}:

@@ -4,10 +4,18 @@ The file name carries a key hashed from the dataset fingerprint, the tokenizer c
 the flip setting, so a cache made from anything else is never picked up: a stale cache is rebuilt,
 not reused. Files are written to a temp file and renamed, so an interrupted build leaves no cache; a
 cache damaged later (truncated copy, bad disk) is rebuilt with a warning.
+
+The cache is memory-mapped, never a tensor in RAM (ImageNet: 1.28M images x 2 views x 256 tokens, 1.3 GB of
+int16): the tokens are written batch by batch into a file-backed scratch tensor next to the cache, saved with
+`torch.save` (one zip file, the format of every cache so far, so older caches read as they are), and read back
+with `torch.load(mmap=True)`, so the processes of a DDP run share the pages the OS caches instead of holding a
+copy each.
 """
 
 import hashlib
 import logging
+import math
+import tempfile
 from pathlib import Path
 
 import torch
@@ -46,24 +54,36 @@ def cache_path(cache_dir: str | Path, manifest: dict) -> Path:
     return Path(cache_dir) / f"tokens-{key}.pt"
 
 
+def token_dtype(vocab_size: int) -> torch.dtype:
+    return torch.int16 if vocab_size <= 2**15 else torch.int32
+
+
 @torch.no_grad()
 def tokenize_dataset(source: Dataset, tokenizer: nn.Module, flip: bool, batch_size: int,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode every image of `source` (and its mirror image when `flip`).
+                     device: torch.device, out: torch.Tensor | None = None, num_workers: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode every image of `source` (and its mirror image when `flip`), batch by batch into `out`.
+
+    Args:
+        out: (N, F, h, w) the tokens are written into (e.g. a file-backed tensor); None: a new tensor.
+        num_workers: DataLoader workers decoding the images.
 
     Returns:
         tokens (N, F, h, w) int16/int32 (F = 2 with flips, index 1 = flipped) and labels (N,).
     """
     tokenizer = tokenizer.to(device).eval()
-    loader = DataLoader(source, batch_size=batch_size, shuffle=False)
-    tokens, labels = [], []
+    loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    labels, start = [], 0
     for images, y in tqdm(loader, desc="tokenizing", unit="batch"):
         x = images.to(device).float().div(127.5).sub(1.0)
         views = [x, x.flip(-1)] if flip else [x]
-        tokens.append(torch.stack([tokenizer.encode(v).cpu() for v in views], dim=1))
+        batch = torch.stack([tokenizer.encode(v).cpu() for v in views], dim=1)
+        if out is None:
+            out = torch.empty((len(source), *batch.shape[1:]), dtype=token_dtype(tokenizer.vocab_size))
+        out[start : start + len(batch)] = batch.to(out.dtype)
+        start += len(batch)
         labels.append(torch.as_tensor(y))
-    dtype = torch.int16 if tokenizer.vocab_size <= 2**15 else torch.int32
-    return torch.cat(tokens).to(dtype), torch.cat(labels).long()
+    return out, torch.cat(labels).long()
 
 
 def load_token_cache(path: Path, manifest: dict) -> dict:
@@ -73,7 +93,7 @@ def load_token_cache(path: Path, manifest: dict) -> dict:
         UnreadableFileError: the file is damaged (`ensure_token_cache` rebuilds it).
         ValueError: it was made from something else.
     """
-    data = read_checkpoint(path, "token cache", "delete it and rerun: it is rebuilt")
+    data = read_checkpoint(path, "token cache", "delete it and rerun: it is rebuilt", mmap=True)
     if data.get("manifest") != manifest:
         raise ValueError(f"token cache {path} does not match its manifest; delete it and rerun")
     return data
@@ -108,7 +128,7 @@ def manifest_for(source: Dataset, tokenizer_ckpt: str | Path, flip: bool) -> dic
 
 
 def ensure_token_cache(source: Dataset, tokenizer_ckpt: str | Path, manifest: dict,
-                       cache_dir: str | Path, batch_size: int = 256) -> Path:
+                       cache_dir: str | Path, batch_size: int = 256, num_workers: int = 0) -> Path:
     """Make the cache for `manifest` unless a matching one exists (a damaged one is rebuilt); returns its path."""
     path = cache_path(cache_dir, manifest)
     if path.exists():
@@ -121,6 +141,13 @@ def ensure_token_cache(source: Dataset, tokenizer_ckpt: str | Path, manifest: di
     log.info("building token cache %s from %s", path, tokenizer_ckpt)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_net(tokenizer_ckpt, what=TOKENIZER_WHAT, fix=TOKENIZER_FIX)
-    tokens, labels = tokenize_dataset(source, tokenizer, manifest["flip"], batch_size, device)
-    save_torch({"tokens": tokens, "labels": labels, "manifest": manifest}, path)
+    shape = (len(source), 2 if manifest["flip"] else 1, manifest["grid_h"], manifest["grid_w"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tokens-") as scratch:  # removed even when interrupted
+        # file-backed: the tokens never sit in RAM, however many images (torch.save streams them out)
+        out = torch.from_file(str(Path(scratch) / "tokens.raw"), shared=True, size=math.prod(shape),
+                              dtype=token_dtype(manifest["vocab_size"])).view(shape)
+        tokens, labels = tokenize_dataset(source, tokenizer, manifest["flip"], batch_size, device, out, num_workers)
+        save_torch({"tokens": tokens, "labels": labels, "manifest": manifest}, path)
+        del out, tokens  # unmap before the scratch folder goes
     return path

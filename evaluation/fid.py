@@ -10,13 +10,18 @@ features (b, d), such as the domain network of `evaluation.feature_net`. KID sha
   calls; with `sync_on_compute=True` the states are summed over torch.distributed processes when they
   compute (every process then holds the one-process value). Used by `callbacks.fid.FIDCallback`.
 - `FeatureDistances`: the same against one fixed real set given at once (the comparison's set B).
+- `load_reference_stats` + `FidKid.use_reference`: FID against precomputed statistics of the real set (an `.npz`
+  holding Inception's `mu` and `sigma`, the format of ADM's ImageNet reference batches, e.g.
+  VIRTUAL_imagenet256_labeled.npz), the way papers report ImageNet FID: no real image is read.
 
 KID's random subsets come from a fixed seed, so the same two sets always give the same numbers.
 """
 
 import os
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
@@ -29,6 +34,32 @@ from evaluation.weights import download_timeout
 INCEPTION_URL = URL_INCEPTION_V3
 INCEPTION_FILE = os.path.basename(URL_INCEPTION_V3)
 KID_SEED = 0
+REFERENCE_KEY = "fid.init_args.reference_stats"
+
+
+def load_reference_stats(path: str | Path) -> tuple[Tensor, Tensor]:
+    """mu (d,) and sigma (d, d), float64, of the real set from an `.npz` (keys `mu`, `sigma`: ADM's reference
+    batches; other arrays such as `arr_0` are not read). Read as data (`allow_pickle=False`); one-line errors."""
+    path = Path(path)
+    fix = ("give an .npz with arrays mu (d,) and sigma (d, d) of Inception pool features (e.g. ADM's "
+           f"VIRTUAL_imagenet256_labeled.npz) as {REFERENCE_KEY}")
+    if not path.is_file():
+        raise FileNotFoundError(f"reference statistics {path} ({REFERENCE_KEY}) not found: {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: np.asarray(data[k], dtype=np.float64) for k in ("mu", "sigma") if k in data.files}
+            names = list(data.files)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"reference statistics {path} ({REFERENCE_KEY}) are not a readable .npz: {fix}") from err
+    if len(arrays) < 2:
+        raise ValueError(f"reference statistics {path} ({REFERENCE_KEY}) hold no mu and sigma (arrays: "
+                         f"{', '.join(names) or 'none'}): {fix}")
+    mu, sigma = torch.from_numpy(arrays["mu"]), torch.from_numpy(arrays["sigma"])
+    d = mu.numel()
+    if mu.dim() != 1 or tuple(sigma.shape) != (d, d) or not (mu.isfinite().all() and sigma.isfinite().all()):
+        raise ValueError(f"reference statistics {path} ({REFERENCE_KEY}) have mu {tuple(mu.shape)} and sigma "
+                         f"{tuple(sigma.shape)} (finite numbers of shapes (d,) and (d, d) expected): {fix}")
+    return mu, sigma
 
 
 class FidKid(nn.Module):
@@ -100,6 +131,29 @@ class FidKid(nn.Module):
                 if metric is not None:
                     metric.reset()  # keeps the real features (reset_real_features=False)
         return scores
+
+    @torch.no_grad()
+    def use_reference(self, mu: Tensor, sigma: Tensor, here: bool = True) -> None:
+        """Make precomputed statistics (`load_reference_stats`) the real set, in place of real images.
+
+        The FID keeps the real set as sums (features, outer products, count); sums that give back exactly mu and
+        sigma are set (the count cancels; 2 is enough). Under torch.distributed the states are summed over
+        processes, so only one process holds them (`here`), the others zeros. KID needs the real features
+        themselves: it is refused.
+        """
+        if self.kid is not None:
+            raise ValueError(f"KID needs real images, not statistics: set fid.init_args.kid false with {REFERENCE_KEY}")
+        fid, count = self.fid, 2
+        if mu.numel() != fid.real_features_sum.numel():
+            raise ValueError(f"the reference statistics are of {mu.numel()} features, the FID network gives "
+                             f"{fid.real_features_sum.numel()}: set fid.init_args.feature_dim to {mu.numel()} "
+                             "(Inception pool3: 2048), or give statistics of this network")
+        mu = mu.to(fid.real_features_sum.device, torch.float64)
+        sigma = sigma.to(mu.device, torch.float64)
+        scale = 1.0 if here else 0.0
+        fid.real_features_sum = scale * count * mu
+        fid.real_features_cov_sum = scale * ((count - 1) * sigma + count * torch.outer(mu, mu))
+        fid.real_features_num_samples = torch.tensor(count if here else 0, device=mu.device)
 
     def _kid(self, subset_size: int | None) -> float:
         kid = self.kid

@@ -159,6 +159,11 @@ class OARCLI(LightningCLI):
                 self.config[sub].model.init_args.checkpoint = str(path)  # the job reads it; Lightning restores nothing
             else:
                 self._check_stage(ckpt, path, model_class)
+                if sub == "fit" and "optimizer_states" not in ckpt:
+                    raise ValueError(f"{CKPT_WHAT} {path} holds a network only (a converted release or an exported "
+                                     "model), not a training state to resume: fine-tune it with --config "
+                                     f"configs/distill.yaml --model.init_args.init_from {path}, or sample it with "
+                                     "configs/sample.yaml")
             self._net_from(ckpt, sub, path, CKPT_WHAT)
         init_from = _args(self.config[sub], "model").get("init_from")
         if init_from and not path:  # resuming: the checkpoint's network wins, init_from is ignored

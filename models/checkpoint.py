@@ -48,6 +48,7 @@ def net_spec(net: nn.Module) -> dict:
 NETWORK_CLASSES = frozenset({
     "models.transformer.OrderedTransformer",
     "models.tokenizer.VQAutoencoder",
+    "models.llamagen_vq.LlamaGenVQ",
     "evaluation.feature_net.SmallConvNetFeatures",
 })
 _PLAIN = (type(None), bool, int, float, str)

@@ -140,8 +140,13 @@ def slow_if(name: str, slow: bool):
     return pytest.param(name, marks=pytest.mark.slow) if slow else name
 
 
-# Building the base networks (~100M parameters) takes seconds: in the slow suite.
-MODEL_PRESETS = [slow_if(name, name.endswith("base")) for name in sorted(
+# Building the base networks (~100M parameters) and the released sizes (gpt_b ... randar_xl) takes seconds: in the
+# slow suite.
+def big_preset(name: str) -> bool:
+    return name.endswith("base") or (documented_size(CONFIGS / "model" / f"{name}.yaml") or 0) > 5e7
+
+
+MODEL_PRESETS = [slow_if(name, big_preset(name)) for name in sorted(
     str(p.relative_to(CONFIGS / "model").with_suffix("")) for p in CONFIGS.glob("model/*/*.yaml"))]
 
 
