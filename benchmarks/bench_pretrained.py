@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_ar import train_step
-from benchmarks.report import DTYPES, PRESET_DIR, Row, _find_net_args, environment, load, report, setup_torch
+from benchmarks.harness import DTYPES, PRESET_DIR, Row, _find_net_args, environment, load, report, setup_torch
 from benchmarks.timing import median_ratio, time_alternately
 from models.blocks import find_multiple
 from models.checkpoint import load_net
-from models.extraction import extract_orders
+from models.extraction import ExtractionSettings, extract_orders
 from models.llamagen_vq import LlamaGenVQ
 from models.orders import random_order, raster_order
 from models.sampling import SamplerSettings, sample
@@ -45,6 +45,8 @@ IMAGENET = {"vocab": 16384, "classes": 1000, "grid": 16}
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (NVIDIA's datasheet)
 IMAGENET_TRAIN = 1_281_167
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "pretrained"
+
+OWN_ORDER = ExtractionSettings(score="max_prob")  # the extraction of configs/extract_orders.yaml
 
 
 def preset_args(name: str) -> dict:
@@ -151,7 +153,7 @@ def bench_randar(args, device, dtype: str) -> tuple[list[Row], dict]:
            "train_raster": train(lambda: raster_order(bt, n, device=device)),
            "random": _sampler(net.eval(), cond[:bs], "random", cast),
            "confidence": _sampler(net.eval(), cond[:bs], "confidence", cast),
-           "extract": lambda: extract_orders(net.eval(), tokens[:bs], cond[:bs], score="max_prob", dtype=cast)}
+           "extract": lambda: extract_orders(net.eval(), tokens[:bs], cond[:bs], OWN_ORDER, dtype=cast)}
     t, raw = _timed(fns, args.repeats, 1, device)
     info = {"train_tokens_per_s": bt * n / t["train_random"], "random_sampling_tokens_per_s": bs * n / t["random"],
             "confidence_sampling_tokens_per_s": bs * n / t["confidence"],
@@ -203,7 +205,7 @@ def bench_fixture(args, device, dtype: str) -> tuple[list[Row], dict]:
     tokens, cond = torch.randint(net.vocab_size, (b, n), generator=gen), torch.randint(net.num_classes, (b,),
                                                                                        generator=gen)
     cast = DTYPES[dtype]
-    fns = {"extract": lambda: extract_orders(net, tokens.to(device), cond.to(device), score="max_prob", dtype=cast),
+    fns = {"extract": lambda: extract_orders(net, tokens.to(device), cond.to(device), OWN_ORDER, dtype=cast),
            "random": _sampler(net, cond.to(device), "random", cast)}
     t, raw = _timed(fns, args.repeats, 1, device)
     hidden = find_multiple(int(2 * 4 * 1024 / 3), 256)
