@@ -139,6 +139,10 @@ def test_smoke_experiment_runs_into_a_report_and_reuses_every_stage(tmp_path, ca
     runner.main([str(SMOKE), "--out", str(tmp_path), "--only", "report"])
     again = table_rows((run / "report.md").read_text())
     assert float(again["any-order AR, confidence order"]["NLL own order"]) == pytest.approx(own, abs=2e-3)
+    kept = (run / "report.md").read_text()
+    with pytest.raises(SystemExit, match="no arm .* has an evaluation for seeds \\[7\\]"):  # a seed that never ran
+        runner.main([str(SMOKE), "--out", str(tmp_path), "--only", "report", "--seeds", "7"])
+    assert (run / "report.md").read_text() == kept
 
 
 @pytest.mark.slow

@@ -35,8 +35,8 @@ def write_folder(root: Path) -> None:
             Image.fromarray(image.round().astype(np.uint8)).save(folder / f"{i}.png")
 
 
-def predict(stage: str, ckpt: Path, *extra) -> None:
-    run_cli("predict", "--config", config(stage), *DATA, *QUIET, *CPU, "--ckpt_path", ckpt, *extra)
+def predict(stage: str, ckpt: Path, *extra):
+    return run_cli("predict", "--config", config(stage), *DATA, *QUIET, *CPU, "--ckpt_path", ckpt, *extra)
 
 
 def samples(folder: str) -> dict:
@@ -118,6 +118,9 @@ def test_converted_gpt_refuses_any_order_but_raster(tmp_path, monkeypatch, stage
     write_folder(tmp_path / "images")
     run_convert(FIXTURES / "llamagen_vq_tiny.pt", "vq.ckpt")
     run_convert(FIXTURES / "llamagen_gpt_tiny.pt", "gpt.ckpt", "--tokenizer", "vq.ckpt", *TINY_AR)
-    with pytest.raises(ValueError, match="only write in raster order, not confidence"):
+    with pytest.raises(ValueError, match="only write in raster order, not confidence"):  # asked for explicitly
         predict(stage, Path("gpt.ckpt"), "--data.init_args.max_predict_images", "1",
-                "--data.init_args.num_samples", "1")
+                "--data.init_args.num_samples", "1", "--model.init_args.sampler.policy", "confidence")
+    cli = predict(stage, Path("gpt.ckpt"), "--data.init_args.max_predict_images", "1",
+                  "--data.init_args.num_samples", "1")  # policy auto: a raster model writes in raster order
+    assert cli.model.sampler.policy == "raster"

@@ -42,6 +42,9 @@ def write_report(root: Path, command: str, publish: Path | None = None) -> dict:
     out = publish or root
     out.mkdir(parents=True, exist_ok=True)
     arms = [a for a in exp.arms if a.name in final]
+    if not arms:  # e.g. `--only report --seeds <a seed that never ran>`: keep the report that exists
+        raise SystemExit(f"error: no arm of {root} has an evaluation for seeds {exp.seeds}: nothing to report, and "
+                         f"{out / 'report.md'} is left as it was; run the experiment for those seeds first")
     result = {"experiment": exp.as_dict(), "summary": {a.name: tables.summarise(final[a.name]) for a in arms},
               "per_seed": final, "paired": paired_differences(by_seed, exp.paired), "rows": rows,
               "curves": {f"{arm}@{step}": ms for (arm, step), ms in steps.items()},
