@@ -121,6 +121,19 @@ def test_single_process_fit_stops_and_resumes(signum, tokenizer_base, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_group_signal_leaves_the_dataloader_workers_to_the_main_process(tmp_path):
+    """Image-mode loaders (the tokenizer stage) may have worker processes, which a group SIGTERM reaches too."""
+    args = ["fit", "--config", config("tokenizer"), "--config", config("model/tokenizer/tiny"), *SMALL_DATA, *QUIET,
+            "--data.init_args.num_workers", "2", "--trainer.max_steps", "40", "--trainer.max_time", "null",
+            *beacon_args()]
+    result = signal_run(args, tmp_path, "train", "group", ranks=1)
+    assert result.seconds is not None and result.returncode == 128 + signal.SIGTERM, result.output[-4000:]
+    assert "DataLoader worker" not in result.output
+    found = stop_line(result.output)
+    assert found and load_ckpt(tmp_path / found.group(4))["global_step"] == int(found.group(2))
+
+
+@pytest.mark.slow
 def test_second_signal_exits_at_once_without_touching_the_checkpoint(tokenizer_base, tmp_path):
     """The first SIGTERM comes inside the save of the best checkpoint after the validation of step 3, the second
     inside the stop's save of last.ckpt at step 4: the process exits there, leaving last.ckpt of step 3."""
