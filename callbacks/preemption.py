@@ -10,8 +10,9 @@ naming the command that resumes, and every process exits with status 128 + the s
 
 On SLURM, Lightning's `SLURMEnvironment` decides whether a job is requeued (`auto_requeue`, on by default) and on
 which signal (`requeue_signal`, SIGUSR1, which `#SBATCH --signal=SIGUSR1@90` sends 90 s before the time
-limit): that signal stops the run the same way, then rank 0 requeues the job with `scontrol requeue`, and the
-requeued job resumes from `last.ckpt` through `--ckpt_path last` (docs/clusters.md).
+limit): that signal stops the run the same way, then rank 0 requeues the job with `scontrol requeue` (with
+`auto_requeue: false` it only stops), and the requeued job resumes from `last.ckpt` through `--ckpt_path last`
+(docs/clusters.md).
 
 Why not Lightning's own handling: in Lightning 2.6.6 (since 2.5.2, pull request 20825) the SIGTERM handler,
 `_SignalConnector._sigterm_notifier_fn`, runs `torch.distributed.broadcast` inside the handler on every rank the
@@ -21,7 +22,8 @@ a rank that has already handled the group's signal when rank 0's forwarded one a
 (3 hangs in 5 tries of the README's CPU DDP setting here). When it does not hang it exits with status 0, or
 dies of a gloo error on the other rank when one rank alone is signalled; its SLURM requeue handler likewise
 saves a checkpoint (collectives) inside the signal handler. This callback takes SIGTERM, SIGINT and the requeue
-signal over for the whole run; the one workaround of Lightning's own code is in `_silence_lightning_notifier`.
+signal over for the whole run. The workarounds of Lightning's own code: `_silence_lightning_notifier` (the hang)
+and `_detach_children` (its child-process observer would SIGKILL rank 0 when a launched rank exits non-zero).
 """
 
 import logging
@@ -80,17 +82,20 @@ class StopOnSignal(Callback):
         self._signum, self._requeue = signum, signum == self._requeue_signal
         if self._trainer is not None and self._trainer.is_global_zero:
             # os.write: the buffered sys.stderr may be in the middle of a write that this handler interrupted.
-            os.write(2, f"{signal.Signals(signum).name} received: stopping at the end of this step (send it again "
-                        "to stop at once, without a checkpoint)\n".encode())
+            os.write(2, f"{signal.Signals(signum).name} received: stopping at the end of this step or batch (send it "
+                        "again to stop at once, without a checkpoint)\n".encode())
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers (a Trainer run from a thread keeps Lightning's)
         self._trainer, self._signum, self._requeue, self._stopping = trainer, 0, False, False
-        env = trainer._accelerator_connector.cluster_environment
-        requeue = isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None
-        self._requeue_signal = int(env.requeue_signal) if requeue else None
-        for signum in (*STOP_SIGNALS, *([self._requeue_signal] if requeue else [])):
+        signums = list(STOP_SIGNALS)
+        env = trainer._accelerator_connector.cluster_environment  # where Lightning's signal connector looks too
+        slurm_signal = env.requeue_signal if isinstance(env, SLURMEnvironment) else None
+        if slurm_signal is not None:  # Lightning then leaves it to us (it only sets a handler where none is)
+            signums.append(int(slurm_signal))
+        self._requeue_signal = int(slurm_signal) if slurm_signal is not None and env.auto_requeue else None
+        for signum in signums:
             self._saved[signum] = signal.signal(signum, self._handle)
         _silence_lightning_notifier(trainer)
 
@@ -158,7 +163,7 @@ class StopOnSignal(Callback):
             else:
                 line += f"; rerun the same command: {_same_command(trainer)}"
             print(line, file=sys.stderr, flush=True)
-            _wait_for(self._children, 128 + signum)
+        _wait_for(self._children, 128 + signum)  # a node's local rank 0 for the ranks it launched (none elsewhere)
         raise StopRequested(128 + signum)
 
     def _save(self, trainer: Trainer) -> tuple[str, str]:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 
@@ -254,6 +256,22 @@ def test_every_stage_stops_on_signals_and_an_in_process_run_restores_the_handler
     # at the same hooks: the checkpoint callbacks and the config writer.
     assert all(isinstance(cb, (ModelCheckpoint, SaveConfigCallback)) for cb in callbacks[at + 1:]), callbacks
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.parametrize("plugins", [[], [SLURMEnvironment(auto_requeue=True)], [SLURMEnvironment(auto_requeue=False)]])
+def test_the_handled_signals_and_the_requeue_follow_lightnings_slurm_environment(plugins):
+    """SIGTERM and SIGINT always; SLURM's requeue signal under SLURMEnvironment, requeueing with auto_requeue only."""
+    trainer = Trainer(accelerator="cpu", plugins=plugins, logger=False, enable_checkpointing=False)
+    signums = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    before, callback = {s: signal.getsignal(s) for s in signums}, StopOnSignal()
+    callback.setup(trainer, None, "fit")
+    try:
+        handled = {s for s in signums if signal.getsignal(s) == callback._handle}
+        assert handled == {signal.SIGTERM, signal.SIGINT, *([signal.SIGUSR1] if plugins else [])}
+        assert callback._requeue_signal == (signal.SIGUSR1 if plugins and plugins[0].auto_requeue else None)
+    finally:
+        callback.teardown(trainer, None, "fit")
+    assert {s: signal.getsignal(s) for s in signums} == before
 
 
 def test_resume_command_replaces_the_ckpt_path(monkeypatch):
