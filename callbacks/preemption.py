@@ -64,9 +64,9 @@ class StopOnSignal(Callback):
     def __init__(self) -> None:
         self._signum = 0  # the first stop signal this process received (0: none)
         self._requeue = False  # whether it was the SLURM requeue signal
-        self._stopping = False  # the ranks have agreed to stop
         self._step_checked = -1  # the global step of the last training-step check
         self._saved: dict = {}  # the handlers this callback replaced, restored at teardown
+        self._originals: dict = {}  # the same, kept: a handler of ours set again after teardown defers to them
         self._requeue_signal: int | None = None
         self._trainer: Trainer | None = None
         self._children: list = []  # rank 0 of a local DDP run, once stopping: the ranks it launched
@@ -74,13 +74,15 @@ class StopOnSignal(Callback):
 
     # ---- the handler: it only records the signal (a collective here would be Lightning's hang) ----------------
     def _handle(self, signum: int, frame) -> None:
+        if self._trainer is None:  # the run is over (Lightning's teardown of a crashed run may set ours again)
+            return _defer(self._originals.get(signum), signum, frame)
         if self._signum:  # a second signal: leave now, whatever is being written
             name = signal.Signals(signum).name
             os.write(2, f"second stop signal ({name}): exiting at once; the checkpoint is left as it was\n".encode())
             self._kill_children()
             os._exit(128 + signum)
         self._signum, self._requeue = signum, signum == self._requeue_signal
-        if self._trainer is not None and self._trainer.is_global_zero:
+        if self._trainer.is_global_zero:
             # os.write: the buffered sys.stderr may be in the middle of a write that this handler interrupted.
             os.write(2, f"{signal.Signals(signum).name} received: stopping at the end of this step or batch (send it "
                         "again to stop at once, without a checkpoint)\n".encode())
@@ -88,7 +90,7 @@ class StopOnSignal(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers (a Trainer run from a thread keeps Lightning's)
-        self._trainer, self._signum, self._requeue, self._stopping = trainer, 0, False, False
+        self._trainer, self._signum, self._requeue = trainer, 0, False
         signums = list(STOP_SIGNALS)
         env = trainer._accelerator_connector.cluster_environment  # where Lightning's signal connector looks too
         slurm_signal = env.requeue_signal if isinstance(env, SLURMEnvironment) else None
@@ -97,6 +99,7 @@ class StopOnSignal(Callback):
         self._requeue_signal = int(slurm_signal) if slurm_signal is not None and env.auto_requeue else None
         for signum in signums:
             self._saved[signum] = signal.signal(signum, self._handle)
+        self._originals = dict(self._saved)
         _silence_lightning_notifier(trainer)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -144,7 +147,6 @@ class StopOnSignal(Callback):
 
     # ---- stopping -----------------------------------------------------------------------------------------------
     def _stop(self, trainer: Trainer, signum: int, requeue: bool) -> None:
-        self._stopping = True
         self._signum = self._signum or signum  # a rank that received nothing treats a later signal as the second
         self._children = _detach_children(trainer)
         saved, what = self._save(trainer)
@@ -202,6 +204,15 @@ def _silence_lightning_notifier(trainer: Trainer) -> None:
 
 def _ignore(signum, frame) -> None:
     return None
+
+
+def _defer(handler, signum: int, frame) -> None:
+    """Do what `handler`, a handler `signal.signal` returned, would have done with the signal."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler != signal.SIG_IGN:  # the default action (SIG_DFL, or None: a handler set outside Python)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 def _detach_children(trainer: Trainer) -> list:

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -244,6 +245,9 @@ def main() -> None:
     parser.add_argument("--bound", type=float, default=60.0, help="seconds to wait for the exit before SIGKILL")
     parser.add_argument("--signals", default="SIGTERM,SIGINT")
     parser.add_argument("--phases", default="train,val,save")
+    parser.add_argument("--targets", default="group,rank0,rank1")
+    parser.add_argument("--sleep", type=float, default=0.2, help="the beacon's sleep before each batch")
+    parser.add_argument("--extra", default="", help="more run.py arguments (e.g. a size preset's --config)")
     opts = parser.parse_args()
     import torch
 
@@ -253,7 +257,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name in opts.signals.split(","):
         signum = signal.Signals[name]
-        for target in ("group", "rank0", "rank1"):
+        for target in opts.targets.split(","):
             for phase in opts.phases.split(","):
                 codes, secs, lines = [], [], []
                 for k in range(opts.repeats):
@@ -261,7 +265,8 @@ def main() -> None:
                     shutil.rmtree(folder, ignore_errors=True)
                     shutil.copytree(base, folder)
                     beacon = {"save_signal": int(signum), "save_target": target} if phase == "save" else {}
-                    res = signal_run(stage1_fit_args(**beacon), folder, phase, target, signum, bound=opts.bound)
+                    args = stage1_fit_args(sleep_s=opts.sleep, **beacon) + shlex.split(opts.extra)
+                    res = signal_run(args, folder, phase, target, signum, bound=opts.bound)
                     codes.append("hang" if res.returncode is None else str(res.returncode))
                     secs.append(f">{opts.bound:.0f}" if res.seconds is None else f"{res.seconds:.1f}")
                     found, last = stop_line(res.output), folder / "runs/any_order/checkpoints/last.ckpt"

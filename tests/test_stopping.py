@@ -24,8 +24,22 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 
 from callbacks.checkpointing import TEMP_NAME
+from callbacks.finite import NonFiniteError
 from callbacks.preemption import StopOnSignal, _requeue_slurm_job, _resume_command
-from tests.conftest import ORDERS, QUIET, REPO, SMALL_DATA, STAGE1_CKPT, config, copy_run, fit, predict
+from tests.conftest import (
+    ORDERS,
+    QUIET,
+    REPO,
+    SMALL_DATA,
+    STAGE1_CKPT,
+    config,
+    copy_run,
+    fit,
+    predict,
+    run_cli,
+    stage_configs,
+    tiny_preset,
+)
 from tests.ddp import free_port, run_cli_subprocess
 from tests.stopping import (
     EXIT_BOUND_S,
@@ -39,6 +53,7 @@ from tests.stopping import (
     wait_for,
     wait_gone,
 )
+from tests.test_checkpointing import HUGE_LR, MID_EPOCH
 from tests.test_pipeline import adam_step, load_ckpt
 
 LAST = Path("runs/any_order/checkpoints/last.ckpt")
@@ -272,6 +287,23 @@ def test_the_handled_signals_and_the_requeue_follow_lightnings_slurm_environment
     finally:
         callback.teardown(trainer, None, "fit")
     assert {s: signal.getsignal(s) for s in signums} == before
+
+
+def test_after_a_crashed_in_process_run_the_signals_do_what_they_did_before(tmp_path, monkeypatch):
+    """Lightning's teardown of a crashed run sets the handlers it found at its start (ours) again: they defer."""
+    monkeypatch.chdir(tmp_path)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with pytest.raises(NonFiniteError):
+        run_cli("fit", *stage_configs("tokenizer"), *tiny_preset("tokenizer"), *SMALL_DATA, *QUIET, *MID_EPOCH,
+                "--trainer.max_steps", "6", *HUGE_LR)
+    for signum, handler in before.items():
+        now = signal.getsignal(signum)
+        if now != handler:  # ours, left by Lightning: inactive, it does what the handler before it did
+            assert isinstance(now.__self__, StopOnSignal) and now.__self__._originals[signum] == handler
+    with pytest.raises(KeyboardInterrupt):
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # Python's own SIGINT handler, or ours deferring to it
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
 
 
 def test_resume_command_replaces_the_ckpt_path(monkeypatch):
