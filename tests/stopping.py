@@ -39,8 +39,9 @@ EXIT_BOUND_S = 20.0
 class Beacon(Callback):
     """Test only: tells the harness where the run is, by files in `folder`, slows it down, and may signal.
 
-    Writes `rank<r>.pid` at setup, then `train.rank<r>` once training step `from_step` is done, `val.rank<r>` when
-    a validation after that step starts (not the sanity check), `predict.rank<r>` at the first predict batch. Sleeps
+    Writes `rank<r>.pid` at setup, `sanity.rank<r>` in the sanity check, then `train.rank<r>` once training step
+    `from_step` is done, `val.rank<r>` when a validation after that step starts, `predict.rank<r>` at the first
+    predict batch. Sleeps
     `sleep_s` before every training, validation and predict batch, so each phase lasts long enough to be signalled.
 
     With `save_signal` (a signal number), it signals from inside the checkpoint saves (`on_save_checkpoint`) from
@@ -70,7 +71,9 @@ class Beacon(Callback):
             self._mark(trainer, "train")
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not trainer.sanity_checking and trainer.global_step >= self.from_step:
+        if trainer.sanity_checking:
+            self._mark(trainer, "sanity")
+        elif trainer.global_step >= self.from_step:
             self._mark(trainer, "val")
         time.sleep(self.sleep_s)
 

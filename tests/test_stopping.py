@@ -138,6 +138,16 @@ def test_single_process_fit_stops_and_resumes(signum, tokenizer_base, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_stop_in_the_sanity_check_saves_nothing_and_names_the_same_command(tokenizer_base, tmp_path):
+    folder = fresh(tokenizer_base, tmp_path)
+    result = signal_run(stage1_fit_args(ddp=False, sleep_s=1.0), folder, "sanity", "rank0", ranks=1)
+    assert result.seconds is not None and result.returncode == 128 + signal.SIGTERM, result.output[-4000:]
+    line = result.line("stopped by")
+    assert line.startswith("stopped by SIGTERM in the sanity check, before step 1; rerun the same command: python ")
+    assert "--ckpt_path" not in line and not (folder / LAST).exists()
+
+
+@pytest.mark.slow
 def test_a_group_signal_leaves_the_dataloader_workers_to_the_main_process(tmp_path):
     """Image-mode loaders (the tokenizer stage) may have worker processes, which a group SIGTERM reaches too."""
     args = ["fit", "--config", config("tokenizer"), "--config", config("model/tokenizer/tiny"), *SMALL_DATA, *QUIET,
@@ -257,6 +267,17 @@ def test_extraction_stops_at_a_shard_and_the_rerun_gives_the_uninterrupted_order
     resumed = torch.load(stopped / ORDERS / "orders.pt", weights_only=True)
     reference = torch.load(whole / ORDERS / "orders.pt", weights_only=True)
     assert torch.equal(resumed["done"], reference["done"]) and torch.equal(resumed["orders"], reference["orders"])
+
+
+@pytest.mark.slow
+def test_sampling_stops_at_a_batch_and_leaves_no_samples_file(stage1_run, tmp_path):
+    folder = copy_run(stage1_run, tmp_path)
+    args = ["predict", "--config", config("sample"), *SMALL_DATA, *QUIET, "--ckpt_path", STAGE1_CKPT,
+            "--data.init_args.batch_size", "2", *beacon_args(sleep_s=0.2)]
+    result = signal_run(args, folder, "predict", "group", ranks=1)
+    assert result.seconds is not None and result.returncode == 128 + signal.SIGTERM, result.output[-4000:]
+    assert result.line("stopped by").startswith("stopped by SIGTERM after "), result.output[-4000:]
+    assert not list(folder.rglob("samples*.npz"))  # written once, at the end: a stopped run leaves none
 
 
 # ---- the pieces ---------------------------------------------------------------------------------------------------
