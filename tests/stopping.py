@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lightning.pytorch import Callback
 
-from tests.ddp import free_port
+from tests.ddp import ATTEMPTS, free_port, is_infrastructure_failure
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -139,14 +139,25 @@ def start(args: list, cwd: Path, env: dict | None = None) -> tuple[subprocess.Po
     return proc, log
 
 
+class EndedEarly(AssertionError):
+    """The run ended before the phase to signal it in; `returncode` is its first process's status."""
+
+    def __init__(self, message: str, returncode: int) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+
 def wait_for(paths: list[Path], procs: list[subprocess.Popen], log: Path, timeout: float = START_TIMEOUT_S) -> None:
     """Wait until every file of `paths` exists; fail if a process ends first or nothing comes within `timeout`."""
     deadline = time.monotonic() + timeout
     while not all(p.exists() for p in paths):
         ended = [p.returncode for p in procs if p.poll() is not None]
-        if ended or time.monotonic() > deadline:
-            raise AssertionError(f"the run {'ended (status ' + str(ended) + ')' if ended else 'did not get there'} "
-                                 f"before {[p.name for p in paths]}:\n{log.read_text()[-4000:]}")
+        if ended:
+            raise EndedEarly(f"the run ended (status {ended}) before {[p.name for p in paths]}:\n"
+                             f"{log.read_text()[-4000:]}", ended[0])
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the run did not get to {[p.name for p in paths]} in {timeout:.0f} s:\n"
+                                 f"{log.read_text()[-4000:]}")
         time.sleep(0.05)
 
 
@@ -185,7 +196,21 @@ def signal_run(args: list, cwd: Path, phase: str, target: str, signum: int = sig
         target: group (every process the run started, DataLoader workers included), rank0, or rank1 (the pid
             the beacon wrote).
         ranks: the run's number of processes (2 for CPU DDP; 1 otherwise).
+
+    A run whose process group fails to start (`tests.ddp.is_infrastructure_failure`) is started again.
     """
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return _signal_run_once(args, cwd, phase, target, signum, ranks, bound, env)
+        except EndedEarly as err:
+            if attempt == ATTEMPTS or not is_infrastructure_failure(str(err), err.returncode):
+                raise
+            shutil.rmtree(cwd / "beacon", ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
+def _signal_run_once(args: list, cwd: Path, phase: str, target: str, signum: int, ranks: int, bound: float,
+                     env: dict | None) -> Stopped:
     proc, log = start(args, cwd, env)
     pgid = proc.pid
     try:
