@@ -82,16 +82,18 @@ class Beacon(Callback):
         time.sleep(self.sleep_s)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        if not self.save_signal or self.save_signals < 1 or trainer.global_step < self.from_step:
-            return
+        if not self.save_signal or self.save_signals < 1 or trainer.global_step < self.from_step or trainer.ckpt_path:
+            return  # a resumed run (the stop line's command, run by a test) is left alone
         rank = trainer.global_rank
         if (self.save_target == "group" and rank == 0) or self.save_target == f"rank{rank}":
             self.save_signals -= 1
             self._mark(trainer, "save")
-            if self.save_target == "group":
+            if self.save_target != "group":
+                os.kill(os.getpid(), self.save_signal)
+            elif os.getpgrp() == os.getpid():  # only a group the harness made for this run (`start`), never the test's
                 os.killpg(os.getpgrp(), self.save_signal)
             else:
-                os.kill(os.getpid(), self.save_signal)
+                raise RuntimeError("Beacon: rank 0 does not lead its process group; start the run with tests.stopping")
 
 
 def beacon_args(folder: str = "beacon", **init_args) -> tuple[str, str]:
