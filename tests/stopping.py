@@ -30,9 +30,10 @@ from tests.ddp import ATTEMPTS, free_port, is_infrastructure_failure
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 START_TIMEOUT_S = 600  # until the phase to signal in is reached: a swamped 2-core machine may take minutes
-# The bound on how long any process may live after the signal. Measured here: 3-8 s from the signal to the
-# last process gone (2-process CPU DDP, tiny preset, a 2-core machine busy with other training runs), so the bound
-# leaves more than 2x headroom.
+# The bound on how long any process may live after the signal. Measured with `python -m tests.stopping`
+# (2-process CPU DDP, tiny preset, a 2-core machine loaded 3-4x by other training runs): 0.6-2.1 s from the signal
+# to the last process gone in 36 runs, 3.6-4.8 s with the small preset (the stop waits for the step under way),
+# so 20 s leaves 4x headroom over the slowest.
 EXIT_BOUND_S = 20.0
 
 
