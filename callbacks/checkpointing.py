@@ -14,14 +14,19 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from fileio import atomic_write
 
+# The temp file of a save. No "last" in the name: `--ckpt_path last` (Lightning 2.6.6 `_find_last_checkpoints`) takes
+# the newest file of the folder whose name holds "last", and a killed save's temp file must never be resumed from.
+TEMP_NAME = ".saving.ckpt.tmp"
+
 
 class LastCheckpoint(ModelCheckpoint):
     """Writes `<run>/checkpoints/last.ckpt` every `every_n_train_steps` steps and at the end of training.
 
     The end of training is a `max_steps`, `max_epochs` or `max_time` stop, or an early stop; an exception
-    (a crash, a non-finite loss) writes nothing, so `last.ckpt` keeps the last periodic state. The file is
-    written as `.last.ckpt.tmp` in the same folder and renamed (Lightning's own temporary file lives in the
-    system temp folder, and a move across filesystems is a copy: a kill could leave half a `last.ckpt`).
+    (a crash, a non-finite loss) writes nothing, so `last.ckpt` keeps the last periodic state; a stop signal
+    writes it through `save_now` (`callbacks.preemption.StopOnSignal`). The file is written as `TEMP_NAME` in the
+    same folder and renamed (Lightning's own temporary file lives in the system temp folder, and a move across
+    filesystems is a copy: a kill could leave half a `last.ckpt`).
     Always the same name (no `last-v1.ckpt` when the folder already holds one): a second run into the same
     folder replaces it.
 
@@ -33,6 +38,16 @@ class LastCheckpoint(ModelCheckpoint):
     def __init__(self, every_n_train_steps: int = 200, dirpath: str | None = None) -> None:
         super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps,
                          enable_version_counter=False)
+        self._written_step: int | None = None  # the global step of this process's last save
+
+    def save_now(self, trainer: Trainer) -> str:
+        """Write last.ckpt of the current step now, unless this run has just written it; returns its path.
+
+        Every rank calls it (rank 0 writes), at the same point of the run.
+        """
+        if self._written_step != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        return self.last_model_path
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -54,9 +69,9 @@ class LastCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         # Every rank takes part in the save (rank 0 writes); one fixed temp name, so a rerun replaces a killed save's.
         if trainer.is_global_zero:
-            temp = os.path.join(os.path.dirname(filepath), f".{os.path.basename(filepath)}.tmp")
+            temp = os.path.join(os.path.dirname(filepath), TEMP_NAME)
             atomic_write(filepath, lambda tmp: super(LastCheckpoint, self)._save_checkpoint(trainer, str(tmp)), temp)
         else:
             super()._save_checkpoint(trainer, filepath)
         trainer.strategy.barrier("LastCheckpoint.rename")
-        self._last_checkpoint_saved = filepath
+        self._last_checkpoint_saved, self._written_step = filepath, trainer.global_step

@@ -8,6 +8,7 @@ exposed as attributes so the CLI links them into the networks (they are never ty
 
 import logging
 import math
+import signal
 from pathlib import Path
 
 import torch
@@ -110,6 +111,16 @@ class ImageItems(Dataset):
         files, root = getattr(self.source, "files", None), getattr(self.source, "root", None)
         name = f"{index:06d}" if files is None or root is None else Path(files[index]).relative_to(root).as_posix()
         return {"image": image, "label": int(label), "index": index, "position": i, "name": name}
+
+
+def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGTERM and SIGINT, which a signal to the whole process group also sends it.
+
+    Killed by it (torch's default), the lost worker would crash the main process at once; the main process instead
+    stops at the next step boundary (callbacks/preemption.py) and shuts its workers down as it exits.
+    """
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class SampleRequests(Dataset):
@@ -287,7 +298,8 @@ class OARDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         workers = 0 if self.token_mode else self.num_workers
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
-                          num_workers=workers, persistent_workers=workers > 0)
+                          num_workers=workers, persistent_workers=workers > 0,
+                          worker_init_fn=leave_stop_signals_to_the_main_process if workers else None)
 
     def train_dataloader(self) -> DataLoader:
         self._check_one_batch()

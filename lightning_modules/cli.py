@@ -146,7 +146,7 @@ class OARCLI(LightningCLI):
         model_class = _class((self.config[sub].get("model") or {}).get("class_path"))
         path = self.config[sub].get("ckpt_path")
         if str(path) == "last":  # Lightning's alias, resolved here so that the file is checked like any other
-            path = self.config[sub].ckpt_path = self._last_checkpoint(sub)
+            path = self.config[sub].ckpt_path = self._last_checkpoint(sub, start_afresh=sub == "fit")
         if issubclass(model_class, PredictModule):
             path = path or _args(self.config[sub], "model").get("checkpoint")
         if sub == "predict" and not issubclass(model_class, PredictModule):
@@ -174,13 +174,21 @@ class OARCLI(LightningCLI):
         self._link_tokenizer(sub, model_class, read)
         return read
 
-    def _last_checkpoint(self, sub: str) -> str:
-        """`--ckpt_path last`: the run folder's last.ckpt (trainer.logger.init_args.save_dir/checkpoints)."""
+    def _last_checkpoint(self, sub: str, start_afresh: bool) -> str | None:
+        """`--ckpt_path last`: the run folder's last.ckpt (trainer.logger.init_args.save_dir/checkpoints).
+
+        With none there, `fit` starts afresh (a requeued job's first run, docs/clusters.md), as Lightning's alias
+        does; the other subcommands have nothing to run on.
+        """
         logger = (self.config[sub].get("trainer") or {}).get("logger") or {}
         save_dir = (logger.get("init_args") or {}).get("save_dir") if isinstance(logger, dict) or hasattr(
             logger, "get") else None
         path = f"{save_dir}/checkpoints/last.ckpt" if save_dir else None
         if path is None or not Path(path).is_file():
+            if start_afresh and path is not None:
+                logging.getLogger(__name__).warning("--ckpt_path last: there is no %s yet: training starts afresh",
+                                                    path)
+                return None
             raise FileNotFoundError(f"--ckpt_path last: there is no {path or 'run folder (trainer.logger)'} to resume: "
                                     "start without --ckpt_path, or pass the checkpoint file")
         return path

@@ -117,6 +117,16 @@ def test_resume_after_a_mid_epoch_stop_continues_at_the_next_step(stage, request
     assert resumed["global_step"] == 6 and adam_step(resumed) == 6
 
 
+def test_ckpt_path_last_starts_afresh_in_a_new_folder_and_resumes_after(request, tmp_path, monkeypatch, caplog):
+    # The requeue recipe (docs/clusters.md) runs one command every time: the first run has no last.ckpt yet.
+    monkeypatch.chdir(work_folder("tokenizer", request, tmp_path))
+    cli = stage_fit("tokenizer", *MID_EPOCH, "--trainer.max_steps", "4", "--ckpt_path", "last", *RECORD)
+    assert recorder(cli).global_step == 0 and cli.trainer.global_step == 4
+    assert "training starts afresh" in caplog.text
+    cli = stage_fit("tokenizer", *MID_EPOCH, "--trainer.max_steps", "6", "--ckpt_path", "last", *RECORD)
+    assert recorder(cli).global_step == 4 and cli.trainer.global_step == 6
+
+
 class TrainOrders(Callback):
     """The training orders of every global step (it wraps the module's `orders_for`)."""
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from callbacks.checkpointing import TEMP_NAME
 from tests.conftest import (
     ORDERS,
     QUIET,
@@ -102,8 +103,8 @@ def test_killed_fit_resumes_from_last_ckpt(stage, request, tmp_path, monkeypatch
     saved = load_ckpt(tmp_path / last)  # whole, wherever the kill landed
     step = saved["global_step"]
     assert step >= 1
-    # What a kill in the middle of a save leaves (LastCheckpoint writes .last.ckpt.tmp, then renames it).
-    (tmp_path / last).with_name(".last.ckpt.tmp").write_bytes(b"half a checkpoint")
+    # What a kill in the middle of a save leaves (LastCheckpoint writes TEMP_NAME, then renames it).
+    (tmp_path / last).with_name(TEMP_NAME).write_bytes(b"half a checkpoint")
     monkeypatch.chdir(tmp_path)
     cli = run_cli(*fit_args(stage), "--trainer.max_steps", step + 3, "--ckpt_path", last, *RECORD)
     start = recorder(cli)

@@ -60,11 +60,14 @@ def stand_ins(folder: Path) -> dict[str, str]:
                    folder / "runs" / stage / "checkpoints" / "last.ckpt")
     (folder / "runs" / "my_tokenizer" / "checkpoints").mkdir(parents=True, exist_ok=True)
     (folder / "runs" / "my_tokenizer" / "checkpoints" / "last.ckpt").write_bytes((folder / TOKENIZER_CKPT).read_bytes())
+    (folder / "pretrained").mkdir(exist_ok=True)  # docs/imagenet.md's converted releases
+    (folder / "pretrained" / "vq16.ckpt").write_bytes((folder / TOKENIZER_CKPT).read_bytes())
+    (folder / "pretrained" / "randar_l.ckpt").write_bytes((folder / STAGE1_CKPT).read_bytes())
     images, masks = folder / "images", folder / "masks"
     for root in (images, masks):
         (root / "a").mkdir(parents=True)
         Image.new("RGB", (32, 32)).save(root / "a" / "0.png")
-    return {"/path/to/images": str(images), "/path/to/masks": str(masks)}
+    return {"/path/to/images": str(images), "/path/to/masks": str(masks), "/data/imagenet/train": str(images)}
 
 
 @pytest.mark.slow
@@ -73,6 +76,7 @@ def test_every_run_py_command_parses(name, command, orders_run, tmp_path, monkey
     if re.search(r"<\w[^>]*>", command):
         pytest.skip("a template: its <placeholders> are the reader's")
     monkeypatch.chdir(copy_run(orders_run, tmp_path))
+    (tmp_path / "configs").symlink_to(REPO / "configs")  # the docs' commands name configs/ from the repo root
     for placeholder, path in stand_ins(tmp_path).items():
         command = command.replace(placeholder, path)
     args = shlex.split(ENV_PREFIX.sub("", command))[2:]  # after `python run.py`
