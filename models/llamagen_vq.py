@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.checkpoint import record_init
+from models.tokenizer import token_grid
 
 GROUPS, EPS = 32, 1e-6  # LlamaGen's Normalize: GroupNorm(32, eps=1e-6, affine)
 LOOKUP_CHUNK = 4096  # latent vectors per distance matrix (4096 x 16384 floats = 256 MB)
@@ -227,10 +228,7 @@ class LlamaGenVQ(nn.Module):
 
     def grid_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
         """Token grid (h, w) for a square side or an (H, W) pair."""
-        H, W = (image_size, image_size) if isinstance(image_size, int) else image_size
-        if H % self.downsample or W % self.downsample:
-            raise ValueError(f"image size {(H, W)} is not divisible by the downsampling factor {self.downsample}")
-        return H // self.downsample, W // self.downsample
+        return token_grid(image_size, self.downsample)
 
     def latents(self, images: Tensor) -> Tensor:
         """quant_conv(encoder(images)) (b,d,h,w): what the quantizer sees, before normalisation."""

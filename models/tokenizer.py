@@ -24,6 +24,14 @@ def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(32, channels), channels)
 
 
+def token_grid(image_size: int | tuple[int, int], downsample: int) -> tuple[int, int]:
+    """Token grid (h, w) of a tokenizer that downsamples by `downsample`, for a square side or an (H, W) pair."""
+    H, W = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if H % downsample or W % downsample:
+        raise ValueError(f"image size {(H, W)} is not divisible by the downsampling factor {downsample}")
+    return H // downsample, W // downsample
+
+
 class ResBlock(nn.Module):
     """Pre-activation residual block: (GroupNorm, SiLU, 3x3 conv) twice, plus a skip."""
 
@@ -174,10 +182,7 @@ class VQAutoencoder(nn.Module):
 
     def grid_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
         """Token grid (h, w) for a square side or an (H, W) pair."""
-        H, W = (image_size, image_size) if isinstance(image_size, int) else image_size
-        if H % self.downsample or W % self.downsample:
-            raise ValueError(f"image size {(H, W)} is not divisible by the downsampling factor {self.downsample}")
-        return H // self.downsample, W // self.downsample
+        return token_grid(image_size, self.downsample)
 
     def encode(self, images: Tensor) -> Tensor:
         """Token grid long (b,h,w) for images (b,c,H,W) in [-1, 1]; never updates the codebook."""
