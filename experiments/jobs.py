@@ -35,19 +35,24 @@ class Job:
     resumable_fit: bool = False
     program: tuple[str, ...] = (str(RUN_PY),)
     slots: int = 1  # processes it runs (a DDP extraction on two CPU processes takes two of `--jobs`)
+    # What the program reads from `experiment.json` rather than its command line (an evaluation's arms and
+    # budget): part of the key, so a changed arm or budget evaluates again instead of reusing a stale result.
+    reads: dict = field(default_factory=dict)
 
     @property
     def is_cli(self) -> bool:
         return self.program == (str(RUN_PY),)
 
     def key(self) -> str:
-        """Hash of the command line, the content of every config file it names and the keys of its inputs.
+        """Hash of the command line, the content of every config file it names, the keys of its inputs and what
+        it reads from `experiment.json` (`reads`).
 
         Absolute paths enter it resolved, so one folder reached through a symlink or `..` keeps its key."""
         configs = [(ROOT / a).read_text() for a in self.argv if a.startswith("configs/") and (ROOT / a).is_file()]
         argv = [os.path.realpath(a) if a.startswith("/") else a for a in self.argv]
         upstream = [d.key() for d in self.deps]
-        return hashlib.sha256(json.dumps([argv, configs, upstream]).encode()).hexdigest()[:16]
+        parts = [argv, configs, upstream] + ([self.reads] if self.reads else [])
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def state(self) -> dict:
         """What `done.json` holds ({} when there is none)."""

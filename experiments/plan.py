@@ -10,6 +10,7 @@ Modified from nothing in particular; the stage DAG is the paper's pipeline (toke
 distillation), one level per `models:` entry.
 """
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -150,7 +151,10 @@ def plan(exp: Experiment, root: Path, seeds: list[int]) -> tuple[list[Job], dict
 def eval_jobs(exp: Experiment, root: Path, seeds: list[int], ckpts: dict, tokenizer: Job) -> list[Job]:
     """The real-image rows, then per seed and model with arms: its final weights and its kept steps."""
     budget = exp.budget
-    rows = Job("rows", root / "rows", [str(root), "rows"], root / "rows.json", deps=[tokenizer], program=EVALUATE)
+    spec = exp.as_dict()
+    reads = {k: spec[k] for k in ("data", "data_overrides", "budget", "feature_net", "inception_weights")}
+    rows = Job("rows", root / "rows", [str(root), "rows"], root / "rows.json", deps=[tokenizer], program=EVALUATE,
+               reads=reads)
     jobs = [rows]
     models = [m for m in exp.models if exp.arms_of(m)]
     for seed in seeds:
@@ -162,8 +166,10 @@ def eval_jobs(exp: Experiment, root: Path, seeds: list[int], ckpts: dict, tokeni
             for step in steps:
                 name = f"{model}@{step}" if step else model
                 argv = [str(root), "model", str(seed), model, *(["--step", str(step)] if step else [])]
+                arms = [dataclasses.asdict(a) for a in exp.arms_of(model)]
                 jobs.append(Job(f"eval {name} (seed {seed})", root / f"seed{seed}" / "eval" / name, argv,
-                                root / f"seed{seed}" / "eval" / f"{name}.json", deps=[stage, rows], program=EVALUATE))
+                                root / f"seed{seed}" / "eval" / f"{name}.json", deps=[stage, rows], program=EVALUATE,
+                                reads={**reads, "arms": arms}))
     return jobs
 
 

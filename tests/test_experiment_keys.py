@@ -63,3 +63,23 @@ def write_fixture() -> None:
 
 if __name__ == "__main__":
     write_fixture()
+
+
+def keys_of(exp) -> dict[str, str]:
+    jobs, _ = plan(exp, OUT / exp.name, exp.seeds)
+    return {j.name: j.key() for j in jobs}
+
+
+def test_an_evaluation_is_keyed_by_the_arms_and_budget_it_reads_from_experiment_json():
+    # The evaluation's command line names only the run folder and the model: the arms and the budget it measures
+    # with come from experiment.json, so they must enter its key, or a changed arm would reuse a stale table.
+    path = ROOT / "experiments" / "gap_untinted.yaml"
+    base = keys_of(load_experiment(path, []))
+    changed_arm = load_experiment(path, [])
+    arm = next(a for a in changed_arm.arms if a.model == "absolute_gpt")
+    arm.sampler["policy"] = "confidence" if arm.sampler["policy"] == "random" else "random"
+    moved = {name for name, key in keys_of(changed_arm).items() if base[name] != key}
+    assert moved == {"eval absolute_gpt (seed 0)"}
+    more_samples = keys_of(load_experiment(path, ["budget.samples=2000"]))
+    moved = {name for name, key in more_samples.items() if base[name] != key}
+    assert moved == {name for name in base if name == "rows" or name.startswith("eval ")}
