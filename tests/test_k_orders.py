@@ -44,7 +44,7 @@ from tests.test_pipeline import Crash, one_line
 from tests.test_transformer import VOCAB, N, tiny_net
 
 K = ("--model.init_args.extraction.orders_per_image", "2")
-GUMBEL = ("--model.init_args.extraction.gumbel_temperature", "2.0")
+CHOICE_NOISE = ("--model.init_args.extraction.choice_temperature", "2.0")
 CRASH = "--trainer.callbacks+=tests.test_pipeline.CrashAfterFirstBatch"
 
 
@@ -216,7 +216,7 @@ def k_orders_run(stage1_run, tmp_path_factory):
     folder = copy_run(stage1_run, tmp_path_factory.mktemp("k_orders"))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
-        predict("extract_orders", STAGE1_CKPT, *K, *GUMBEL)
+        predict("extract_orders", STAGE1_CKPT, *K, *CHOICE_NOISE)
     return folder
 
 
@@ -235,9 +235,9 @@ def test_k_order_extraction_writes_k_orders_and_their_agreement(k_orders_run):
 def test_interrupted_k_order_extraction_resumes_to_the_same_orders(stage1_run, k_orders_run, tmp_path, monkeypatch):
     monkeypatch.chdir(copy_run(stage1_run, tmp_path))
     with pytest.raises(Crash):
-        predict("extract_orders", STAGE1_CKPT, *K, *GUMBEL, CRASH)
+        predict("extract_orders", STAGE1_CKPT, *K, *CHOICE_NOISE, CRASH)
     assert len(finished_keys(tmp_path / ORDERS)) == 32  # one batch of 16 views, 2 orders each
-    predict("extract_orders", STAGE1_CKPT, *K, *GUMBEL, "--data.init_args.batch_size", "7")
+    predict("extract_orders", STAGE1_CKPT, *K, *CHOICE_NOISE, "--data.init_args.batch_size", "7")
     resumed = torch.load(tmp_path / ORDERS / "orders.pt", weights_only=True)
     whole = torch.load(k_orders_run / ORDERS / "orders.pt", weights_only=True)
     assert torch.equal(resumed["done"], whole["done"]) and torch.equal(resumed["orders"], whole["orders"])
@@ -269,7 +269,7 @@ def test_ddp_extraction_of_k_orders_writes_each_key_once(stage1_run, k_orders_ru
     copy_run(stage1_run, tmp_path)
     ddp = ("--trainer.strategy", "ddp", "--trainer.accelerator", "cpu", "--trainer.devices", "2")
     run_cli_subprocess(["predict", "--config", config("extract_orders"), *SMALL_DATA, *QUIET, "--ckpt_path",
-                        STAGE1_CKPT, *K, *GUMBEL, *ddp], cwd=tmp_path, repo=REPO)
+                        STAGE1_CKPT, *K, *CHOICE_NOISE, *ddp], cwd=tmp_path, repo=REPO)
     written = []
     for shard in (tmp_path / ORDERS).glob("shard-*.pt"):
         data = torch.load(shard, weights_only=True)
