@@ -312,18 +312,23 @@ def test_the_handled_signals_and_the_requeue_follow_lightnings_slurm_environment
 def test_after_a_crashed_in_process_run_the_signals_do_what_they_did_before(tmp_path, monkeypatch):
     """Lightning's teardown of a crashed run sets the handlers it found at its start (ours) again: they defer."""
     monkeypatch.chdir(tmp_path)
+    outer = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    # Python's own SIGINT handler, whatever the test runner inherited (a shell's background job ignores SIGINT).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    with pytest.raises(NonFiniteError):
-        run_cli("fit", *stage_configs("tokenizer"), *tiny_preset("tokenizer"), *SMALL_DATA, *QUIET, *MID_EPOCH,
-                "--trainer.max_steps", "6", *HUGE_LR)
-    for signum, handler in before.items():
-        now = signal.getsignal(signum)
-        if now != handler:  # ours, left by Lightning: inactive, it does what the handler before it did
-            assert isinstance(now.__self__, StopOnSignal) and now.__self__._originals[signum] == handler
-    with pytest.raises(KeyboardInterrupt):
-        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # Python's own SIGINT handler, or ours deferring to it
-    for signum, handler in before.items():
-        signal.signal(signum, handler)
+    try:
+        with pytest.raises(NonFiniteError):
+            run_cli("fit", *stage_configs("tokenizer"), *tiny_preset("tokenizer"), *SMALL_DATA, *QUIET, *MID_EPOCH,
+                    "--trainer.max_steps", "6", *HUGE_LR)
+        for signum, handler in before.items():
+            now = signal.getsignal(signum)
+            if now != handler:  # ours, left by Lightning: inactive, it does what the handler before it did
+                assert isinstance(now.__self__, StopOnSignal) and now.__self__._originals[signum] == handler
+        with pytest.raises(KeyboardInterrupt):
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # Python's own handler, or ours deferring to it
+    finally:
+        for signum, handler in outer.items():
+            signal.signal(signum, handler)
 
 
 def test_resume_command_replaces_the_ckpt_path(monkeypatch):
