@@ -148,13 +148,20 @@ def plan(exp: Experiment, root: Path, seeds: list[int]) -> tuple[list[Job], dict
     return [jobs[0], rows, *jobs[1:], *evals], ckpts
 
 
+ROWS_BUDGET = ("samples", "feature_epochs", "feature_images", "nll_images", "train_images", "val_images")
+
+
 def eval_jobs(exp: Experiment, root: Path, seeds: list[int], ckpts: dict, tokenizer: Job) -> list[Job]:
     """The real-image rows, then per seed and model with arms: its final weights and its kept steps."""
     budget = exp.budget
     spec = exp.as_dict()
-    reads = {k: spec[k] for k in ("data", "data_overrides", "budget", "feature_net", "inception_weights")}
+    shared = {k: spec[k] for k in ("data", "data_overrides", "feature_net", "inception_weights")}
+    # The rows read only the data and the feature network's budget (`evaluate.context`): a change of training
+    # budget retrains the models and re-evaluates them, not the feature network. An evaluation keys on the whole.
+    rows_budget = {k: spec["budget"][k] for k in ROWS_BUDGET}
     rows = Job("rows", root / "rows", [str(root), "rows"], root / "rows.json", deps=[tokenizer], program=EVALUATE,
-               reads=reads)
+               reads={**shared, "budget": rows_budget})
+    reads = {**shared, "budget": spec["budget"]}
     jobs = [rows]
     models = [m for m in exp.models if exp.arms_of(m)]
     for seed in seeds:

@@ -83,3 +83,6 @@ def test_an_evaluation_is_keyed_by_the_arms_and_budget_it_reads_from_experiment_
     more_samples = keys_of(load_experiment(path, ["budget.samples=2000"]))
     moved = {name for name, key in more_samples.items() if base[name] != key}
     assert moved == {name for name in base if name == "rows" or name.startswith("eval ")}
+    longer = keys_of(load_experiment(path, ["budget.steps=3000"]))  # the AR models train longer
+    assert longer["rows"] == base["rows"]  # the feature network does not read it: it is not retrained
+    assert all(longer[name] != base[name] for name in base if name.startswith("eval "))

@@ -9,6 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
+import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -18,8 +19,6 @@ from fileio import atomic_write
 
 def model_facts(root: Path, seed: int) -> dict[str, dict]:
     """{model: {"raster": bool, "block": str}} of every trained model of a seed, from its saved config."""
-    import yaml
-
     facts = {}
     for config in sorted((root / f"seed{seed}").glob("*/config.yaml")):
         cfg = yaml.safe_load(config.read_text())
