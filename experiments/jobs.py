@@ -14,12 +14,28 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from experiments.machine import cpu_model, processor_kind
 from fileio import file_sha256, save_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "run.py"
 MANIFEST = "artefacts.json"  # beside published artefacts: their sha256 and the processor kinds that made them
+
+
+def config_files(names: list[str]) -> list[Path]:
+    """The config files `names` (relative to the repository) and, after them, the files they include through a
+    nested `config:` key (relative to the including file, as jsonargparse reads them), each once."""
+    files, queue = [], [ROOT / n for n in names]
+    while queue:
+        path = queue.pop(0).resolve()
+        if path in files or not path.is_file():
+            continue
+        files.append(path)
+        included = (yaml.safe_load(path.read_text()) or {}).get("config") or []
+        queue += [path.parent / n for n in ([included] if isinstance(included, str) else included)]
+    return files
 
 
 @dataclass
@@ -44,11 +60,11 @@ class Job:
         return self.program == (str(RUN_PY),)
 
     def key(self) -> str:
-        """Hash of the command line, the content of every config file it names, the keys of its inputs and what
-        it reads from `experiment.json` (`reads`).
+        """Hash of the command line, the content of every config file it names (and of those they include), the
+        keys of its inputs and what it reads from `experiment.json` (`reads`).
 
         Absolute paths enter it resolved, so one folder reached through a symlink or `..` keeps its key."""
-        configs = [(ROOT / a).read_text() for a in self.argv if a.startswith("configs/") and (ROOT / a).is_file()]
+        configs = [f.read_text() for f in config_files([a for a in self.argv if a.startswith("configs/")])]
         argv = [os.path.realpath(a) if a.startswith("/") else a for a in self.argv]
         upstream = [d.key() for d in self.deps]
         parts = [argv, configs, upstream] + ([self.reads] if self.reads else [])

@@ -172,6 +172,25 @@ def test_distillation_builds_the_stage1_network_even_under_another_preset(orders
     assert cli.model.tokenizer_ckpt == str(TOKENIZER_CKPT)
 
 
+def test_distillation_keeps_stage1_trainer_logger_and_callbacks_typed_only_in_any_order_yaml(orders_run, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """distill.yaml includes any_order.yaml: the logger, the callbacks and FID are typed there once, and the
+    fine-tune changes only what it names (its folder, its budget, how often FID runs)."""
+    text = yaml.safe_load((CONFIGS / "distill.yaml").read_text())
+    assert text["config"] == "any_order.yaml" and "trainer" not in text and "fid" not in text
+    monkeypatch.chdir(copy_run(orders_run, tmp_path))
+    distill = printed(capsys, "fit", "--config", config("distill"))
+    stage1 = printed(capsys, "fit", "--config", config("any_order"), "--data.init_args.tokenizer_ckpt",
+                     str(TOKENIZER_CKPT))
+    assert distill["trainer"]["callbacks"] == stage1["trainer"]["callbacks"]
+    assert distill["trainer"]["logger"]["init_args"]["save_dir"] == "runs/distill"
+    assert stage1["trainer"]["logger"]["init_args"]["save_dir"] == "runs/any_order"
+    changed = {k for k in stage1["trainer"] if distill["trainer"][k] != stage1["trainer"][k]}
+    assert changed == {"logger", "max_epochs", "max_time"}
+    assert (distill["fid"]["init_args"]["every_n_epochs"], stage1["fid"]["init_args"]["every_n_epochs"]) == (2, 10)
+    assert distill["model"]["class_path"].endswith("DistillModule") and "orders_path" in distill["data"]["init_args"]
+
+
 @pytest.mark.parametrize("stage,job,setting", [("sample", "SampleModule", "sampler.cfg_scale"),
                                                ("extract_orders", "ExtractModule", "extraction.positions_per_step"),
                                                ("edit", "EditModule", "edit.samples_per_image")])

@@ -86,3 +86,14 @@ def test_an_evaluation_is_keyed_by_the_arms_and_budget_it_reads_from_experiment_
     longer = keys_of(load_experiment(path, ["budget.steps=3000"]))  # the AR models train longer
     assert longer["rows"] == base["rows"]  # the feature network does not read it: it is not retrained
     assert all(longer[name] != base[name] for name in base if name.startswith("eval "))
+
+
+def test_a_stage_key_reads_the_config_files_its_configs_include():
+    """distill.yaml includes any_order.yaml, which includes the small preset: a change to either re-keys a
+    distillation, as a change to distill.yaml itself does."""
+    from experiments.jobs import config_files
+
+    names = [p.relative_to(ROOT).as_posix() for p in config_files(["configs/distill.yaml"])]
+    assert names == ["configs/distill.yaml", "configs/any_order.yaml", "configs/model/ar/small.yaml"]
+    both = config_files(["configs/any_order.yaml", "configs/model/ar/small.yaml"])
+    assert [p.name for p in both] == ["any_order.yaml", "small.yaml"]  # each file once, in command-line order
