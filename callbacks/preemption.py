@@ -160,8 +160,8 @@ class StopOnSignal(Callback):
             elif saved:
                 line += f"; resume with: {_resume_command(saved)}"
             elif trainer.state.fn == TrainerFn.PREDICTING:
-                line += ("; rerun the same command (order extraction goes on from the shards it wrote; sampling and "
-                         f"editing start again): {_same_command(trainer)}")
+                line += ("; rerun the same command (it goes on from the batches it finished): "
+                         f"{_same_command(trainer)}")
             else:
                 line += f"; rerun the same command: {_same_command(trainer)}"
             print(line, file=sys.stderr, flush=True)

@@ -2,7 +2,7 @@
 AR model (the settings and the work: `lightning_modules/editing.py`); `callbacks.edit_writer.EditWriter` writes them."""
 
 import logging
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
@@ -25,6 +25,7 @@ class EditModule(PredictModule):
 
     splits, writer, config = ("images_val", "images_train", "images_all"), "callbacks.edit_writer.EditWriter", \
         "configs/edit.yaml"
+    parts = "edits.parts"
 
     def __init__(self, net: OrderedTransformer | None = None, checkpoint: str | None = None,
                  sampler: SamplerSettings = DEFAULT_SAMPLER, edit: EditSettings = DEFAULT_EDIT,
@@ -50,8 +51,17 @@ class EditModule(PredictModule):
         self._num_edit_images = len((loaders[0] if isinstance(loaders, (list, tuple)) else loaders).dataset)
         zero = torch.zeros(1, dtype=torch.long)
         edit_classes(self.edit, zero, zero, self.num_classes, self._num_edit_images)  # checks the target classes
+        super().on_predict_start()
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+    def made_from(self) -> dict:
+        source = getattr(self.trainer.datamodule, "source", None)
+        return {**super().made_from(), "edit": asdict(self.edit), "images": self._num_edit_images,
+                "data": source.fingerprint() if hasattr(source, "fingerprint") else None}
+
+    def batch_identity(self, batch: dict) -> dict:
+        return {"index": batch["index"].tolist(), "position": batch["position"].tolist(), "name": list(batch["name"])}
+
+    def run_batch(self, batch: dict) -> dict:
         self.weights()
         seed = self.edit.seed + int(batch["position"][0])
         regenerate = self._edit_masks(batch["index"], list(batch["name"]))

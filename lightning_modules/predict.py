@@ -7,15 +7,23 @@ the network (built from the spec the file records, a class of the project's own)
 the stage, the training order and the order-choice noise it samples best with, read as plain data) and its tokenizer
 record. It runs over the predict split its job names (`splits`) and its results are written by one writer callback
 (`writer`); `setup` checks both, and the data's tokenizer and classes against the checkpoint, before any work.
+
+Sampling and editing keep each finished batch in `<run folder>/<job>.parts/` (`fileio.batch_shards`, keyed by the
+checkpoint's content, the settings and the data): a stopped job's rerun skips them and writes the files an
+uninterrupted run writes (each batch's generators are seeded by the batch itself); a finished job removes them.
 """
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
 
+from callbacks.tensorboard import run_folder
 from evaluation.sampling import sample_images
+from fileio import file_sha256
+from fileio.batch_shards import BatchShards
 from lightning_modules.checkpoint_checks import check_trained_classes, check_trained_tokenizer
 from models.checkpoint import load_net, load_weights_into, net_from_checkpoint, read_checkpoint
 from models.sampling import AUTO, NOISY_CHOICE_TEMPERATURE, SamplerSettings, choice_generator
@@ -104,6 +112,7 @@ class PredictModule(ARFacts, LightningModule):
     splits: tuple[str, ...] = ()  # the DataModule predict splits the job runs over
     writer = ""  # the class path of the callback that writes its results
     config = ""  # the stage config of the job
+    parts = ""  # the folder (in the writer's) of its finished batches, so a stopped job resumes; "": none
 
     def __init__(self, net: OrderedTransformer | None = None, checkpoint: str | None = None,
                  tokenizer_ckpt: str | None = None):
@@ -119,7 +128,8 @@ class PredictModule(ARFacts, LightningModule):
         self.net = net.eval().requires_grad_(False)
         self.checkpoint, self.trained = str(checkpoint), Trained.of(ckpt)
         self._facts = {"tokenizer": ckpt.get("tokenizer"), "net_spec": ckpt["net_spec"]}  # for the data checks
-        self.tokenizer = frozen_tokenizer(tokenizer_ckpt)
+        self.tokenizer, self.tokenizer_ckpt = frozen_tokenizer(tokenizer_ckpt), tokenizer_ckpt
+        self._shards: BatchShards | None = None
 
     def setup(self, stage: str) -> None:
         """Before any work: the job's split and writer, and the data against what the checkpoint was trained on."""
@@ -131,9 +141,10 @@ class PredictModule(ARFacts, LightningModule):
         if split not in self.splits:
             raise ValueError(f"{self.config} runs over data.init_args.predict_split {' or '.join(self.splits)}, "
                              f"not {split}: set it to one of them (or drop the override)")
-        callbacks = {f"{type(c).__module__}.{type(c).__qualname__}" for c in self.trainer.callbacks}
+        callbacks = {f"{type(c).__module__}.{type(c).__qualname__}": c for c in self.trainer.callbacks}
         if self.writer not in callbacks:
             raise ValueError(f"{self.config} writes its results with {self.writer}: keep it in trainer.callbacks")
+        self._writer_folder = getattr(callbacks[self.writer], "out_dir", None)
         what = f"{self.checkpoint} (--ckpt_path)"
         check_trained_tokenizer(self._facts, what, dm)
         check_trained_classes(self._facts, what, dm)
@@ -144,6 +155,48 @@ class PredictModule(ARFacts, LightningModule):
         if self._pending is not None:
             load_weights_into(self.net, self._pending, self.checkpoint, CKPT_WHAT, TRAINED_DATA_FIX)
             self._pending = None
+
+    # ---- resuming from finished batches ----------------------------------------------------------------------------
+    def on_predict_start(self) -> None:
+        if self.parts:  # every rank: the run folder is a collective under DDP
+            folder = run_folder(self.trainer, self._writer_folder) / self.parts
+            self._shards = BatchShards(folder, self.made_from())
+
+    def made_from(self) -> dict:
+        """What the job's results depend on besides the batch itself: its key of finished batches."""
+        tokenizer = self.tokenizer_ckpt and Path(self.tokenizer_ckpt).is_file() and file_sha256(self.tokenizer_ckpt)
+        return {"job": type(self).__name__, "checkpoint": file_sha256(self.checkpoint), "tokenizer": tokenizer,
+                "sampler": asdict(self.sampler), "device": self.device.type}
+
+    def batch_identity(self, batch: dict):
+        """What makes a batch this batch (plain values)."""
+        raise NotImplementedError
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        if self._shards is None:
+            return self.run_batch(batch)
+        identity = self.batch_identity(batch)
+        done = self._shards.load(identity)
+        if done is not None:
+            return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in done.items()}
+        out = self.run_batch(batch)
+        self._shards.save(identity, out)
+        return out
+
+    def run_batch(self, batch: dict) -> dict:
+        """The job's work on one batch."""
+        raise NotImplementedError
+
+    def on_predict_end(self) -> None:
+        """After the writer's files: the finished batches are no longer needed (a stopped run never gets here)."""
+        if self._shards is None:
+            return
+        if self._shards.loaded:
+            log.info("%d batches came from the shards of an earlier, stopped run (%s)", self._shards.loaded,
+                     self._shards.folder)
+        self.trainer.strategy.barrier("PredictModule.shards")
+        if self.trainer.is_global_zero:
+            self._shards.clear()
 
     def decoder(self):
         """The tokenizer, on this module's device (a job that decodes needs one)."""
@@ -161,7 +214,8 @@ class SampleModule(PredictModule):
             (`Trained.sampler`).
     """
 
-    splits, writer, config = ("samples",), "callbacks.writers.SampleWriter", "configs/sample.yaml"
+    splits, writer, config, parts = ("samples",), "callbacks.writers.SampleWriter", "configs/sample.yaml", \
+        "samples.parts"
 
     def __init__(self, net: OrderedTransformer | None = None, checkpoint: str | None = None,
                  sampler: SamplerSettings = DEFAULT_SAMPLER, tokenizer_ckpt: str | None = None):
@@ -182,7 +236,10 @@ class SampleModule(PredictModule):
         settings = replace(self.sampler, policy=policy) if policy else self.sampler
         return sample_images(self.net, self.decoder(), labels.to(self.device), settings, generator, choice_generator)
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+    def batch_identity(self, batch: dict) -> dict:
+        return {"seed": batch["seed"].tolist(), "label": batch["label"].tolist()}
+
+    def run_batch(self, batch: dict) -> dict:
         seed = int(batch["seed"][0])
         gen = torch.Generator(device=self.device).manual_seed(seed)
         return self.generate(batch["label"], generator=gen, choice_generator=choice_generator(seed, self.device))

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -269,14 +270,28 @@ def test_extraction_stops_at_a_shard_and_the_rerun_gives_the_uninterrupted_order
 
 
 @pytest.mark.slow
-def test_sampling_stops_at_a_batch_and_leaves_no_samples_file(stage1_run, tmp_path):
-    folder = copy_run(stage1_run, tmp_path)
-    args = ["predict", "--config", config("sample"), *SMALL_DATA, *QUIET, "--ckpt_path", STAGE1_CKPT,
-            "--data.init_args.batch_size", "2", *beacon_args(sleep_s=0.2)]
-    result = signal_run(args, folder, "predict", "group", ranks=1)
+def test_sampling_stops_at_a_batch_and_the_rerun_gives_the_uninterrupted_samples(stage1_run, tmp_path, monkeypatch):
+    whole, stopped = copy_run(stage1_run, tmp_path / "whole"), copy_run(stage1_run, tmp_path / "stopped")
+    sample = ("--data.init_args.batch_size", "2", "--data.init_args.num_samples", "24")  # 12 batches
+    monkeypatch.chdir(whole)
+    predict("sample", STAGE1_CKPT, *sample)  # the uninterrupted run
+
+    args = ["predict", "--config", config("sample"), *SMALL_DATA, *QUIET, "--ckpt_path", STAGE1_CKPT, *sample,
+            *beacon_args(sleep_s=0.2)]
+    result = signal_run(args, stopped, "predict", "group", ranks=1)
     assert result.seconds is not None and result.returncode == 128 + signal.SIGTERM, result.output[-4000:]
-    assert result.line("stopped by").startswith("stopped by SIGTERM after "), result.output[-4000:]
-    assert not list(folder.rglob("samples*.npz"))  # written once, at the end: a stopped run leaves none
+    line = result.line("stopped by")
+    assert line.startswith("stopped by SIGTERM after ") and "rerun the same command" in line, result.output[-4000:]
+    out = stopped / "runs" / "sample"
+    assert not list(out.rglob("samples*.npz"))  # written once, at the end
+    assert list((out / "samples.parts").rglob("batch-*.pt"))  # the finished batches
+
+    monkeypatch.chdir(stopped)
+    predict("sample", STAGE1_CKPT, *sample, *beacon_args(sleep_s=0.0))  # the same command
+    resumed, reference = np.load(out / "samples.npz"), np.load(whole / "runs" / "sample" / "samples.npz")
+    for key in ("images", "tokens", "orders", "labels"):
+        assert np.array_equal(resumed[key], reference[key]), key
+    assert not (out / "samples.parts").exists()
 
 
 # ---- the pieces ---------------------------------------------------------------------------------------------------
