@@ -12,6 +12,7 @@ from fileio import file_sha256
 from lightning_modules.any_order import AnyOrderModule
 from models.checkpoint import build_net, plain_data
 from models.sampling import SamplerSettings, TokenSampler
+from tests.bad_files import write_corrupt, write_truncated, write_without_tokenizer_record
 from tests.conftest import (
     ORDERS,
     QUIET,
@@ -23,7 +24,7 @@ from tests.conftest import (
     stage_configs,
     tiny_preset,
 )
-from tests.test_errors import fit_args, predict_args, write_corrupt, write_truncated, write_without_tokenizer_record
+from tests.test_errors import fit_args, predict_args
 
 
 # ---- damaged derived files are rebuilt, not fatal --------------------------------------------------------------------
