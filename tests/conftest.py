@@ -13,6 +13,7 @@ from unittest.mock import patch
 
 import pytest
 import torch
+import yaml
 
 from experiments.plan import stage_config_files
 
@@ -39,6 +40,17 @@ def config(name: str) -> str:
 def stage_configs(stage: str) -> tuple[str, ...]:
     """The `--config` arguments of a stage: its stage config, then its overlays (raster: any_order + overlay)."""
     return tuple(a for path in stage_config_files(stage) for a in ("--config", str(path)))
+
+
+def typed_in(stage: str, key: str) -> dict:
+    """The YAML of the file that types the top-level `key` of a stage: its stage config, or the file that config
+    includes (`config:`; configs/distill.yaml takes its trainer and FID from any_order.yaml)."""
+    path = stage_config_files(stage)[0]
+    while True:
+        text = yaml.safe_load(path.read_text())
+        if key in text or not isinstance(text.get("config"), str):
+            return text
+        path = path.parent / text["config"]
 
 
 def tiny_preset(stage: str) -> tuple[str, ...]:

@@ -13,14 +13,23 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.checkpointing import LastCheckpoint
 from callbacks.finite import NonFiniteError
-from experiments.plan import stage_config_files
-from tests.conftest import QUIET, REPO, SMALL_DATA, config, copy_run, fit, run_cli, stage_configs, tiny_preset
+from tests.conftest import (
+    QUIET,
+    REPO,
+    SMALL_DATA,
+    config,
+    copy_run,
+    fit,
+    run_cli,
+    stage_configs,
+    tiny_preset,
+    typed_in,
+)
 from tests.ddp import ATTEMPTS, TIMEOUT_S, free_port, is_infrastructure_failure, run_cli_subprocess
 from tests.test_pipeline import RECORD, adam_step, load_ckpt, one_line, recorder
 
@@ -78,7 +87,7 @@ def run_subprocess(args: list, cwd: Path, expect: str = "") -> subprocess.Comple
 # ---- the stage configs ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_config_writes_last_ckpt_with_one_callback_and_stops_on_nan(stage):
-    callbacks = yaml.safe_load(stage_config_files(stage)[0].read_text())["trainer"]["callbacks"]
+    callbacks = typed_in(stage, "trainer")["trainer"]["callbacks"]
     paths = [c["class_path"] for c in callbacks]
     assert paths.count("callbacks.checkpointing.LastCheckpoint") == 1
     assert "callbacks.finite.StopOnNonFinite" in paths

@@ -26,8 +26,7 @@ from callbacks.fid import FIDCallback
 from callbacks.lpips import LPIPSDiversityCallback
 from callbacks.order_dump import OrderDumpCallback
 from evaluation.distributed import share_chunk_size
-from experiments.plan import stage_config_files
-from tests.conftest import REPO, SMALL_DATA, copy_run, fit
+from tests.conftest import REPO, SMALL_DATA, copy_run, fit, typed_in
 from tests.ddp import ATTEMPTS, TIMEOUT_S, free_port, is_infrastructure_failure
 from tests.test_eval_callbacks import ColourStats, FakeAR, FakeData, make_trainer, smooth_images
 
@@ -196,7 +195,7 @@ def scalar_steps(log_dir: Path, tag: str) -> list[int]:
 
 def test_stage_configs_give_fid_its_own_key():
     for stage in ("any_order", "raster", "distill"):
-        config = yaml.safe_load(stage_config_files(stage)[0].read_text())
+        config = {**typed_in(stage, "fid"), **typed_in(stage, "trainer")}
         assert config["fid"]["class_path"] == "callbacks.fid.FIDCallback", stage
         assert not [c for c in config["trainer"]["callbacks"] if "FIDCallback" in c["class_path"]], stage
 
