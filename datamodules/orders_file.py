@@ -19,7 +19,6 @@ truncated copy, a bad disk) is deleted with a warning, so the rerun extracts its
 Lightning): the prediction writer `callbacks/order_writer.py` and the DataModule both use it.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fileio import save_json, save_torch
+from fileio import json_sha256, save_json, save_torch
 from models.checkpoint import UnreadableFileError, read_checkpoint
 from models.extraction import DEPRECATED
 
@@ -44,11 +43,6 @@ EXTRACT_CMD = "python run.py predict --config configs/extract_orders.yaml --ckpt
 _ANNOTATIONS = ("statistics",)
 # Rows checked at once for being permutations (bounds the memory of the sort on large datasets).
 _CHUNK = 1 << 16
-
-
-def json_sha256(obj: dict) -> str:
-    """Hash of a JSON-able dict, independent of key order."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def orders_manifest(

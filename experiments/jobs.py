@@ -7,7 +7,6 @@ its old folder is renamed `<folder>.replaced-<old key>` (nothing is deleted). `d
 processor kinds the stage ran on (`experiments.machine.processor_kind`), one entry per kind it was started on.
 """
 
-import hashlib
 import json
 import os
 import sys
@@ -17,16 +16,16 @@ from pathlib import Path
 import yaml
 
 from experiments.machine import cpu_model, processor_kind
-from fileio import file_sha256, save_json
+from fileio import file_sha256, json_sha256, save_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "run.py"
 MANIFEST = "artefacts.json"  # beside published artefacts: their sha256 and the processor kinds that made them
 
 
-def config_files(names: list[str]) -> list[Path]:
-    """The config files `names` (relative to the repository) and, after them, the files they include through a
-    nested `config:` key (relative to the including file, as jsonargparse reads them), each once."""
+def config_files(names: list[str | Path]) -> list[Path]:
+    """The config files `names` (relative to the repository, or absolute) and, after them, the files they include
+    through a nested `config:` key (relative to the including file, as jsonargparse reads them), each once."""
     files, queue = [], [ROOT / n for n in names]
     while queue:
         path = queue.pop(0).resolve()
@@ -68,7 +67,7 @@ class Job:
         argv = [os.path.realpath(a) if a.startswith("/") else a for a in self.argv]
         upstream = [d.key() for d in self.deps]
         parts = [argv, configs, upstream] + ([self.reads] if self.reads else [])
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return json_sha256(parts)[:16]
 
     def state(self) -> dict:
         """What `done.json` holds ({} when there is none)."""

@@ -11,7 +11,6 @@ distillation), one level per `models:` entry.
 """
 
 import dataclasses
-import hashlib
 import importlib
 import json
 from pathlib import Path
@@ -20,6 +19,7 @@ from omegaconf import OmegaConf
 
 from experiments.jobs import GivenFile, Job
 from experiments.spec import CONFIGS, ROOT, Experiment, ExperimentError, Model
+from fileio import json_sha256
 
 STAGE_KIND = {"tokenizer": "tokenizer", "any_order": "ar", "raster": "ar", "distill": "ar", "extract_orders": "ar"}
 # A stage is its config plus overlays (configs/<name>.yaml each): the raster baseline overlays any_order.yaml.
@@ -92,8 +92,7 @@ def feature_net_path(exp: Experiment, out: Path) -> Path:
     if exp.feature_net is not None:
         return exp.feature_net.file()
     budget = exp.budget
-    key = hashlib.sha256(json.dumps([exp.data, exp.data_overrides, budget.feature_epochs, budget.feature_images],
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    key = json_sha256([exp.data, exp.data_overrides, budget.feature_epochs, budget.feature_images])[:16]
     return out / "features" / f"{exp.data}-{key}.pt"
 
 
@@ -204,7 +203,7 @@ def extraction_job(exp: Experiment, spec: Model, folder: Path, seed: int, data: 
     """The order extraction of a distilled model's parent (shared by the models with the same settings)."""
     parent_job, parent_ckpt = ckpts[spec.init_from]
     settings = spec.extract
-    tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8] if settings else "greedy"
+    tag = json_sha256(settings)[:8] if settings else "greedy"
     orders = folder / f"orders_{spec.init_from}_{tag}"
     extract = {**data, "data.init_args.orders_path": str(orders / "orders"), "seed_everything": seed,
                "trainer.logger.init_args.save_dir": str(orders), "trainer.enable_progress_bar": False,

@@ -83,6 +83,11 @@ def save_text(text: str, path: str | Path) -> Path:
 __all__ = ["atomic_write", "save_json", "save_npz", "save_text", "save_torch"]
 
 
+def json_sha256(obj) -> str:
+    """Hash of a JSON-able value, independent of dict key order (values JSON cannot hold enter as their str)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     """Content hash of a file (checkpoints change whenever they are re-saved)."""
     h = hashlib.sha256()

@@ -7,7 +7,6 @@ with other settings finds no shard of its own and computes everything; a batch c
 or number of processes) is a different batch. The job removes its shards once its own files are written (`clear`).
 """
 
-import hashlib
 import json
 import logging
 import shutil
@@ -15,13 +14,14 @@ from pathlib import Path
 
 import torch
 
-from fileio import save_json, save_torch
+from fileio import json_sha256, save_json, save_torch
 
 log = logging.getLogger("oar.shards")
 
 
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _plain(value):
+    """`value` as it reads back from JSON (tuples become lists), so a stored identity compares fairly."""
+    return json.loads(json.dumps(value, default=str))
 
 
 class BatchShards:
@@ -29,12 +29,12 @@ class BatchShards:
 
     def __init__(self, folder: str | Path, made_from: dict):
         self.root = Path(folder)
-        self.folder = self.root / _digest(made_from)
+        self.folder = self.root / json_sha256(made_from)[:16]
         self.made_from = made_from
-        self.loaded = self.saved = 0
+        self.loaded = 0  # batches read back (the log of a resumed run says how many)
 
     def _file(self, identity) -> Path:
-        return self.folder / f"batch-{_digest(identity)}.pt"
+        return self.folder / f"batch-{json_sha256(identity)[:16]}.pt"
 
     def load(self, identity) -> dict | None:
         """The outputs of the batch `identity` (plain values: lists, ints), or None when it is not finished yet.
@@ -49,7 +49,7 @@ class BatchShards:
             log.warning("batch shard %s is unreadable (%s): deleted, its batch is computed again", file, err)
             file.unlink(missing_ok=True)
             return None
-        if shard.get("identity") != json.loads(json.dumps(identity, default=str)):
+        if shard.get("identity") != _plain(identity):
             return None  # a hash collision of two batches: compute this one
         self.loaded += 1
         return shard["outputs"]
@@ -59,8 +59,7 @@ class BatchShards:
         if not (self.folder / "made_from.json").is_file():
             save_json(self.made_from, self.folder / "made_from.json", indent=1, sort_keys=True, default=str)
         cpu = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
-        save_torch({"identity": json.loads(json.dumps(identity, default=str)), "outputs": cpu}, self._file(identity))
-        self.saved += 1
+        save_torch({"identity": _plain(identity), "outputs": cpu}, self._file(identity))
 
     def clear(self) -> None:
         """Remove this job's shards (and the shard folder when nothing else is in it)."""

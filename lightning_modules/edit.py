@@ -54,15 +54,13 @@ class EditModule(PredictModule):
         super().on_predict_start()
 
     def made_from(self) -> dict:
-        source = getattr(self.trainer.datamodule, "source", None)
         return {**super().made_from(), "edit": asdict(self.edit), "images": self._num_edit_images,
-                "data": source.fingerprint() if hasattr(source, "fingerprint") else None}
+                "data": self.trainer.datamodule.source.fingerprint()}
 
     def batch_identity(self, batch: dict) -> dict:
         return {"index": batch["index"].tolist(), "position": batch["position"].tolist(), "name": list(batch["name"])}
 
     def run_batch(self, batch: dict) -> dict:
-        self.weights()
         seed = self.edit.seed + int(batch["position"][0])
         regenerate = self._edit_masks(batch["index"], list(batch["name"]))
         cond = edit_classes(self.edit, batch["label"], batch["position"], self.num_classes, self._num_edit_images)

@@ -31,8 +31,7 @@ class ExtractModule(PredictModule):
         self.extraction = replace(extraction)  # a copy: the default is shared
         self.net.check_order_policy("confidence")  # a raster-only network has no order to extract
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        self.weights()
+    def run_batch(self, batch: dict) -> dict:
         s, per = self.extraction, self.extraction.orders_per_image
         index, flip = batch["index"].repeat_interleave(per), batch["flip"].repeat_interleave(per)
         k = torch.arange(per, device=index.device).repeat(len(batch["index"]))

@@ -15,7 +15,6 @@ uninterrupted run writes (each batch's generators are seeded by the batch itself
 
 import logging
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
@@ -164,15 +163,17 @@ class PredictModule(ARFacts, LightningModule):
 
     def made_from(self) -> dict:
         """What the job's results depend on besides the batch itself: its key of finished batches."""
-        tokenizer = self.tokenizer_ckpt and Path(self.tokenizer_ckpt).is_file() and file_sha256(self.tokenizer_ckpt)
+        tokenizer = file_sha256(self.tokenizer_ckpt) if self.tokenizer_ckpt else None  # the file it was loaded from
         return {"job": type(self).__name__, "checkpoint": file_sha256(self.checkpoint), "tokenizer": tokenizer,
                 "sampler": asdict(self.sampler), "device": self.device.type}
 
     def batch_identity(self, batch: dict):
-        """What makes a batch this batch (plain values)."""
+        """What makes a batch this batch (plain values); jobs with `parts` say."""
         raise NotImplementedError
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """The job's work on the batch (`run_batch`), or its outputs from the run that finished it before."""
+        self.weights()
         if self._shards is None:
             return self.run_batch(batch)
         identity = self.batch_identity(batch)
@@ -184,7 +185,7 @@ class PredictModule(ARFacts, LightningModule):
         return out
 
     def run_batch(self, batch: dict) -> dict:
-        """The job's work on one batch."""
+        """The job's work on one batch; every job says."""
         raise NotImplementedError
 
     def on_predict_end(self) -> None:

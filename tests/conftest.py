@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from experiments.jobs import config_files
 from experiments.plan import stage_config_files
 
 torch.set_num_threads(1)
@@ -45,12 +46,8 @@ def stage_configs(stage: str) -> tuple[str, ...]:
 def typed_in(stage: str, key: str) -> dict:
     """The YAML of the file that types the top-level `key` of a stage: its stage config, or the file that config
     includes (`config:`; configs/distill.yaml takes its trainer and FID from any_order.yaml)."""
-    path = stage_config_files(stage)[0]
-    while True:
-        text = yaml.safe_load(path.read_text())
-        if key in text or not isinstance(text.get("config"), str):
-            return text
-        path = path.parent / text["config"]
+    texts = [yaml.safe_load(path.read_text()) for path in config_files([stage_config_files(stage)[0]])]
+    return next((text for text in texts if key in text), texts[0])
 
 
 def tiny_preset(stage: str) -> tuple[str, ...]:
